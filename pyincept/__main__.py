@@ -1,0 +1,7 @@
+"""`python -m pyincept ...` is the same as the `pyincept` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

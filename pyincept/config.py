@@ -1,0 +1,56 @@
+"""Every knob in one place: threads, Numba flags, caches, published weights.
+
+Model code reads nothing from the environment itself; it asks this module.
+
+Environment variables
+---------------------
+PYINCEPT_NUM_THREADS   threads for Numba kernels and BLAS (default: all cores)
+PYINCEPT_CACHE         folder for downloaded and converted weights
+                       (default: the platform's user cache folder, e.g. ~/.cache/pyincept)
+PYINCEPT_WEIGHTS       a converted .npz to use when no --weights is given
+"""
+
+import os
+
+# --- Numba -------------------------------------------------------------------
+# Numba's default "omp" threading layer fights OpenBLAS's own thread pool and made
+# a prototype 7x slower on a 2-core machine. "workqueue" is Numba's built-in pool:
+# no OpenMP runtime, no oversubscription with BLAS.
+THREADING_LAYER = "workqueue"
+
+# Flags for every @njit in pyincept.kernels. cache=True writes compiled machine
+# code beside the source (or to NUMBA_CACHE_DIR) so later imports skip the JIT.
+JIT_OPTIONS = {"cache": True, "nogil": True, "fastmath": False, "error_model": "numpy"}
+PARALLEL_JIT_OPTIONS = {**JIT_OPTIONS, "parallel": True}
+
+
+def num_threads():
+    """Threads to use, from PYINCEPT_NUM_THREADS, else every core."""
+    value = os.environ.get("PYINCEPT_NUM_THREADS", "").strip()
+    if value:
+        try:
+            n = int(value)
+        except ValueError:
+            n = 0
+        if n >= 1:
+            return n
+    return os.cpu_count() or 1
+
+
+# --- Published weights ---------------------------------------------------------
+# torchvision's port of Google's Inception v3 checkpoint (see weights/README.md).
+# torchvision checks only the hex digits in the file name: a prefix of the SHA-256.
+PUBLISHED_URL = "https://download.pytorch.org/models/inception_v3_google-0cc3c7bd.pth"
+PUBLISHED_SHA256_PREFIX = "0cc3c7bd"
+PUBLISHED_FILENAME = "inception_v3_google-0cc3c7bd.pth"
+CONVERTED_FILENAME = "inception_v3_google-0cc3c7bd.npz"
+
+
+def cache_dir():
+    """Where fetched and converted weights live: $PYINCEPT_CACHE, else the user cache folder."""
+    override = os.environ.get("PYINCEPT_CACHE", "").strip()
+    if override:
+        return os.path.abspath(os.path.expanduser(override))
+    import platformdirs
+
+    return platformdirs.user_cache_dir("pyincept", appauthor=False)

@@ -1,0 +1,316 @@
+"""The fast CPU kernels: Numba-compiled im2col, pooling, concatenation and epilogues.
+
+Each kernel is a private jitted body (`_im2col`, `_max_pool`, ...) behind a small
+public wrapper that checks shapes and dtypes, allocates the output and calls it.
+Every public function here has a plain-NumPy twin of the same name and signature
+in `reference.py`; read that one first. The matrix products themselves go to
+NumPy's BLAS (`np.matmul`), which runs near the machine's peak; Numba handles the
+memory-bound data movement around them.
+
+Shape legend
+------------
+N  batch            H, W   input height and width     C  input channels
+K  output channels  R, S   kernel height and width    OH, OW  output height, width
+Layout is NHWC everywhere: x[n, h, w, c]. Convolution weights are HWIO: w[r, s, c, k].
+
+What this is not: a general tensor library. Only float32, only what Inception needs.
+"""
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+from .. import config
+from .geometry import conv_output_size, pad4, pair, pool_output_size
+
+# Chosen once, before any parallel kernel runs (see config.THREADING_LAYER for why).
+numba.config.THREADING_LAYER = config.THREADING_LAYER
+numba.set_num_threads(min(config.num_threads(), numba.config.NUMBA_NUM_THREADS))
+
+_jit = njit(**config.JIT_OPTIONS)
+_jit_parallel = njit(**config.PARALLEL_JIT_OPTIONS)
+
+
+# --- convolution ------------------------------------------------------------------
+
+
+@_jit_parallel
+def _im2col(x, R, S, sh, sw, top, left, OH, OW, cols):
+    """cols[oh*OW + ow, (r*S + s)*C + c] = x[ih, iw, c], zero outside the image.
+
+    x is ONE image (H, W, C); cols is (OH*OW, R*S*C). Padding is never materialised:
+    taps that fall outside the image write zeros instead.
+    """
+    H, W, C = x.shape
+    for oh in prange(OH):
+        for ow in range(OW):
+            row = oh * OW + ow
+            for r in range(R):
+                ih = oh * sh - top + r
+                for s in range(S):
+                    iw = ow * sw - left + s
+                    base = (r * S + s) * C
+                    if 0 <= ih < H and 0 <= iw < W:
+                        for c in range(C):
+                            cols[row, base + c] = x[ih, iw, c]
+                    else:
+                        for c in range(C):
+                            cols[row, base + c] = 0.0
+
+
+@_jit_parallel
+def _bias_act(acc, bias, relu, out):
+    """The conv epilogue: out[oh, ow, k] = max(0, acc[oh*OW + ow, k] + bias[k]).
+
+    `out` may be a strided channel slice of a larger buffer: that is how a branch
+    writes straight into its module's concatenated output, with no copy later.
+    """
+    OH, OW, K = out.shape
+    for oh in prange(OH):
+        for ow in range(OW):
+            row = oh * OW + ow
+            for k in range(K):
+                v = acc[row, k] + bias[k]
+                if relu and v < 0.0:
+                    v = 0.0
+                out[oh, ow, k] = v
+
+
+def conv2d(x, w, bias=None, stride=1, padding=0, relu=False, out=None):
+    """Convolution as im2col + GEMM. x (N,H,W,C), w (R,S,C,K), bias (K,) -> (N,OH,OW,K).
+
+    padding: an int, (pad_h, pad_w) or per side (top, bottom, left, right).
+    relu: apply max(0, .) after the bias (the folded BasicConv2d epilogue).
+    out: optional (N,OH,OW,K) float32 array to write into, e.g. a channel slice of a
+         concat buffer.
+
+    A 1x1 stride-1 convolution is already a matrix product over pixels, so it skips
+    im2col: (N*H*W, C) @ (C, K). Anything else unfolds one image at a time into a
+    scratch matrix reused across the batch, which bounds the extra memory to one
+    image's patches.
+    """
+    x = _check_nhwc(x, "x")
+    w = _as_f32(w)
+    if w.ndim != 4 or w.shape[2] != x.shape[3]:
+        raise ValueError(f"weights must be (R, S, C={x.shape[3]}, K), got {w.shape}")
+    R, S, C, K = w.shape
+    sh, sw = pair(stride)
+    top, bottom, left, right = pad4(padding)
+    N, H, W, _ = x.shape
+    OH = conv_output_size(H, R, sh, top, bottom)
+    OW = conv_output_size(W, S, sw, left, right)
+    if OH < 1 or OW < 1:
+        raise ValueError(f"input {H}x{W} is smaller than kernel {R}x{S} with padding {(top, bottom, left, right)}")
+    bias = np.zeros(K, np.float32) if bias is None else _as_f32(bias)
+    if bias.shape != (K,):
+        raise ValueError(f"bias must be ({K},), got {bias.shape}")
+    out = _output(out, (N, OH, OW, K))
+    wmat = w.reshape(R * S * C, K)                                     # (R*S*C, K)
+
+    if (R, S, sh, sw, top, bottom, left, right) == (1, 1, 1, 1, 0, 0, 0, 0):
+        acc = np.matmul(x.reshape(N * H * W, C), wmat)                 # (N*H*W, K)
+        for n in range(N):
+            _bias_act(acc[n * H * W : (n + 1) * H * W], bias, relu, out[n])
+        return out
+
+    cols = np.empty((OH * OW, R * S * C), np.float32)                  # one image's patches
+    acc = np.empty((OH * OW, K), np.float32)
+    for n in range(N):
+        _im2col(x[n], R, S, sh, sw, top, left, OH, OW, cols)
+        np.matmul(cols, wmat, out=acc)                                 # (OH*OW, K)
+        _bias_act(acc, bias, relu, out[n])
+    return out
+
+
+# --- pooling ----------------------------------------------------------------------
+
+
+@_jit_parallel
+def _pool(x, R, S, sh, sw, ph, pw, is_max, count_include_pad, out):
+    """Max or average pooling of x (N,H,W,C) into out (N,OH,OW,C); PyTorch's window rules."""
+    N, H, W, C = x.shape
+    _, OH, OW, _ = out.shape
+    for job in prange(N * OH):
+        n = job // OH
+        oh = job % OH
+        h0 = oh * sh - ph
+        h1 = min(h0 + R, H + ph)
+        for ow in range(OW):
+            w0 = ow * sw - pw
+            w1 = min(w0 + S, W + pw)
+            padded_area = (h1 - h0) * (w1 - w0)
+            a0, a1 = max(h0, 0), min(h1, H)
+            b0, b1 = max(w0, 0), min(w1, W)
+            divisor = padded_area if count_include_pad else (a1 - a0) * (b1 - b0)
+            for c in range(C):
+                if is_max:
+                    acc = -np.inf
+                    for ih in range(a0, a1):
+                        for iw in range(b0, b1):
+                            v = x[n, ih, iw, c]
+                            if v > acc or v != v:      # NaN propagates, as in torch
+                                acc = v
+                    out[n, oh, ow, c] = acc
+                else:
+                    total = 0.0
+                    for ih in range(a0, a1):
+                        for iw in range(b0, b1):
+                            total += x[n, ih, iw, c]
+                    out[n, oh, ow, c] = total / divisor
+
+
+def max_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, out=None):
+    """Max over each window. Padding never wins: it counts as -infinity."""
+    return _pool_wrapper(x, kernel_size, stride, padding, ceil_mode, True, True, out)
+
+
+def avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True, out=None):
+    """Mean over each window; count_include_pad decides whether zero padding counts in the divisor."""
+    return _pool_wrapper(x, kernel_size, stride, padding, ceil_mode, False, count_include_pad, out)
+
+
+def _pool_wrapper(x, kernel_size, stride, padding, ceil_mode, is_max, count_include_pad, out):
+    x = _check_nhwc(x, "x")
+    R, S = pair(kernel_size)
+    sh, sw = pair(stride if stride is not None else kernel_size)
+    ph, pw = pair(padding)
+    if ph > R // 2 or pw > S // 2 or min(ph, pw) < 0:
+        raise ValueError(f"pool padding {(ph, pw)} must be between 0 and half the kernel {(R, S)}")
+    N, H, W, C = x.shape
+    OH = pool_output_size(H, R, sh, ph, ceil_mode)
+    OW = pool_output_size(W, S, sw, pw, ceil_mode)
+    if OH < 1 or OW < 1:
+        raise ValueError(f"input {H}x{W} is smaller than pool window {R}x{S}")
+    out = _output(out, (N, OH, OW, C))
+    _pool(x, R, S, sh, sw, ph, pw, is_max, count_include_pad, out)
+    return out
+
+
+@_jit_parallel
+def _global_avg_pool(x, out):
+    N, H, W, C = x.shape
+    for n in prange(N):
+        for c in range(C):
+            total = 0.0
+            for h in range(H):
+                for w in range(W):
+                    total += x[n, h, w, c]
+            out[n, 0, 0, c] = total / (H * W)
+
+
+def global_avg_pool2d(x):
+    """Mean over all of H and W: (N, H, W, C) -> (N, 1, 1, C). Accumulates in float64."""
+    x = _check_nhwc(x, "x")
+    out = np.empty((x.shape[0], 1, 1, x.shape[3]), np.float32)
+    _global_avg_pool(x, out)
+    return out
+
+
+# --- concatenation, linear, activations -------------------------------------------
+
+
+@_jit_parallel
+def _copy_into(src, out, k0):
+    N, H, W, K = src.shape
+    for job in prange(N * H):
+        n = job // H
+        h = job % H
+        for w in range(W):
+            for k in range(K):
+                out[n, h, w, k0 + k] = src[n, h, w, k]
+
+
+def concat_channels(arrays, out=None):
+    """Stack branch outputs along channels: [(N,H,W,K_i)] -> (N,H,W,sum K_i).
+
+    Inception modules avoid calling this: their branches write straight into slices
+    of `out`. It is here for anything assembled after the fact.
+    """
+    arrays = [_check_nhwc(a, f"arrays[{i}]") for i, a in enumerate(arrays)]
+    if not arrays:
+        raise ValueError("concat_channels needs at least one array")
+    N, H, W, _ = arrays[0].shape
+    for i, a in enumerate(arrays):
+        if a.shape[:3] != (N, H, W):
+            raise ValueError(f"arrays[{i}] has shape {a.shape}, expected ({N}, {H}, {W}, *)")
+    out = _output(out, (N, H, W, sum(a.shape[3] for a in arrays)))
+    k0 = 0
+    for a in arrays:
+        _copy_into(a, out, k0)
+        k0 += a.shape[3]
+    return out
+
+
+def linear(x, w, bias=None):
+    """Fully connected layer. x (N, I), w (I, O) -> (N, O): one GEMM, then the bias epilogue."""
+    x, w = _as_f32(x), _as_f32(w)
+    if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[0]:
+        raise ValueError(f"linear: x {x.shape} and w {w.shape} do not chain as (N, I) @ (I, O)")
+    bias = np.zeros(w.shape[1], np.float32) if bias is None else _as_f32(bias)
+    acc = np.matmul(x, w)
+    out = np.empty_like(acc)
+    _bias_act(acc, bias, False, out[None])        # the epilogue sees (1, N, O)
+    return out
+
+
+@_jit_parallel
+def _relu(x, out):
+    flat_in = x.reshape(-1)
+    flat_out = out.reshape(-1)
+    for i in prange(flat_in.size):
+        v = flat_in[i]
+        flat_out[i] = v if v > 0.0 else 0.0
+
+
+def relu(x):
+    x = np.ascontiguousarray(_as_f32(x))
+    out = np.empty_like(x)
+    _relu(x, out)
+    return out
+
+
+@_jit_parallel
+def _softmax(x, out):
+    N, K = x.shape
+    for n in prange(N):
+        m = -np.inf
+        for k in range(K):
+            m = max(m, x[n, k])
+        total = 0.0
+        for k in range(K):
+            e = np.exp(x[n, k] - m)          # shifted by the max: exp never overflows
+            out[n, k] = e
+            total += e
+        for k in range(K):
+            out[n, k] = out[n, k] / total
+
+
+def softmax(x):
+    """Row-wise softmax over the last axis."""
+    x = _as_f32(x)
+    flat = np.ascontiguousarray(x.reshape(-1, x.shape[-1]))
+    out = np.empty_like(flat)
+    _softmax(flat, out)
+    return out.reshape(x.shape)
+
+
+# --- argument checks --------------------------------------------------------------
+
+
+def _as_f32(a):
+    return np.asarray(a, dtype=np.float32)
+
+
+def _check_nhwc(x, name):
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 4:
+        raise ValueError(f"{name} must be NHWC (N, H, W, C), got shape {x.shape}")
+    return x
+
+
+def _output(out, shape):
+    if out is None:
+        return np.empty(shape, np.float32)
+    if out.shape != shape or out.dtype != np.float32:
+        raise ValueError(f"out must be float32 {shape}, got {out.dtype} {out.shape}")
+    return out

@@ -1,0 +1,138 @@
+"""The readable math: every kernel pyincept uses, in plain NumPy.
+
+This file is what a student reads first, and what the tests check the fast Numba
+kernels in `cpu.py` against (torch then checks both). Nothing here is tuned: no
+Numba, no buffers, no tiling. Every function has the same signature as its fast
+twin in `pyincept.kernels.cpu`.
+
+Shape legend (used in every kernel file)
+-----------------------------------------
+N  batch            H, W   input height and width     C  input channels
+K  output channels  R, S   kernel height and width    OH, OW  output height, width
+Layout is NHWC everywhere: x[n, h, w, c]. Convolution weights are HWIO: w[r, s, c, k].
+
+Sections of the Inception v3 paper (Szegedy et al., 2015, arXiv:1512.00567) these
+kernels serve: 2 (factorised convolutions: 1x7, 7x1, 1x3, 3x1), 5 (grid reduction
+by parallel stride-2 conv and pool branches), 6 (the module table).
+"""
+
+import numpy as np
+
+from .geometry import conv_output_size, pad4, pair, pool_output_size
+
+
+def im2col(x, kernel_size, stride=1, padding=0):
+    """Unfold every R x S patch of x into one row: (N, H, W, C) -> (N, OH, OW, R*S*C).
+
+    Why: a convolution is a dot product between each patch and each filter. Laid
+    out as rows, all patches times all filters become ONE matrix product,
+    (N*OH*OW, R*S*C) @ (R*S*C, K), which BLAS computes near the machine's peak.
+    Row order inside a patch is (r, s, c), matching HWIO weights reshaped to (R*S*C, K).
+    """
+    R, S = pair(kernel_size)
+    sh, sw = pair(stride)
+    top, bottom, left, right = pad4(padding)
+    N, H, W, C = x.shape
+    OH = conv_output_size(H, R, sh, top, bottom)
+    OW = conv_output_size(W, S, sw, left, right)
+    xp = np.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))   # zero padding
+    patches = np.empty((N, OH, OW, R, S, C), x.dtype)
+    for r in range(R):
+        for s in range(S):
+            # Tap (r, s) of every output pixel reads a strided window of the padded input.
+            patches[:, :, :, r, s, :] = xp[:, r : r + sh * OH : sh, s : s + sw * OW : sw, :]
+    return patches.reshape(N, OH, OW, R * S * C)
+
+
+def conv2d(x, w, bias=None, stride=1, padding=0, relu=False, out=None):
+    """Convolution as im2col + GEMM. x (N,H,W,C), w (R,S,C,K), bias (K,) -> (N,OH,OW,K).
+
+    padding: an int, (pad_h, pad_w) or per side (top, bottom, left, right).
+    relu: apply max(0, .) after the bias (the folded BasicConv2d epilogue).
+    out: optional (N,OH,OW,K) array, e.g. a channel slice of a concat buffer, to write into.
+    """
+    R, S, C, K = w.shape
+    cols = im2col(x, (R, S), stride, padding)                    # (N, OH, OW, R*S*C)
+    y = cols @ w.reshape(R * S * C, K)                            # (N, OH, OW, K)
+    if bias is not None:
+        y = y + bias
+    if relu:
+        y = np.maximum(y, 0)
+    return _deliver(y.astype(np.float32), out)
+
+
+def max_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, out=None):
+    """Max over each window. Padding never wins: it counts as -infinity."""
+    return _pool(x, kernel_size, stride, padding, ceil_mode, "max", True, out)
+
+
+def avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True, out=None):
+    """Mean over each window.
+
+    count_include_pad=True (torchvision's v3): zero padding counts in the divisor,
+    so border means are pulled towards 0. False: divide by the real pixels only.
+    Windows that ceil_mode lets hang past the padded edge never count the overhang.
+    """
+    return _pool(x, kernel_size, stride, padding, ceil_mode, "avg", count_include_pad, out)
+
+
+def _pool(x, kernel_size, stride, padding, ceil_mode, mode, count_include_pad, out):
+    R, S = pair(kernel_size)
+    sh, sw = pair(stride if stride is not None else kernel_size)
+    ph, pw = pair(padding)
+    N, H, W, C = x.shape
+    OH = pool_output_size(H, R, sh, ph, ceil_mode)
+    OW = pool_output_size(W, S, sw, pw, ceil_mode)
+    y = np.empty((N, OH, OW, C), np.float32)
+    for oh in range(OH):
+        for ow in range(OW):
+            # The window in input coordinates; the padded frame ends at H + ph.
+            h0, w0 = oh * sh - ph, ow * sw - pw
+            h1, w1 = min(h0 + R, H + ph), min(w0 + S, W + pw)
+            padded_area = (h1 - h0) * (w1 - w0)
+            h0, w0, h1, w1 = max(h0, 0), max(w0, 0), min(h1, H), min(w1, W)
+            window = x[:, h0:h1, w0:w1, :]                       # (N, <=R, <=S, C)
+            if mode == "max":
+                y[:, oh, ow, :] = window.max(axis=(1, 2))
+            else:
+                divisor = padded_area if count_include_pad else (h1 - h0) * (w1 - w0)
+                y[:, oh, ow, :] = window.sum(axis=(1, 2), dtype=np.float64) / divisor
+    return _deliver(y, out)
+
+
+def global_avg_pool2d(x):
+    """Mean over all of H and W: (N, H, W, C) -> (N, 1, 1, C)."""
+    return x.mean(axis=(1, 2), keepdims=True, dtype=np.float64).astype(np.float32)
+
+
+def concat_channels(arrays, out=None):
+    """Stack branch outputs along channels: [(N,H,W,K_i)] -> (N,H,W,sum K_i)."""
+    return _deliver(np.concatenate(arrays, axis=3), out)
+
+
+def linear(x, w, bias=None):
+    """Fully connected layer. x (N, I), w (I, O) -> (N, O)."""
+    y = x @ w
+    return (y if bias is None else y + bias).astype(np.float32)
+
+
+def relu(x):
+    return np.maximum(x, 0).astype(np.float32)
+
+
+def softmax(x):
+    """Row-wise softmax over the last axis, shifted by the max so exp never overflows."""
+    z = np.exp(x - x.max(axis=-1, keepdims=True))
+    return (z / z.sum(axis=-1, keepdims=True)).astype(np.float32)
+
+
+def batch_norm(x, gamma, beta, mean, var, eps=0.001):
+    """Inference-time batch norm over channels (the last axis), unfolded: the math BN folding replaces."""
+    return ((x - mean) / np.sqrt(var + eps) * gamma + beta).astype(np.float32)
+
+
+def _deliver(y, out):
+    if out is None:
+        return y
+    out[...] = y
+    return out
