@@ -94,7 +94,9 @@ class Inception3:
     # --- parameters ------------------------------------------------------------
 
     def _parts(self):
-        return self.stages + [self.AuxLogits]
+        """Every stage and the aux head, in torchvision's order (the aux head follows Mixed_6e)."""
+        i = [s.name for s in self.stages].index("Mixed_6e") + 1
+        return self.stages[:i] + [self.AuxLogits] + self.stages[i:]
 
     def parameter_shapes(self):
         """{checkpoint key: shape in pyincept layout} for every parameter, in checkpoint order."""
@@ -114,7 +116,7 @@ class Inception3:
     # --- names -----------------------------------------------------------------
 
     def layer_names(self):
-        """Every name `run` accepts, in execution order (AuxLogits and its layers last)."""
+        """Every name `run` accepts, in execution order (AuxLogits and its layers after Mixed_6e)."""
         names = []
         for part in self._parts():
             if isinstance(part, Block):

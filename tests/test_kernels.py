@@ -1,0 +1,193 @@
+"""Every kernel three ways: the Numba kernel, its NumPy reference twin, and torch.nn.functional.
+
+Geometries come from tests/strategies.py: batch sizes, channels, odd and non-square
+sizes, v3's 1x7/7x1/5x5 kernels, strides, per-side padding, every pool setting.
+"""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pyincept.kernels import cpu
+from pyincept.kernels import reference as ref
+from strategies import conv_geometry, pool_geometry, seeds
+from torch_oracle import hwio_to_oihw, to_nchw, to_nhwc
+
+SETTINGS = settings(max_examples=60, deadline=None)
+
+
+def close(actual, expected, rtol=1e-5, atol=1e-5):
+    scale = max(1.0, float(np.abs(expected).max(initial=0.0)))
+    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol * scale)
+
+
+def randn(rng, *shape):
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+# --- convolution ---------------------------------------------------------------------
+
+
+@SETTINGS
+@given(conv_geometry(), st.booleans(), st.booleans(), seeds)
+def test_conv2d_matches_reference_and_torch(geometry, with_bias, relu, seed):
+    N, H, W, C, K, (R, S), stride, pads = geometry
+    rng = np.random.default_rng(seed)
+    x, w = randn(rng, N, H, W, C), randn(rng, R, S, C, K)
+    b = randn(rng, K) if with_bias else None
+
+    fast = cpu.conv2d(x, w, b, stride, pads, relu=relu)
+    slow = ref.conv2d(x, w, b, stride, pads, relu=relu)
+
+    top, bottom, left, right = pads
+    xt = F.pad(to_nchw(x), (left, right, top, bottom))           # torch pads per side only via F.pad
+    yt = F.conv2d(xt, hwio_to_oihw(w), None if b is None else torch.from_numpy(b), stride)
+    expected = to_nhwc(F.relu(yt) if relu else yt)
+
+    assert fast.shape == slow.shape == expected.shape
+    close(fast, expected, atol=1e-5 * np.sqrt(R * S * C))
+    close(slow, expected, atol=1e-5 * np.sqrt(R * S * C))
+
+
+@SETTINGS
+@given(st.integers(1, 3), st.integers(1, 9), st.integers(1, 9), st.integers(1, 16), st.integers(1, 16), seeds)
+def test_conv2d_1x1_fast_path(N, H, W, C, K, seed):
+    """1x1 stride-1 skips im2col: the result is still the convolution."""
+    rng = np.random.default_rng(seed)
+    x, w, b = randn(rng, N, H, W, C), randn(rng, 1, 1, C, K), randn(rng, K)
+    expected = to_nhwc(F.conv2d(to_nchw(x), hwio_to_oihw(w), torch.from_numpy(b)))
+    close(cpu.conv2d(x, w, b), expected)
+    close(ref.conv2d(x, w, b), expected)
+
+
+@pytest.mark.parametrize("kernel,padding", [((1, 1), 0), ((3, 3), 1), ((1, 7), (0, 3)), ((7, 1), (3, 0))])
+def test_conv2d_writes_into_a_channel_slice(kernel, padding):
+    """A branch writes straight into its slice of the module's output; neighbours are untouched."""
+    rng = np.random.default_rng(1)
+    x, w, b = randn(rng, 2, 9, 8, 5), randn(rng, *kernel, 5, 4), randn(rng, 4)
+    out = np.full((2, 9, 8, 10), 7.0, np.float32)
+    returned = cpu.conv2d(x, w, b, 1, padding, relu=True, out=out[..., 3:7])
+    assert np.shares_memory(returned, out)
+    close(out[..., 3:7], ref.conv2d(x, w, b, 1, padding, relu=True))
+    assert (out[..., :3] == 7).all() and (out[..., 7:] == 7).all()
+
+
+def test_im2col_orders_patch_as_r_s_c():
+    """The unfolded row of pixel (0,0) is x's top-left 2x2 patch in (r, s, c) order."""
+    x = np.arange(1 * 3 * 3 * 2, dtype=np.float32).reshape(1, 3, 3, 2)
+    cols = ref.im2col(x, (2, 2))
+    assert cols.shape == (1, 2, 2, 8)
+    np.testing.assert_array_equal(cols[0, 0, 0], x[0, :2, :2, :].reshape(-1))
+
+
+def test_conv2d_rejects_bad_shapes():
+    x = np.zeros((1, 5, 5, 3), np.float32)
+    with pytest.raises(ValueError, match="C=3"):
+        cpu.conv2d(x, np.zeros((3, 3, 4, 8), np.float32))
+    with pytest.raises(ValueError, match="NHWC"):
+        cpu.conv2d(np.zeros((5, 5, 3), np.float32), np.zeros((3, 3, 3, 8), np.float32))
+    with pytest.raises(ValueError, match="smaller than kernel"):
+        cpu.conv2d(x, np.zeros((7, 7, 3, 8), np.float32))
+    with pytest.raises(ValueError, match="out must be"):
+        cpu.conv2d(x, np.zeros((3, 3, 3, 8), np.float32), out=np.zeros((1, 3, 3, 7), np.float32))
+
+
+# --- pooling -------------------------------------------------------------------------
+
+
+@SETTINGS
+@given(pool_geometry(), seeds)
+def test_max_pool2d_matches_reference_and_torch(geometry, seed):
+    N, H, W, C, kernel, stride, pad, ceil_mode, _ = geometry
+    x = randn(np.random.default_rng(seed), N, H, W, C)
+    expected = to_nhwc(F.max_pool2d(to_nchw(x), kernel, stride, pad, ceil_mode=ceil_mode))
+    np.testing.assert_array_equal(cpu.max_pool2d(x, kernel, stride, pad, ceil_mode), expected)
+    np.testing.assert_array_equal(ref.max_pool2d(x, kernel, stride, pad, ceil_mode), expected)
+
+
+@SETTINGS
+@given(pool_geometry(), seeds)
+def test_avg_pool2d_matches_reference_and_torch(geometry, seed):
+    N, H, W, C, kernel, stride, pad, ceil_mode, count_include_pad = geometry
+    x = randn(np.random.default_rng(seed), N, H, W, C)
+    expected = to_nhwc(F.avg_pool2d(to_nchw(x), kernel, stride, pad, ceil_mode, count_include_pad))
+    close(cpu.avg_pool2d(x, kernel, stride, pad, ceil_mode, count_include_pad), expected, atol=1e-6)
+    close(ref.avg_pool2d(x, kernel, stride, pad, ceil_mode, count_include_pad), expected, atol=1e-6)
+
+
+def test_pool_stride_defaults_to_kernel_and_rejects_wide_padding():
+    x = randn(np.random.default_rng(2), 1, 9, 9, 2)
+    expected = to_nhwc(F.max_pool2d(to_nchw(x), 3))
+    np.testing.assert_array_equal(cpu.max_pool2d(x, 3), expected)
+    with pytest.raises(ValueError, match="half the kernel"):
+        cpu.avg_pool2d(x, 3, 1, 2)
+
+
+def test_max_pool2d_propagates_nan_like_torch():
+    x = np.zeros((1, 4, 4, 1), np.float32)
+    x[0, 1, 1, 0] = np.nan
+    expected = to_nhwc(F.max_pool2d(to_nchw(x), 2))
+    np.testing.assert_array_equal(cpu.max_pool2d(x, 2), expected)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 17), st.integers(1, 17), st.integers(1, 9), seeds)
+def test_global_avg_pool2d(N, H, W, C, seed):
+    x = randn(np.random.default_rng(seed), N, H, W, C)
+    expected = to_nhwc(F.adaptive_avg_pool2d(to_nchw(x), 1))
+    close(cpu.global_avg_pool2d(x), expected, atol=1e-6)
+    close(ref.global_avg_pool2d(x), expected, atol=1e-6)
+
+
+# --- concat, linear, activations ---------------------------------------------------------
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.integers(1, 7), min_size=1, max_size=5), st.integers(1, 6), st.integers(1, 6), seeds)
+def test_concat_channels(widths, H, W, seed):
+    rng = np.random.default_rng(seed)
+    arrays = [randn(rng, 2, H, W, k) for k in widths]
+    expected = to_nhwc(torch.cat([to_nchw(a) for a in arrays], 1))
+    np.testing.assert_array_equal(cpu.concat_channels(arrays), expected)
+    np.testing.assert_array_equal(ref.concat_channels(arrays), expected)
+
+
+def test_concat_channels_rejects_mismatched_sizes():
+    with pytest.raises(ValueError, match="expected"):
+        cpu.concat_channels([np.zeros((1, 3, 3, 2), np.float32), np.zeros((1, 3, 4, 2), np.float32)])
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 5), st.integers(1, 40), st.integers(1, 40), seeds)
+def test_linear(N, I, O, seed):
+    rng = np.random.default_rng(seed)
+    x, w, b = randn(rng, N, I), randn(rng, I, O), randn(rng, O)
+    expected = F.linear(torch.from_numpy(x), torch.from_numpy(np.ascontiguousarray(w.T)), torch.from_numpy(b)).numpy()
+    close(cpu.linear(x, w, b), expected)
+    close(ref.linear(x, w, b), expected)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 4), st.integers(1, 1000), seeds, st.floats(0.1, 100))
+def test_softmax_and_relu(N, K, seed, scale):
+    x = randn(np.random.default_rng(seed), N, K) * np.float32(scale)
+    expected = torch.softmax(torch.from_numpy(x), dim=-1).numpy()
+    close(cpu.softmax(x), expected, atol=1e-6)
+    close(ref.softmax(x), expected, atol=1e-6)
+    np.testing.assert_allclose(cpu.softmax(x).sum(-1), 1.0, rtol=1e-5)
+    np.testing.assert_array_equal(cpu.relu(x), F.relu(torch.from_numpy(x)).numpy())
+    np.testing.assert_array_equal(ref.relu(x), F.relu(torch.from_numpy(x)).numpy())
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 8), st.integers(1, 8), st.integers(1, 8), seeds)
+def test_batch_norm_reference(N, H, W, C, seed):
+    rng = np.random.default_rng(seed)
+    x = randn(rng, N, H, W, C)
+    gamma, beta, mean = randn(rng, C), randn(rng, C), randn(rng, C)
+    var = rng.uniform(0.1, 2, C).astype(np.float32)
+    expected = to_nhwc(F.batch_norm(to_nchw(x), *map(torch.from_numpy, (mean, var, gamma, beta)), eps=0.001))
+    close(ref.batch_norm(x, gamma, beta, mean, var), expected)

@@ -1,0 +1,188 @@
+"""The whole network against torchvision, on real photographs, through the converter users run.
+
+Bar (the core issue): max |delta logit| <= 1e-3 of the largest |logit|, and identical
+top-5, at 299x299 and at a non-square size, for checkpoints saved in torch's zip
+format and in its legacy format.
+"""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import pyincept
+from photos import PHOTOS, photo_batch
+from pyincept.errors import PyinceptError, WeightsError
+from pyincept.inception_v3 import Inception3, parameter_shapes, random_parameters
+from torch_oracle import to_nchw, to_nhwc
+
+SIZES = [(299, 299), (311, 400)]
+
+
+def torchvision_logits(model, x):
+    with torch.no_grad():
+        return model(to_nchw(x)).numpy()
+
+
+def assert_within_bar(actual, expected):
+    assert actual.shape == expected.shape
+    # Calibrated logits are O(1) (the aux head's fc starts at std 0.001, so smaller);
+    # uncalibrated ones are ~1e12, where a relative bar would prove nothing.
+    assert 1e-3 < np.abs(expected).max() < 1e4, "oracle logits are degenerate; calibration failed"
+    rel = np.abs(actual - expected).max() / np.abs(expected).max()
+    assert rel <= 1e-3, f"max |delta logit| is {rel:.2e} of the largest logit"
+    top5 = lambda z: np.argsort(-z, axis=1, kind="stable")[:, :5]
+    np.testing.assert_array_equal(top5(actual), top5(expected))
+
+
+def test_parameter_table_is_torchvisions_state_dict(tv_inception):
+    """Every checkpoint key maps one to one, with the layout change as the only difference."""
+    torch_shapes = {k: tuple(v.shape) for k, v in tv_inception.state_dict().items() if not k.endswith("num_batches_tracked")}
+    ours = parameter_shapes()
+    assert list(ours) == list(torch_shapes)
+    for key, shape in torch_shapes.items():
+        expected = {4: lambda s: (s[2], s[3], s[1], s[0]), 2: lambda s: (s[1], s[0])}.get(len(shape), lambda s: s)(shape)
+        assert ours[key] == expected, key
+
+
+@pytest.mark.parametrize("fmt", ["zip", "legacy"])
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_converted_checkpoint_reproduces_torchvision_logits(tv_inception, converted, fmt, size):
+    x = photo_batch(size)
+    model = pyincept.inception_v3(converted[fmt])
+    assert_within_bar(model(x), torchvision_logits(tv_inception, x))
+
+
+def test_smallest_input_torchvision_allows(tv_inception, converted):
+    x = photo_batch((75, 75))
+    assert_within_bar(pyincept.inception_v3(converted["zip"])(x), torchvision_logits(tv_inception, x))
+
+
+def test_named_outputs_match_torchvision_layers(tv_inception, converted):
+    """`run` returns any layer by its dotted torchvision name, NHWC; the aux head too."""
+    x = photo_batch()[:2]
+    names = ["Mixed_5b.branch_pool", "Conv2d_4a_3x3", "maxpool2", "Mixed_6e", "Mixed_7b.branch3x3_2a", "avgpool"]
+    captured = {}
+    hooks = [
+        tv_inception.get_submodule(name).register_forward_hook(lambda m, i, o, name=name: captured.__setitem__(name, o))
+        for name in names
+    ]
+    try:
+        with torch.no_grad():
+            logits = tv_inception(to_nchw(x))
+            aux = tv_inception.AuxLogits(captured["Mixed_6e"])
+    finally:
+        for h in hooks:
+            h.remove()
+
+    out = pyincept.inception_v3(converted["zip"]).run(x, names + ["AuxLogits", "fc"])
+    assert out["Mixed_5b.branch_pool"].shape == (2, 35, 35, 32)          # the blog post's picture
+    assert out["avgpool"].shape == (2, 1, 1, 2048)
+    for name in names:
+        expected = to_nhwc(captured[name])
+        np.testing.assert_allclose(out[name], expected, rtol=1e-3, atol=1e-3 * np.abs(expected).max())
+    assert_within_bar(out["AuxLogits"], aux.numpy())
+    assert_within_bar(out["fc"], logits.numpy())
+
+
+def test_run_stops_early_and_rejects_unknown_names():
+    model = pyincept.inception_v3()
+    x = np.zeros((1, 80, 90, 3), np.float32)
+    out = model.run(x, "Conv2d_1a_3x3")
+    assert out["Conv2d_1a_3x3"].shape == (1, 39, 44, 32)
+    with pytest.raises(PyinceptError, match="unknown layer 'Mixed_9z'"):
+        model.run(x, ["Mixed_9z"])
+    assert "Mixed_5b.branch_pool" in model.layer_names() and "AuxLogits.fc" in model.layer_names()
+
+
+@pytest.mark.parametrize(
+    "shape,message",
+    [((1, 299, 299), "NHWC"), ((1, 3, 299, 299), "NHWC"), ((1, 74, 299, 3), "at least 75x75"), ((2, 299, 60, 3), "at least 75x75")],
+)
+def test_bad_input_shapes_get_clear_errors(shape, message):
+    with pytest.raises(PyinceptError, match=message):
+        pyincept.inception_v3()(np.zeros(shape, np.float32))
+
+
+def test_random_init_is_seeded_and_sane():
+    a, b, c = random_parameters(0), random_parameters(0), random_parameters(1)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert not np.array_equal(a["fc.weight"], c["fc.weight"])
+    x = photo_batch()[:2]
+    logits = pyincept.inception_v3(seed=0)(x)
+    np.testing.assert_array_equal(logits, pyincept.inception_v3(seed=0)(x))
+    assert np.isfinite(logits).all() and 0.1 < np.abs(logits).max() < 1e3
+
+
+def test_weight_file_refuses_pickles_wrong_versions_and_bad_shapes(tmp_path):
+    params = random_parameters(0)
+    path = tmp_path / "w.npz"
+    pyincept.save_weights(path, params, {"note": "test"})
+    loaded, meta = pyincept.load_weights(path)
+    assert meta == {"note": "test"} and all(np.array_equal(loaded[k], params[k]) for k in params)
+
+    pickled = tmp_path / "pickled.npz"
+    np.savez(pickled, __format_version__=np.array(1), evil=np.array([object()], dtype=object))
+    with pytest.raises(WeightsError, match="not a pyincept weight file"):
+        pyincept.load_weights(pickled)
+
+    future = tmp_path / "future.npz"
+    np.savez(future, __format_version__=np.array(99))
+    with pytest.raises(WeightsError, match="format 99"):
+        pyincept.load_weights(future)
+
+    bad = dict(params, **{"Mixed_6b.branch7x7_2.conv.weight": np.zeros((7, 1, 128, 128), np.float32)})
+    pyincept.save_weights(tmp_path / "bad.npz", bad)
+    with pytest.raises(WeightsError, match=r"'Mixed_6b.branch7x7_2.conv.weight' has shape \(7, 1, 128, 128\), expected \(1, 7, 128, 128\)"):
+        pyincept.inception_v3(tmp_path / "bad.npz")
+
+    missing = {k: v for k, v in params.items() if not k.startswith("AuxLogits.fc")}
+    pyincept.save_weights(tmp_path / "missing.npz", missing)
+    with pytest.raises(WeightsError, match="2 missing key"):
+        pyincept.inception_v3(tmp_path / "missing.npz")
+
+    with pytest.raises(WeightsError, match="no such weight file"):
+        pyincept.inception_v3(tmp_path / "nope.npz")
+
+
+def test_import_and_forward_never_load_torch():
+    code = (
+        "import sys, numpy as np, pyincept\n"
+        "pyincept.inception_v3()(np.zeros((1, 75, 75, 3), np.float32))\n"
+        "heavy = [m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'tensorflow')]\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+PUBLISHED = os.environ.get("PYINCEPT_PUBLISHED_CHECKPOINT")
+
+
+@pytest.mark.skipif(not PUBLISHED, reason="set PYINCEPT_PUBLISHED_CHECKPOINT to the published inception_v3_google-0cc3c7bd.pth")
+def test_published_checkpoint_sees_grace_hoppers_uniform(tmp_path):
+    """On the real published file: its hash prefix, and 'military uniform' in Grace Hopper's top-5."""
+    from PIL import Image
+
+    from pyincept import config
+    from pyincept.labels import imagenet_labels
+    from pyincept.weights import sha256_file
+
+    assert sha256_file(PUBLISHED).startswith(config.PUBLISHED_SHA256_PREFIX)
+    dst = tmp_path / "published.npz"
+    pyincept.convert_checkpoint(PUBLISHED, dst)
+
+    # torchvision's recipe for these weights: shorter side -> 342, centre crop 299, ImageNet
+    # mean/std, then transform_input's map to the network's native [-1, 1] range.
+    image = Image.open(next(p for p in PHOTOS if p.name == "grace_hopper.jpg")).convert("RGB")
+    scale = 342 / min(image.size)
+    image = image.resize((round(image.width * scale), round(image.height * scale)), Image.BILINEAR)
+    left, top = (image.width - 299) // 2, (image.height - 299) // 2
+    x = np.asarray(image.crop((left, top, left + 299, top + 299)), np.float32) / 255.0
+    mean, std = np.array([0.485, 0.456, 0.406], np.float32), np.array([0.229, 0.224, 0.225], np.float32)
+    x = (x - mean) / std * (std / 0.5) + (mean - 0.5) / 0.5
+    logits = pyincept.inception_v3(dst)(x[None].astype(np.float32))
+    top5 = [imagenet_labels()[i] for i in np.argsort(-logits[0])[:5]]
+    assert "military uniform" in top5, top5

@@ -1,0 +1,32 @@
+"""Bridges between pyincept's NHWC/HWIO arrays and torch's NCHW/OIHW tensors, for tests only."""
+
+import numpy as np
+import torch
+
+
+def to_nchw(x):
+    return torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).contiguous()
+
+
+def to_nhwc(t):
+    return t.detach().permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def hwio_to_oihw(w):
+    return torch.from_numpy(np.ascontiguousarray(w.transpose(3, 2, 0, 1)))
+
+
+def state_dict_numpy(module):
+    return {k: v.detach().cpu().numpy() for k, v in module.state_dict().items()}
+
+
+def randomise_batchnorm(module, generator):
+    """Random affine parameters and running statistics in every BatchNorm2d, so folding is really tested."""
+    with torch.no_grad():
+        for bn in module.modules():
+            if isinstance(bn, torch.nn.BatchNorm2d):
+                K = bn.num_features
+                bn.weight.copy_(torch.rand(K, generator=generator) + 0.5)
+                bn.bias.copy_(torch.randn(K, generator=generator) * 0.2)
+                bn.running_mean.copy_(torch.randn(K, generator=generator) * 0.2)
+                bn.running_var.copy_(torch.rand(K, generator=generator) + 0.5)
