@@ -1,0 +1,1 @@
+"""pyincept's benchmark suite (`python -m benchmarks`)."""
