@@ -54,3 +54,16 @@ def cache_dir():
     import platformdirs
 
     return platformdirs.user_cache_dir("pyincept", appauthor=False)
+
+# How images must be prepared for the published weights: torchvision's recipe for
+# Inception_V3_Weights.IMAGENET1K_V1 (ImageClassification(crop_size=299, resize_size=342)),
+# then its `transform_input`, which maps ImageNet-normalised pixels to the [-1, 1]
+# range Google's network was trained on. Written into every converted weight file's
+# metadata, so the constants travel with the weights.
+IMAGENET_PREPROCESSING = {
+    "resize_size": 342,          # shorter side, bilinear, antialiased
+    "crop_size": 299,            # centre crop
+    "mean": [0.485, 0.456, 0.406],
+    "std": [0.229, 0.224, 0.225],
+    "transform_input": True,     # x * std / 0.5 + (mean - 0.5) / 0.5, per channel
+}

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import config
 from .errors import CheckpointError, WeightsError
 
 FORMAT_VERSION = 1
@@ -148,6 +149,7 @@ def convert_checkpoint(src, dst, expected_shapes=None):
         "source_sha256": sha256_file(src),
         "converted_by": "pyincept",
         "layout": "NHWC activations; conv weights HWIO; linear weights (in, out)",
+        "preprocessing": config.IMAGENET_PREPROCESSING,
     }
     try:
         save_weights(dst, params, meta)
