@@ -10,11 +10,21 @@ The public API:
     pyincept.convert_checkpoint("inception_v3_google-0cc3c7bd.pth", "inception_v3.npz")
     path = pyincept.fetch_weights()                      # download, verify, convert, cache
 
+    image = pyincept.load_image("photo.jpg")             # any Pillow mode -> RGB, EXIF-oriented
+    x = pyincept.preprocess(image)                       # (299, 299, 3): torchvision's recipe
+    for result in pyincept.classify(["a.jpg", "b.png"], model, top=5):
+        print(result.path, result.top or result.error)
+    grid = pyincept.activation_grid(acts["Mixed_5b.branch_pool"], cols=4)   # uint8 picture
+
 Kernels (fast and reference) live in `pyincept.kernels`.
 """
 
 from .errors import CheckpointError, DownloadError, PyinceptError, WeightsError
 from .inception_v3 import Inception3, inception_v3
+from .labels import imagenet_labels
+from .predict import Prediction, classify, find_images
+from .preprocess import ImageError, load_image, preprocess, preprocess_batch
+from .visualize import activation_grid, save_grid
 from .weights import convert_checkpoint, load_weights, save_weights
 
 __version__ = "0.1.0"
@@ -30,12 +40,22 @@ def fetch_weights(*args, **kwargs):
 __all__ = [
     "CheckpointError",
     "DownloadError",
+    "ImageError",
     "Inception3",
+    "Prediction",
     "PyinceptError",
     "WeightsError",
+    "activation_grid",
+    "classify",
     "convert_checkpoint",
     "fetch_weights",
+    "find_images",
+    "imagenet_labels",
     "inception_v3",
+    "load_image",
     "load_weights",
+    "preprocess",
+    "preprocess_batch",
+    "save_grid",
     "save_weights",
 ]

@@ -93,7 +93,7 @@ class Inception3:
 
     # --- parameters ------------------------------------------------------------
 
-    def _parts(self):
+    def parts(self):
         """Every stage and the aux head, in torchvision's order (the aux head follows Mixed_6e)."""
         i = [s.name for s in self.stages].index("Mixed_6e") + 1
         return self.stages[:i] + [self.AuxLogits] + self.stages[i:]
@@ -101,14 +101,14 @@ class Inception3:
     def parameter_shapes(self):
         """{checkpoint key: shape in pyincept layout} for every parameter, in checkpoint order."""
         shapes = {}
-        for part in self._parts():
+        for part in self.parts():
             shapes.update(part.parameter_shapes())
         return shapes
 
     def load_parameters(self, params, source="weights", meta=None):
         """Check keys and shapes against the architecture, then fold BN and keep the weights."""
         check_parameters(params, self.parameter_shapes(), source)
-        for part in self._parts():
+        for part in self.parts():
             part.load(params)
         self.meta = dict(meta or {})
         return self
@@ -118,7 +118,7 @@ class Inception3:
     def layer_names(self):
         """Every name `run` accepts, in execution order (AuxLogits and its layers after Mixed_6e)."""
         names = []
-        for part in self._parts():
+        for part in self.parts():
             if isinstance(part, Block):
                 names.extend(part.layer_names())
             names.append(part.name)

@@ -1,0 +1,118 @@
+"""The layer table behind `pyincept layers`: every named layer's output shape,
+parameters and multiply-accumulates (MACs).
+
+One row per name `Inception3.run` accepts: the stem convolutions and pools, each
+Inception module followed by its branch convolutions, avgpool and fc; with
+`include_aux=True` also the auxiliary head (AuxLogits and its layers, after Mixed_6e
+where torchvision keeps it), flagged `aux`. For Inception v3 at 299x299 the totals are
+torchvision's published figures (`Inception_V3_Weights.IMAGENET1K_V1.meta`):
+5.71 GMACs ("_ops": 5.713) and 23.8 M parameters, 27,161,264 with the aux head
+("num_params").
+
+How each number is made:
+
+- shape: measured, not derived. The real network (seeded random init; shapes do not
+  depend on weights) runs a zeros image of the requested size and every row's shape
+  is what came out, NHWC without the batch axis: (35, 35, 32), or (1000,) for fc.
+- params: what torchvision counts as parameters. A BasicConv2d has its conv weight
+  R*S*C*K (no bias) and its batch norm's weight and bias, 2K; the BN running mean and
+  variance are buffers, not parameters (and here they are folded away at load time).
+  fc has in*out weights and out biases.
+- macs: a convolution computes, for each of its OH*OW*K outputs, a dot product of
+  length R*S*C, so OH*OW*K*R*S*C multiply-accumulates; fc, in*out. Pooling, ReLU,
+  BN (folded) and bias adds count 0: the convention of torchvision's "_ops" figure,
+  which counts conv and linear MACs only.
+- module rows (Mixed_5b ...) are the sums of their branch rows, so `totals` adds only
+  the leaf rows and nothing is counted twice.
+
+What it is not: a profiler. MACs count arithmetic, not time; `benchmarks/` times things.
+"""
+
+import numpy as np
+
+from .blocks import BasicConv2d, Block, Linear
+from .inception_v3 import inception_v3
+
+
+def layer_table(input_size=(299, 299), include_aux=False):
+    """Rows {"name", "kind", "shape", "params", "macs", "aux"} in execution order,
+    each module row right before its branch rows. input_size is (H, W)."""
+    H, W = input_size
+    model = inception_v3()
+    names = [n for n in model.layer_names() if include_aux or not _is_aux(n)]
+    shapes = {name: y.shape[1:] for name, y in model.run(np.zeros((1, H, W, 3), np.float32), names).items()}
+
+    rows = []
+    for part in model.parts():                       # the stages, with AuxLogits after Mixed_6e
+        if _is_aux(part.name) and not include_aux:
+            continue
+        if isinstance(part, Block):
+            branches = [_leaf_row(layer, shapes[layer.name]) for layer in part.layers()]
+            rows.append(_row(part.name, type(part).__name__, shapes[part.name],
+                             sum(r["params"] for r in branches), sum(r["macs"] for r in branches)))
+            rows.extend(branches)
+        else:
+            rows.append(_leaf_row(part, shapes[part.name]))
+    return rows
+
+
+def totals(rows):
+    """{"params", "macs"} over the leaf rows: a module row whose branch rows are also
+    present only repeats their numbers, so it is skipped."""
+    names = [r["name"] for r in rows]
+    leaves = [r for r in rows if not any(n.startswith(r["name"] + ".") for n in names)]
+    return {"params": sum(r["params"] for r in leaves), "macs": sum(r["macs"] for r in leaves)}
+
+
+def format_table(rows):
+    """An aligned text table, branch rows indented under their module, and totals lines."""
+    header = ("layer", "kind", "output", "params", "MACs")
+    body = [
+        ("  " + r["name"] if "." in r["name"] else r["name"], r["kind"],
+         "x".join(map(str, r["shape"])), f"{r['params']:,}", f"{r['macs']:,}")
+        for r in rows
+    ]
+    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
+
+    def line(cells):
+        left = "  ".join(c.ljust(w) for c, w in zip(cells[:3], widths))
+        right = "  ".join(c.rjust(w) for c, w in zip(cells[3:], widths[3:]))
+        return f"{left}  {right}".rstrip()
+
+    out = [line(header), line(["-" * w for w in widths]), *map(line, body), ""]
+    main = [r for r in rows if not r["aux"]]
+    out.append(_totals_line("total", totals(main)))
+    if len(main) < len(rows):
+        out.append(_totals_line("total with aux head", totals(rows)))
+    return "\n".join(out)
+
+
+def _totals_line(label, t):
+    return f"{label}: {t['params'] / 1e6:.2f} M params ({t['params']:,}), {t['macs'] / 1e9:.3f} GMACs ({t['macs']:,})"
+
+
+def _is_aux(name):
+    return name.split(".")[0] == "AuxLogits"
+
+
+def _row(name, kind, shape, params, macs):
+    return {"name": name, "kind": kind, "shape": tuple(int(s) for s in shape),
+            "params": int(params), "macs": int(macs), "aux": _is_aux(name)}
+
+
+def _leaf_row(layer, shape):
+    """A conv, fc or pool row: parameters from the layer's checkpoint table, MACs from its output."""
+    if isinstance(layer, BasicConv2d):
+        R, S = layer.kernel_size
+        OH, OW, K = shape
+        stride = "" if layer.stride in (1, (1, 1)) else f"/{layer.stride}"
+        kind, macs = f"conv {R}x{S}{stride}", OH * OW * K * R * S * layer.in_channels
+    elif isinstance(layer, Linear):
+        kind, macs = "fc", layer.in_features * layer.out_features
+    else:                                             # a Pool stage: comparisons and adds, no MACs
+        k, stride = layer.settings.get("kernel_size"), layer.settings.get("stride", 1)
+        kind = layer.fn.__name__ + (f" {k}x{k}" if k else "") + (f"/{stride}" if stride != 1 else "")
+        macs = 0
+    # Checkpoint keys minus BN running statistics = what torchvision calls parameters.
+    params = sum(int(np.prod(s)) for key, s in layer.parameter_shapes().items() if ".running_" not in key)
+    return _row(layer.name, kind, shape, params, macs)
