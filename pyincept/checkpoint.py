@@ -93,7 +93,7 @@ class _StorageType(NamedTuple):
 
 
 class _StorageRef(NamedTuple):
-    """One storage the pickle refers to; its bytes are read later, from the zip or the stream."""
+    """One storage the pickle refers to; its bytes are read later, from the zip or the legacy file."""
 
     key: str
     storage_type: _StorageType
@@ -226,18 +226,17 @@ def _read_zip(archive):
         name = f"{top}/data/{ref.key}"
         if name not in names:
             raise _Malformed(f"missing storage record 'data/{ref.key}'")
-        if archive.getinfo(name).file_size != _storage_nbytes(ref):
-            raise _Malformed(f"storage record 'data/{ref.key}' holds {archive.getinfo(name).file_size}"
-                             f" bytes, the pickle declares {_storage_nbytes(ref)}")
+        nbytes = archive.getinfo(name).file_size
+        if nbytes != _storage_nbytes(ref):
+            raise _Malformed(f"storage record 'data/{ref.key}' holds {nbytes} bytes, "
+                             f"the pickle declares {_storage_nbytes(ref)}")
         return archive.read(name)
 
     return obj, storage_bytes, byteorder
 
 
 def _read_legacy(blob):
-    """Read the legacy stream from the stream's bytes; return (object, function from _StorageRef to bytes, byte order)."""
-    # Parse from memory, not the open file: a corrupt length in a pickle opcode then asks
-    # BytesIO for more than it has and fails cleanly, where a file read would allocate first.
+    """Parse the legacy format from the file's bytes; return as `_read_zip` does."""
     stream = io.BytesIO(blob)
     try:
         magic_number = _RestrictedUnpickler(stream).load()
@@ -268,8 +267,9 @@ def _read_legacy(blob):
             raise _Malformed(f"storage {key!r} holds {numel} elements, the pickle declares {ref.numel}")
         start, end = stream.tell(), stream.tell() + _storage_nbytes(ref)
         if end > len(blob):
-            raise _Malformed(f"truncated: storage {key!r} needs {end - start} bytes, the stream has {len(blob) - start}")
-        data[key] = memoryview(blob)[start:end]  # a window on the stream's bytes, not a copy
+            raise _Malformed(f"truncated: storage {key!r} needs {end - start} bytes, "
+                             f"the file has {len(blob) - start}")
+        data[key] = memoryview(blob)[start:end]  # a window on the file's bytes, not a copy
         stream.seek(end)
 
     def storage_bytes(ref):

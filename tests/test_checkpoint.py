@@ -157,6 +157,8 @@ def test_unsupported_dtype(tmp_path, dtype):
 
 
 class FakeStorage:
+    """Pickled as a storage persistent id; `data` goes into the zip record or the legacy byte section."""
+
     def __init__(self, key, data, storage_type=torch.FloatStorage, numel=None, view=None):
         self.key, self.data, self.storage_type, self.view = key, data, storage_type, view
         self.numel = len(data) // 4 if numel is None else numel
@@ -205,6 +207,14 @@ def write_legacy(path, obj, storages):
         for storage in sorted(storages, key=lambda s: s.key):
             file.write(struct.pack("<q", storage.numel) + storage.data)
     return path
+
+
+@pytest.mark.parametrize("write", [write_zip, write_legacy, lambda *a: write_zip(*a, byteorder=None)])
+def test_hand_built_files_read_like_torch_reads_them(tmp_path, write):
+    storage = FakeStorage("7", np.arange(8, dtype="<f4").tobytes())
+    state = {"a": FakeTensor(storage, 2, (2, 3), (1, 2)), "b": FakeTensor(storage, 0, (), ())}
+    path = write(tmp_path / "hand.pt", state, [storage])
+    assert_same_state(read_checkpoint(path), torch.load(path, weights_only=False))
 
 
 def test_big_endian_zip_with_any_top_folder(tmp_path):
@@ -307,12 +317,14 @@ def test_build_cannot_plant_defaults_for_later_files(tmp_path):
 
 @pytest.fixture(scope="module")
 def small_checkpoints(tmp_path_factory):
-    """{'zip': bytes, 'legacy': bytes} of a small state dict with several storages."""
+    """{'zip': bytes, 'legacy': bytes, 'data.pkl': the zip's pickle} of a small state dict with several storages."""
     folder = tmp_path_factory.mktemp("small")
     generator = torch.Generator().manual_seed(1)
     state = {"conv.weight": torch.randn(4, 3, 3, 3, generator=generator), "bn.running_mean": torch.randn(4),
              "bn.num_batches_tracked": torch.tensor(5), "fc.bias": torch.randn(10).half()}
-    return {fmt: save(state, folder / f"small_{fmt}.pt", fmt).read_bytes() for fmt in FORMATS}
+    blobs = {fmt: save(state, folder / f"small_{fmt}.pt", fmt).read_bytes() for fmt in FORMATS}
+    blobs["data.pkl"] = zipfile.ZipFile(io.BytesIO(blobs["zip"])).read("small_zip/data.pkl")
+    return blobs
 
 
 def foreign_files(small):
@@ -373,14 +385,33 @@ def test_arbitrary_bytes_give_a_dict_or_checkpoint_error(tmp_path, blob):
     read_bytes_or_error(tmp_path / "fuzz.pt", blob)
 
 
+def with_data_pkl(zip_blob, data_pkl):
+    """The zip checkpoint `zip_blob` with its data.pkl replaced (CRCs recomputed, so the pickle itself is tested)."""
+    source, out = zipfile.ZipFile(io.BytesIO(zip_blob)), io.BytesIO()
+    with zipfile.ZipFile(out, "w") as archive:
+        for name in source.namelist():
+            archive.writestr(name, data_pkl if name.endswith("/data.pkl") else source.read(name))
+    return out.getvalue()
+
+
 @fuzz_settings
-@given(fmt=st.sampled_from(FORMATS), data=st.data())
-def test_truncated_and_flipped_checkpoints_give_a_dict_or_checkpoint_error(tmp_path, small_checkpoints, fmt, data):
-    blob = bytearray(small_checkpoints[fmt][: data.draw(st.integers(0, len(small_checkpoints[fmt])), "cut")])
+@given(target=st.sampled_from(FORMATS + ["data.pkl"]), data=st.data())
+def test_truncated_and_flipped_checkpoints_give_a_dict_or_checkpoint_error(tmp_path, small_checkpoints, target, data):
+    original = small_checkpoints[target] if target in FORMATS else small_checkpoints["data.pkl"]
+    blob = bytearray(original[: data.draw(st.integers(0, len(original)), "cut")])
     for _ in range(data.draw(st.integers(0, 3), "flips")):
         if blob:
             blob[data.draw(st.integers(0, len(blob) - 1))] = data.draw(st.integers(0, 255))
+    if target == "data.pkl":
+        blob = with_data_pkl(small_checkpoints["zip"], bytes(blob))
     read_bytes_or_error(tmp_path / "fuzz.pt", bytes(blob))
+
+
+def test_corrupt_memo_index_is_caught_before_unpickling(tmp_path, small_checkpoints):
+    # LONG_BINPUT 2**31 - 1: CPython's unpickler would first grow its memo to ~32 GB of pointers.
+    path = tmp_path / "memo.pt"
+    path.write_bytes(with_data_pkl(small_checkpoints["zip"], b"\x80\x02}r\xff\xff\xff\x7f."))
+    assert_checkpoint_error(path, "memo index 2147483647")
 
 
 def test_import_does_not_import_torch():

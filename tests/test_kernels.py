@@ -191,3 +191,30 @@ def test_batch_norm_reference(N, H, W, C, seed):
     var = rng.uniform(0.1, 2, C).astype(np.float32)
     expected = to_nhwc(F.batch_norm(to_nchw(x), *map(torch.from_numpy, (mean, var, gamma, beta)), eps=0.001))
     close(ref.batch_norm(x, gamma, beta, mean, var), expected)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 7), st.integers(1, 7), st.integers(1, 12), st.booleans(), seeds)
+def test_bias_act_on_a_channel_slice(N, H, W, K, relu, seed):
+    """The epilogue reads a strided slice (a fused GEMM's columns) and writes another."""
+    rng = np.random.default_rng(seed)
+    wide, b = randn(rng, N, H, W, K + 5), randn(rng, K)
+    x = wide[..., 2 : 2 + K]
+    expected = torch.from_numpy(np.ascontiguousarray(x)) + torch.from_numpy(b)
+    expected = (F.relu(expected) if relu else expected).numpy()
+    out = np.zeros((N, H, W, K + 3), np.float32)
+    cpu.bias_act(x, b, relu=relu, out=out[..., 3:])
+    np.testing.assert_array_equal(out[..., 3:], expected)
+    np.testing.assert_array_equal(ref.bias_act(x, b, relu=relu), expected)
+    assert (out[..., :3] == 0).all()
+
+
+def test_conv2d_tiles_large_inputs_through_bounded_scratch(monkeypatch):
+    """im2col in tiles of output rows: results do not depend on the tile size."""
+    rng = np.random.default_rng(4)
+    x, w, b = randn(rng, 2, 23, 19, 6), randn(rng, 3, 3, 6, 5), randn(rng, 5)
+    whole = cpu.conv2d(x, w, b, 1, 1, relu=True)
+    monkeypatch.setattr(cpu, "_SCRATCH_FLOATS", 19 * 9 * 6 * 2)            # two output rows per tile
+    tiled = cpu.conv2d(x, w, b, 1, 1, relu=True)
+    close(tiled, whole)
+    close(tiled, ref.conv2d(x, w, b, 1, 1, relu=True))

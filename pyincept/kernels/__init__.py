@@ -5,6 +5,7 @@ Model code imports kernels from this package only, never numba itself.
 
 from .cpu import (
     avg_pool2d,
+    bias_act,
     concat_channels,
     conv2d,
     global_avg_pool2d,
@@ -16,6 +17,7 @@ from .cpu import (
 
 __all__ = [
     "avg_pool2d",
+    "bias_act",
     "concat_channels",
     "conv2d",
     "global_avg_pool2d",

@@ -16,6 +16,8 @@ Layout is NHWC everywhere: x[n, h, w, c]. Convolution weights are HWIO: w[r, s, 
 What this is not: a general tensor library. Only float32, only what Inception needs.
 """
 
+import threading
+
 import numba
 import numpy as np
 from numba import njit, prange
@@ -35,16 +37,17 @@ _jit_parallel = njit(**config.PARALLEL_JIT_OPTIONS)
 
 
 @_jit_parallel
-def _im2col(x, R, S, sh, sw, top, left, OH, OW, cols):
-    """cols[oh*OW + ow, (r*S + s)*C + c] = x[ih, iw, c], zero outside the image.
+def _im2col(x, R, S, sh, sw, top, left, oh0, rows, OW, cols):
+    """cols[i*OW + ow, (r*S + s)*C + c] = x[ih, iw, c] for output rows oh0 + i, zero outside the image.
 
-    x is ONE image (H, W, C); cols is (OH*OW, R*S*C). Padding is never materialised:
-    taps that fall outside the image write zeros instead.
+    x is ONE image (H, W, C); cols is (rows*OW, R*S*C): a tile of `rows` output rows.
+    Padding is never materialised: taps that fall outside the image write zeros instead.
     """
     H, W, C = x.shape
-    for oh in prange(OH):
+    for i in prange(rows):
+        oh = oh0 + i
         for ow in range(OW):
-            row = oh * OW + ow
+            row = i * OW + ow
             for r in range(R):
                 ih = oh * sh - top + r
                 for s in range(S):
@@ -60,20 +63,33 @@ def _im2col(x, R, S, sh, sw, top, left, OH, OW, cols):
 
 @_jit_parallel
 def _bias_act(acc, bias, relu, out):
-    """The conv epilogue: out[oh, ow, k] = max(0, acc[oh*OW + ow, k] + bias[k]).
+    """The conv epilogue: out[n, h, w, k] = max(0, acc[n, h, w, k] + bias[k]).
 
-    `out` may be a strided channel slice of a larger buffer: that is how a branch
-    writes straight into its module's concatenated output, with no copy later.
+    Either array may be a strided channel slice of a larger buffer: that is how a
+    branch writes straight into its module's concatenated output, with no copy later,
+    and how the fused 1x1 GEMM of a module hands each branch its columns.
     """
-    OH, OW, K = out.shape
-    for oh in prange(OH):
-        for ow in range(OW):
-            row = oh * OW + ow
+    N, H, W, K = out.shape
+    for job in prange(N * H):
+        n = job // H
+        h = job % H
+        for w in range(W):
             for k in range(K):
-                v = acc[row, k] + bias[k]
+                v = acc[n, h, w, k] + bias[k]
                 if relu and v < 0.0:
                     v = 0.0
-                out[oh, ow, k] = v
+                out[n, h, w, k] = v
+
+
+def bias_act(x, bias, relu=True, out=None):
+    """y = max(0, x + bias) over channels (relu=False: just the bias). x may be a channel slice."""
+    x = _check_nhwc(x, "x", contiguous=False)
+    bias = _as_f32(bias)
+    if bias.shape != (x.shape[3],):
+        raise ValueError(f"bias must be ({x.shape[3]},), got {bias.shape}")
+    out = _output(out, x.shape)
+    _bias_act(x, bias, relu, out)
+    return out
 
 
 def conv2d(x, w, bias=None, stride=1, padding=0, relu=False, out=None):
@@ -85,9 +101,11 @@ def conv2d(x, w, bias=None, stride=1, padding=0, relu=False, out=None):
          concat buffer.
 
     A 1x1 stride-1 convolution is already a matrix product over pixels, so it skips
-    im2col: (N*H*W, C) @ (C, K). Anything else unfolds one image at a time into a
-    scratch matrix reused across the batch, which bounds the extra memory to one
-    image's patches.
+    im2col: (N*H*W, C) @ (C, K). Anything else unfolds a tile of output rows at a time
+    into a scratch matrix reused across tiles and calls, which bounds the extra memory
+    (the unfolded patches are R*S times the input) to _SCRATCH_FLOATS.
+    The GEMM writes straight into `out` when `out` is contiguous; the bias and ReLU
+    then run in place.
     """
     x = _check_nhwc(x, "x")
     w = _as_f32(w)
@@ -101,25 +119,50 @@ def conv2d(x, w, bias=None, stride=1, padding=0, relu=False, out=None):
     OW = conv_output_size(W, S, sw, left, right)
     if OH < 1 or OW < 1:
         raise ValueError(f"input {H}x{W} is smaller than kernel {R}x{S} with padding {(top, bottom, left, right)}")
-    bias = np.zeros(K, np.float32) if bias is None else _as_f32(bias)
-    if bias.shape != (K,):
-        raise ValueError(f"bias must be ({K},), got {bias.shape}")
+    if bias is not None:
+        bias = _as_f32(bias)
+        if bias.shape != (K,):
+            raise ValueError(f"bias must be ({K},), got {bias.shape}")
     out = _output(out, (N, OH, OW, K))
     wmat = w.reshape(R * S * C, K)                                     # (R*S*C, K)
+    # GEMM target: `out` itself when its rows are contiguous, else a scratch buffer.
+    direct = out.flags.c_contiguous
+    acc = out if direct else _scratch("acc", (N, OH, OW, K))
 
     if (R, S, sh, sw, top, bottom, left, right) == (1, 1, 1, 1, 0, 0, 0, 0):
-        acc = np.matmul(x.reshape(N * H * W, C), wmat)                 # (N*H*W, K)
+        np.matmul(x.reshape(N * H * W, C), wmat, out=acc.reshape(N * H * W, K))
+    else:
+        rows_per_tile = max(1, min(OH, _SCRATCH_FLOATS // max(1, OW * R * S * C)))
+        cols = _scratch("cols", (rows_per_tile * OW, R * S * C))
         for n in range(N):
-            _bias_act(acc[n * H * W : (n + 1) * H * W], bias, relu, out[n])
-        return out
-
-    cols = np.empty((OH * OW, R * S * C), np.float32)                  # one image's patches
-    acc = np.empty((OH * OW, K), np.float32)
-    for n in range(N):
-        _im2col(x[n], R, S, sh, sw, top, left, OH, OW, cols)
-        np.matmul(cols, wmat, out=acc)                                 # (OH*OW, K)
-        _bias_act(acc, bias, relu, out[n])
+            for oh0 in range(0, OH, rows_per_tile):
+                rows = min(rows_per_tile, OH - oh0)
+                tile = cols[: rows * OW]                                # (rows*OW, R*S*C)
+                _im2col(x[n], R, S, sh, sw, top, left, oh0, rows, OW, tile)
+                np.matmul(tile, wmat, out=acc[n, oh0 : oh0 + rows].reshape(rows * OW, K))
+    if bias is not None or relu or not direct:
+        _bias_act(acc, bias if bias is not None else _zeros(K), relu, out)
     return out
+
+
+# Unfolded patches of one tile must fit here: 4M floats = 16 MB, below glibc's 32 MB
+# mmap threshold, and reused across calls, so no page is faulted in twice.
+_SCRATCH_FLOATS = 4 << 20
+_scratch_buffers = threading.local()   # one set per thread: concurrent forward passes never share
+
+
+def _scratch(role, shape):
+    """A reusable float32 buffer of at least `shape`, one per role and thread (grown, never shrunk)."""
+    buffers = _scratch_buffers.__dict__
+    size = int(np.prod(shape))
+    buf = buffers.get(role)
+    if buf is None or buf.size < size:
+        buf = buffers[role] = np.empty(size, np.float32)
+    return buf[:size].reshape(shape)
+
+
+def _zeros(K):
+    return np.zeros(K, np.float32)
 
 
 # --- pooling ----------------------------------------------------------------------
@@ -170,7 +213,7 @@ def avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, count_in
 
 
 def _pool_wrapper(x, kernel_size, stride, padding, ceil_mode, is_max, count_include_pad, out):
-    x = _check_nhwc(x, "x")
+    x = _check_nhwc(x, "x", contiguous=False)                          # a channel slice is fine
     R, S = pair(kernel_size)
     sh, sw = pair(stride if stride is not None else kernel_size)
     ph, pw = pair(padding)
@@ -248,9 +291,8 @@ def linear(x, w, bias=None):
         raise ValueError(f"linear: x {x.shape} and w {w.shape} do not chain as (N, I) @ (I, O)")
     bias = np.zeros(w.shape[1], np.float32) if bias is None else _as_f32(bias)
     acc = np.matmul(x, w)
-    out = np.empty_like(acc)
-    _bias_act(acc, bias, False, out[None])        # the epilogue sees (1, N, O)
-    return out
+    _bias_act(acc[None, None], bias, False, acc[None, None])   # in place; the epilogue sees (1, 1, N, O)
+    return acc
 
 
 @_jit_parallel
@@ -301,8 +343,10 @@ def _as_f32(a):
     return np.asarray(a, dtype=np.float32)
 
 
-def _check_nhwc(x, name):
-    x = np.ascontiguousarray(x, dtype=np.float32)
+def _check_nhwc(x, name, contiguous=True):
+    x = np.asarray(x, dtype=np.float32)
+    if contiguous:
+        x = np.ascontiguousarray(x)
     if x.ndim != 4:
         raise ValueError(f"{name} must be NHWC (N, H, W, C), got shape {x.shape}")
     return x

@@ -61,6 +61,12 @@ def conv2d(x, w, bias=None, stride=1, padding=0, relu=False, out=None):
     return _deliver(y.astype(np.float32), out)
 
 
+def bias_act(x, bias, relu=True, out=None):
+    """The conv epilogue on its own: max(0, x + bias) per channel (relu=False: only the bias)."""
+    y = x + bias
+    return _deliver((np.maximum(y, 0) if relu else y).astype(np.float32), out)
+
+
 def max_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, out=None):
     """Max over each window. Padding never wins: it counts as -infinity."""
     return _pool(x, kernel_size, stride, padding, ceil_mode, "max", True, out)
