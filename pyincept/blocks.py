@@ -22,6 +22,17 @@ from . import kernels
 BN_EPS = 0.001  # torchvision's BasicConv2d: nn.BatchNorm2d(out_channels, eps=0.001)
 
 
+class Layer:
+    """Anything that runs kernels. `ops` is the kernel set it calls: the CPU kernels by
+    default; `Inception3.to("cuda")` hands every layer the CUDA twins instead."""
+
+    ops = kernels
+
+    def use(self, ops):
+        """Run on `ops` from now on, moving this layer's weights there (once)."""
+        self.ops = ops
+
+
 class Taps:
     """Collects named intermediate outputs during one forward pass.
 
@@ -31,13 +42,14 @@ class Taps:
     keeps the caller's arrays independent of pyincept's buffers).
     """
 
-    def __init__(self, wanted=()):
+    def __init__(self, wanted=(), to_host=None):
         self.wanted = set(wanted)
         self.outputs = {}
+        self.to_host = to_host or kernels.to_host
 
     def record(self, name, y):
         if name in self.wanted:
-            self.outputs[name] = np.array(y, dtype=np.float32, copy=True)
+            self.outputs[name] = np.array(self.to_host(y), dtype=np.float32, copy=True)
         return y
 
 
@@ -56,7 +68,7 @@ def fold_batchnorm(w, gamma, beta, mean, var, eps=BN_EPS):
     return folded_w, folded_b
 
 
-class BasicConv2d:
+class BasicConv2d(Layer):
     """conv (no bias) -> BatchNorm(eps=0.001) -> ReLU, run as one conv with a folded bias."""
 
     def __init__(self, name, in_channels, out_channels, kernel_size, stride=1, padding=0):
@@ -65,8 +77,8 @@ class BasicConv2d:
         self.kernel_size = kernel_size if isinstance(kernel_size, tuple) else (kernel_size, kernel_size)
         self.stride = stride
         self.padding = padding
-        self.weight = None  # folded (R, S, C, K)
-        self.bias = None    # folded (K,)
+        self.folded = None                # host copy (weight (R, S, C, K), bias (K,)), BN folded in
+        self.weight = self.bias = None    # the same, on the device `ops` runs on
 
     def parameter_shapes(self):
         """{checkpoint key: shape in pyincept layout} for this layer."""
@@ -79,43 +91,62 @@ class BasicConv2d:
 
     def load(self, params):
         p = self.name
-        self.weight, self.bias = fold_batchnorm(
+        self.folded = fold_batchnorm(
             params[f"{p}.conv.weight"], params[f"{p}.bn.weight"], params[f"{p}.bn.bias"],
             params[f"{p}.bn.running_mean"], params[f"{p}.bn.running_var"],
         )
+        self.use(self.ops)
+
+    def use(self, ops):
+        self.ops = ops
+        self.weight, self.bias = (ops.to_device(a) for a in self.folded)
 
     def __call__(self, x, taps, out=None):
-        y = kernels.conv2d(x, self.weight, self.bias, self.stride, self.padding, relu=True, out=out)
+        y = self.ops.conv2d(x, self.weight, self.bias, self.stride, self.padding, relu=True, out=out)
         return taps.record(self.name, y)
 
 
-class Linear:
+class Linear(Layer):
     """y = x @ w + b, with w stored (in, out)."""
 
     def __init__(self, name, in_features, out_features):
         self.name = name
         self.in_features, self.out_features = in_features, out_features
-        self.weight = self.bias = None
+        self.host = None                  # (weight (in, out), bias (out,)) on the host
+        self.weight = self.bias = None    # the same, on the device `ops` runs on
 
     def parameter_shapes(self):
         return {f"{self.name}.weight": (self.in_features, self.out_features), f"{self.name}.bias": (self.out_features,)}
 
     def load(self, params):
-        self.weight = np.ascontiguousarray(params[f"{self.name}.weight"], np.float32)
-        self.bias = np.ascontiguousarray(params[f"{self.name}.bias"], np.float32)
+        self.host = tuple(np.ascontiguousarray(params[f"{self.name}.{f}"], np.float32) for f in ("weight", "bias"))
+        self.use(self.ops)
+
+    def use(self, ops):
+        self.ops = ops
+        self.weight, self.bias = (ops.to_device(a) for a in self.host)
 
     def __call__(self, x, taps):
-        return taps.record(self.name, kernels.linear(x, self.weight, self.bias))
+        return taps.record(self.name, self.ops.linear(x, self.weight, self.bias))
 
 
-class Block:
+class Block(Layer):
     """A named group of layers (every attribute that is a layer), loaded and listed together."""
+
+    pointwise = None   # a Fused1x1, in blocks whose 1x1 convs share the block's input
 
     def __init__(self, name):
         self.name = name
 
     def layers(self):
         return [v for v in vars(self).values() if isinstance(v, (BasicConv2d, Linear))]
+
+    def use(self, ops):
+        self.ops = ops
+        for layer in self.layers():
+            layer.use(ops)
+        if self.pointwise is not None:
+            self.pointwise.use(ops)
 
     def parameter_shapes(self):
         shapes = {}
@@ -126,6 +157,8 @@ class Block:
     def load(self, params):
         for layer in self.layers():
             layer.load(params)
+        if self.pointwise is not None:
+            self.pointwise.load()
 
     def layer_names(self):
         return [layer.name for layer in self.layers()]
@@ -144,6 +177,67 @@ def channel_slices(out, widths):
     return views
 
 
+class Fused1x1(Layer):
+    """Every 1x1 conv of a module that reads the module's input, run as ONE matrix product.
+
+    Why it is exact: for pixels as rows, x @ [W1 | W2 | W3] = [x @ W1 | x @ W2 | x @ W3].
+    One (N*H*W, C) @ (C, K1+K2+K3) product reads x once and keeps BLAS busier than
+    three thin ones; each branch then takes its columns, adds its bias and applies ReLU.
+
+    The pool branch joins too (`pooled`): it is avg_pool 3x3/1 with count_include_pad=True,
+    then a 1x1 conv. Both maps are linear and act on different axes (pixels vs channels),
+    and the zero padding stays zero under the conv's linear part, so
+    W @ avgpool(x) = avgpool(W @ x). Running the conv first pools K = 32..192 channels
+    instead of C = 192..2048. The bias must come after the pool: with count_include_pad
+    the padding dilutes border means, which would dilute the bias too.
+
+    fused=False runs the members one by one in torchvision's order (pool, then conv): the
+    readable path, and the one the tests hold the fused path to.
+    """
+
+    def __init__(self, members, pooled=None):
+        self.members = list(members) + ([pooled] if pooled is not None else [])
+        self.pooled = pooled
+        self.fused = True
+        self.host_weight = self.weight = None
+
+    def load(self):
+        """Concatenate the members' folded (1, 1, C, K_i) weights along K."""
+        self.host_weight = np.concatenate([m.folded[0] for m in self.members], axis=3)   # (1, 1, C, sum K)
+        self.use(self.ops)
+
+    def use(self, ops):
+        self.ops = ops
+        if self.host_weight is not None:
+            self.weight = ops.to_device(self.host_weight)
+
+    def __call__(self, x, taps, out):
+        """Run every member on x. `out` maps some members to the buffer they must fill
+        (their slice of the module output); the others' outputs are returned, in order."""
+        ops = self.ops
+        if not self.fused:
+            results = []
+            for m in self.members:
+                source = ops.avg_pool2d(x, 3, stride=1, padding=1) if m is self.pooled else x
+                y = m(source, taps, out=out.get(m))
+                if m not in out:
+                    results.append(y)
+            return results
+
+        N, H, W, _ = x.shape
+        raw = ops.conv2d(x, self.weight)                                     # (N, H, W, sum K), no bias yet
+        results, k0 = [], 0
+        for m in self.members:
+            z = raw[..., k0 : k0 + m.out_channels]                           # this member's columns
+            k0 += m.out_channels
+            if m is self.pooled:
+                z = ops.avg_pool2d(z, 3, stride=1, padding=1)                # pool after the 1x1 (exact)
+            y = taps.record(m.name, ops.bias_act(z, m.bias, relu=True, out=out.get(m)))
+            if m not in out:
+                results.append(y)
+        return results
+
+
 class InceptionA(Block):
     """35x35 module (Mixed_5b-d): 1x1 | 1x1->5x5 | 1x1->3x3->3x3 | avgpool->1x1."""
 
@@ -156,20 +250,19 @@ class InceptionA(Block):
         self.branch3x3dbl_2 = self._conv("branch3x3dbl_2", 64, 96, 3, padding=1)
         self.branch3x3dbl_3 = self._conv("branch3x3dbl_3", 96, 96, 3, padding=1)
         self.branch_pool = self._conv("branch_pool", in_channels, pool_features, 1)
+        self.pointwise = Fused1x1([self.branch1x1, self.branch5x5_1, self.branch3x3dbl_1], pooled=self.branch_pool)
         self.widths = [64, 64, 96, pool_features]
 
     def __call__(self, x, taps):
         N, H, W, _ = x.shape                                                  # 35x35xC
-        out = np.empty((N, H, W, sum(self.widths)), np.float32)              # 35x35x(224+pool)
+        out = self.ops.empty((N, H, W, sum(self.widths)))                    # 35x35x(224+pool)
         b1x1, b5x5, b3x3dbl, bpool = channel_slices(out, self.widths)
-        self.branch1x1(x, taps, out=b1x1)                                    # 35x35x64
-        y = self.branch5x5_1(x, taps)                                        # 35x35x48
-        self.branch5x5_2(y, taps, out=b5x5)                                  # 35x35x64
-        y = self.branch3x3dbl_1(x, taps)                                     # 35x35x64
-        y = self.branch3x3dbl_2(y, taps)                                     # 35x35x96
-        self.branch3x3dbl_3(y, taps, out=b3x3dbl)                            # 35x35x96
-        y = kernels.avg_pool2d(x, 3, stride=1, padding=1)                    # 35x35xC
-        self.branch_pool(y, taps, out=bpool)                                 # 35x35xpool
+        # branch1x1, branch5x5_1, branch3x3dbl_1 and avgpool->branch_pool: one GEMM;
+        # branch1x1 (35x35x64) and branch_pool (35x35xpool) land in their slices of `out`.
+        y5, y3 = self.pointwise(x, taps, out={self.branch1x1: b1x1, self.branch_pool: bpool})
+        self.branch5x5_2(y5, taps, out=b5x5)                                 # 35x35x48 -> 35x35x64
+        y3 = self.branch3x3dbl_2(y3, taps)                                   # 35x35x64 -> 35x35x96
+        self.branch3x3dbl_3(y3, taps, out=b3x3dbl)                           # 35x35x96
         return taps.record(self.name, out)
 
 
@@ -187,13 +280,13 @@ class InceptionB(Block):
     def __call__(self, x, taps):
         N, H, W, _ = x.shape                                                  # 35x35x288
         OH, OW = (H - 3) // 2 + 1, (W - 3) // 2 + 1
-        out = np.empty((N, OH, OW, sum(self.widths)), np.float32)            # 17x17x768
+        out = self.ops.empty((N, OH, OW, sum(self.widths)))                  # 17x17x768
         b3x3, b3x3dbl, bpool = channel_slices(out, self.widths)
         self.branch3x3(x, taps, out=b3x3)                                    # 17x17x384
         y = self.branch3x3dbl_1(x, taps)                                     # 35x35x64
         y = self.branch3x3dbl_2(y, taps)                                     # 35x35x96
         self.branch3x3dbl_3(y, taps, out=b3x3dbl)                            # 17x17x96
-        kernels.max_pool2d(x, 3, stride=2, out=bpool)                        # 17x17x288
+        self.ops.max_pool2d(x, 3, stride=2, out=bpool)                       # 17x17x288
         return taps.record(self.name, out)
 
 
@@ -214,23 +307,21 @@ class InceptionC(Block):
         self.branch7x7dbl_4 = self._conv("branch7x7dbl_4", c7, c7, (7, 1), padding=(3, 0))
         self.branch7x7dbl_5 = self._conv("branch7x7dbl_5", c7, 192, (1, 7), padding=(0, 3))
         self.branch_pool = self._conv("branch_pool", in_channels, 192, 1)
+        self.pointwise = Fused1x1([self.branch1x1, self.branch7x7_1, self.branch7x7dbl_1], pooled=self.branch_pool)
         self.widths = [192, 192, 192, 192]
 
     def __call__(self, x, taps):
         N, H, W, _ = x.shape                                                  # 17x17x768
-        out = np.empty((N, H, W, sum(self.widths)), np.float32)              # 17x17x768
+        out = self.ops.empty((N, H, W, sum(self.widths)))                    # 17x17x768
         b1x1, b7x7, b7x7dbl, bpool = channel_slices(out, self.widths)
-        self.branch1x1(x, taps, out=b1x1)                                    # 17x17x192
-        y = self.branch7x7_1(x, taps)                                        # 17x17xc7
-        y = self.branch7x7_2(y, taps)                                        # 17x17xc7
-        self.branch7x7_3(y, taps, out=b7x7)                                  # 17x17x192
-        y = self.branch7x7dbl_1(x, taps)                                     # 17x17xc7
-        y = self.branch7x7dbl_2(y, taps)
-        y = self.branch7x7dbl_3(y, taps)
-        y = self.branch7x7dbl_4(y, taps)                                     # 17x17xc7
-        self.branch7x7dbl_5(y, taps, out=b7x7dbl)                            # 17x17x192
-        y = kernels.avg_pool2d(x, 3, stride=1, padding=1)                    # 17x17x768
-        self.branch_pool(y, taps, out=bpool)                                 # 17x17x192
+        # branch1x1, branch7x7_1, branch7x7dbl_1 and avgpool->branch_pool: one GEMM.
+        y7, yd = self.pointwise(x, taps, out={self.branch1x1: b1x1, self.branch_pool: bpool})
+        y7 = self.branch7x7_2(y7, taps)                                      # 17x17xc7
+        self.branch7x7_3(y7, taps, out=b7x7)                                 # 17x17x192
+        yd = self.branch7x7dbl_2(yd, taps)                                   # 17x17xc7
+        yd = self.branch7x7dbl_3(yd, taps)
+        yd = self.branch7x7dbl_4(yd, taps)                                   # 17x17xc7
+        self.branch7x7dbl_5(yd, taps, out=b7x7dbl)                           # 17x17x192
         return taps.record(self.name, out)
 
 
@@ -245,20 +336,20 @@ class InceptionD(Block):
         self.branch7x7x3_2 = self._conv("branch7x7x3_2", 192, 192, (1, 7), padding=(0, 3))
         self.branch7x7x3_3 = self._conv("branch7x7x3_3", 192, 192, (7, 1), padding=(3, 0))
         self.branch7x7x3_4 = self._conv("branch7x7x3_4", 192, 192, 3, stride=2)
+        self.pointwise = Fused1x1([self.branch3x3_1, self.branch7x7x3_1])
         self.widths = [320, 192, in_channels]
 
     def __call__(self, x, taps):
         N, H, W, _ = x.shape                                                  # 17x17x768
         OH, OW = (H - 3) // 2 + 1, (W - 3) // 2 + 1
-        out = np.empty((N, OH, OW, sum(self.widths)), np.float32)            # 8x8x1280
+        out = self.ops.empty((N, OH, OW, sum(self.widths)))                  # 8x8x1280
         b3x3, b7x7x3, bpool = channel_slices(out, self.widths)
-        y = self.branch3x3_1(x, taps)                                        # 17x17x192
-        self.branch3x3_2(y, taps, out=b3x3)                                  # 8x8x320
-        y = self.branch7x7x3_1(x, taps)                                      # 17x17x192
-        y = self.branch7x7x3_2(y, taps)
-        y = self.branch7x7x3_3(y, taps)                                      # 17x17x192
-        self.branch7x7x3_4(y, taps, out=b7x7x3)                              # 8x8x192
-        kernels.max_pool2d(x, 3, stride=2, out=bpool)                        # 8x8x768
+        y3, y7 = self.pointwise(x, taps, out={})                             # branch3x3_1, branch7x7x3_1: one GEMM
+        self.branch3x3_2(y3, taps, out=b3x3)                                 # 17x17x192 -> 8x8x320
+        y7 = self.branch7x7x3_2(y7, taps)
+        y7 = self.branch7x7x3_3(y7, taps)                                    # 17x17x192
+        self.branch7x7x3_4(y7, taps, out=b7x7x3)                             # 8x8x192
+        self.ops.max_pool2d(x, 3, stride=2, out=bpool)                       # 8x8x768
         return taps.record(self.name, out)
 
 
@@ -277,22 +368,20 @@ class InceptionE(Block):
         self.branch3x3dbl_3a = self._conv("branch3x3dbl_3a", 384, 384, (1, 3), padding=(0, 1))
         self.branch3x3dbl_3b = self._conv("branch3x3dbl_3b", 384, 384, (3, 1), padding=(1, 0))
         self.branch_pool = self._conv("branch_pool", in_channels, 192, 1)
+        self.pointwise = Fused1x1([self.branch1x1, self.branch3x3_1, self.branch3x3dbl_1], pooled=self.branch_pool)
         self.widths = [320, 384, 384, 384, 384, 192]
 
     def __call__(self, x, taps):
         N, H, W, _ = x.shape                                                  # 8x8xC
-        out = np.empty((N, H, W, sum(self.widths)), np.float32)              # 8x8x2048
+        out = self.ops.empty((N, H, W, sum(self.widths)))                    # 8x8x2048
         b1x1, b3x3a, b3x3b, bdbl_a, bdbl_b, bpool = channel_slices(out, self.widths)
-        self.branch1x1(x, taps, out=b1x1)                                    # 8x8x320
-        y = self.branch3x3_1(x, taps)                                        # 8x8x384
-        self.branch3x3_2a(y, taps, out=b3x3a)                                # 8x8x384
-        self.branch3x3_2b(y, taps, out=b3x3b)                                # 8x8x384
-        y = self.branch3x3dbl_1(x, taps)                                     # 8x8x448
-        y = self.branch3x3dbl_2(y, taps)                                     # 8x8x384
-        self.branch3x3dbl_3a(y, taps, out=bdbl_a)                            # 8x8x384
-        self.branch3x3dbl_3b(y, taps, out=bdbl_b)                            # 8x8x384
-        y = kernels.avg_pool2d(x, 3, stride=1, padding=1)                    # 8x8xC
-        self.branch_pool(y, taps, out=bpool)                                 # 8x8x192
+        # branch1x1, branch3x3_1, branch3x3dbl_1 and avgpool->branch_pool: one GEMM.
+        y3, yd = self.pointwise(x, taps, out={self.branch1x1: b1x1, self.branch_pool: bpool})
+        self.branch3x3_2a(y3, taps, out=b3x3a)                               # 8x8x384 (1x3)
+        self.branch3x3_2b(y3, taps, out=b3x3b)                               # 8x8x384 (3x1)
+        yd = self.branch3x3dbl_2(yd, taps)                                   # 8x8x448 -> 8x8x384
+        self.branch3x3dbl_3a(yd, taps, out=bdbl_a)                           # 8x8x384 (1x3)
+        self.branch3x3dbl_3b(yd, taps, out=bdbl_b)                           # 8x8x384 (3x1)
         return taps.record(self.name, out)
 
 
@@ -307,9 +396,9 @@ class InceptionAux(Block):
         self.fc = Linear(f"{name}.fc", 768, num_classes)
 
     def __call__(self, x, taps):
-        y = kernels.avg_pool2d(x, 5, stride=3)                               # 5x5x768
+        y = self.ops.avg_pool2d(x, 5, stride=3)                              # 5x5x768
         y = self.conv0(y, taps)                                              # 5x5x128
         y = self.conv1(y, taps)                                              # 1x1x768
-        y = kernels.global_avg_pool2d(y)                                     # 1x1x768
+        y = self.ops.global_avg_pool2d(y)                                    # 1x1x768
         y = self.fc(y.reshape(y.shape[0], -1), taps)                         # 1000
         return taps.record(self.name, y)

@@ -23,6 +23,7 @@ from . import kernels
 from .blocks import (
     BasicConv2d,
     Block,
+    Layer,
     InceptionA,
     InceptionAux,
     InceptionB,
@@ -40,11 +41,11 @@ MIN_SIZE = 75  # torchvision's Inception_V3_Weights meta: min_size (75, 75)
 DEFAULT_SEED = 0
 
 
-class Pool:
-    """A parameter-free stage: a pooling kernel with fixed settings."""
+class Pool(Layer):
+    """A parameter-free stage: a pooling kernel (by its name in the kernel set) with fixed settings."""
 
-    def __init__(self, name, fn, **settings):
-        self.name, self.fn, self.settings = name, fn, settings
+    def __init__(self, name, kernel, **settings):
+        self.name, self.kernel, self.settings = name, kernel, settings
 
     def parameter_shapes(self):
         return {}
@@ -56,22 +57,22 @@ class Pool:
         return []
 
     def __call__(self, x, taps):
-        return taps.record(self.name, self.fn(x, **self.settings))
+        return taps.record(self.name, getattr(self.ops, self.kernel)(x, **self.settings))
 
 
 class Inception3:
     """Inception v3 for inference. Build it with `pyincept.inception_v3(...)`."""
 
-    def __init__(self, num_classes=NUM_CLASSES):
+    def __init__(self, num_classes=NUM_CLASSES, fuse=True):
         # One stage per line, as in the paper's table; shapes for a 299x299x3 input.
         self.stages = [
             BasicConv2d("Conv2d_1a_3x3", 3, 32, 3, stride=2),           # 149x149x32
             BasicConv2d("Conv2d_2a_3x3", 32, 32, 3),                   # 147x147x32
             BasicConv2d("Conv2d_2b_3x3", 32, 64, 3, padding=1),        # 147x147x64
-            Pool("maxpool1", kernels.max_pool2d, kernel_size=3, stride=2),  # 73x73x64
+            Pool("maxpool1", "max_pool2d", kernel_size=3, stride=2),   # 73x73x64
             BasicConv2d("Conv2d_3b_1x1", 64, 80, 1),                   # 73x73x80
             BasicConv2d("Conv2d_4a_3x3", 80, 192, 3),                  # 71x71x192
-            Pool("maxpool2", kernels.max_pool2d, kernel_size=3, stride=2),  # 35x35x192
+            Pool("maxpool2", "max_pool2d", kernel_size=3, stride=2),   # 35x35x192
             InceptionA("Mixed_5b", 192, pool_features=32),             # 35x35x256
             InceptionA("Mixed_5c", 256, pool_features=64),             # 35x35x288
             InceptionA("Mixed_5d", 288, pool_features=64),             # 35x35x288
@@ -83,13 +84,30 @@ class Inception3:
             InceptionD("Mixed_7a", 768),                               # 8x8x1280
             InceptionE("Mixed_7b", 1280),                              # 8x8x2048
             InceptionE("Mixed_7c", 2048),                              # 8x8x2048
-            Pool("avgpool", kernels.global_avg_pool2d),                # 1x1x2048
+            Pool("avgpool", "global_avg_pool2d"),                      # 1x1x2048
             Linear("fc", 2048, num_classes),                           # 1000
         ]
         # The auxiliary head branches off Mixed_6e's output; run only when asked for.
         self.AuxLogits = InceptionAux("AuxLogits", 768, num_classes)   # 1000
         self.num_classes = num_classes
         self.meta = {}
+        self.ops = kernels
+        self.set_fuse(fuse)
+
+    def set_fuse(self, fuse):
+        """fuse=True: each module's 1x1 convs share one GEMM (blocks.Fused1x1); False: torchvision's order."""
+        for part in self.parts():
+            if isinstance(part, Block) and part.pointwise is not None:
+                part.pointwise.fused = bool(fuse)
+        return self
+
+    def to(self, device):
+        """Run on "cpu" or "cuda": weights move to the device once; later calls move only x and the outputs."""
+        ops = kernels.backend(device)
+        for part in self.parts():
+            part.use(ops)
+        self.ops = ops
+        return self
 
     # --- parameters ------------------------------------------------------------
 
@@ -111,7 +129,7 @@ class Inception3:
         for part in self.parts():
             part.load(params)
         self.meta = dict(meta or {})
-        return self
+        return self   # each layer moved its weights to the device it already runs on
 
     # --- names -----------------------------------------------------------------
 
@@ -143,7 +161,8 @@ class Inception3:
         for name in outputs:
             if name not in known:
                 raise PyinceptError(f"unknown layer {name!r}; `pyincept layers` lists the names")
-        taps = Taps(outputs)
+        taps = Taps(outputs, to_host=self.ops.to_host)
+        x = self.ops.to_device(x)
         stage_names = [s.name for s in self.stages]
         want_aux = any(n.split(".")[0] == "AuxLogits" for n in outputs)
         last = max(
@@ -157,6 +176,10 @@ class Inception3:
             if stage.name == "Mixed_6e" and want_aux:
                 self.AuxLogits(x, taps)
         return {name: taps.outputs[name] for name in outputs}
+
+    @property
+    def device(self):
+        return getattr(self.ops, "DEVICE", "cpu")
 
     def _check_input(self, x):
         if self.stages[0].weight is None:
@@ -196,14 +219,18 @@ def random_parameters(seed=DEFAULT_SEED, num_classes=NUM_CLASSES):
     return params
 
 
-def inception_v3(weights=None, seed=DEFAULT_SEED):
+def inception_v3(weights=None, seed=DEFAULT_SEED, device="cpu", fuse=True):
     """Build Inception v3.
 
     weights: None for a deterministic random init (`seed`), or the path of a pyincept
     weight file (`.npz`, made by `pyincept convert` or `pyincept weights fetch`).
+    device: "cpu", or "cuda" (needs an NVIDIA GPU and the `cuda` extra).
+    fuse: share one GEMM between each module's 1x1 convs (exact up to float rounding).
     """
-    model = Inception3()
+    model = Inception3(fuse=fuse)
     if weights is None:
-        return model.load_parameters(random_parameters(seed), source=f"random init (seed {seed})", meta={"random_seed": seed})
-    params, meta = load_weights(weights)
-    return model.load_parameters(params, source=str(weights), meta=meta)
+        model.load_parameters(random_parameters(seed), source=f"random init (seed {seed})", meta={"random_seed": seed})
+    else:
+        params, meta = load_weights(weights)
+        model.load_parameters(params, source=str(weights), meta=meta)
+    return model.to(device) if device != "cpu" else model

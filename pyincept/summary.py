@@ -111,7 +111,7 @@ def _leaf_row(layer, shape):
         kind, macs = "fc", layer.in_features * layer.out_features
     else:                                             # a Pool stage: comparisons and adds, no MACs
         k, stride = layer.settings.get("kernel_size"), layer.settings.get("stride", 1)
-        kind = layer.fn.__name__ + (f" {k}x{k}" if k else "") + (f"/{stride}" if stride != 1 else "")
+        kind = layer.kernel + (f" {k}x{k}" if k else "") + (f"/{stride}" if stride != 1 else "")
         macs = 0
     # Checkpoint keys minus BN running statistics = what torchvision calls parameters.
     params = sum(int(np.prod(s)) for key, s in layer.parameter_shapes().items() if ".running_" not in key)

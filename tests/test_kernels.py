@@ -126,11 +126,14 @@ def test_pool_stride_defaults_to_kernel_and_rejects_wide_padding():
         cpu.avg_pool2d(x, 3, 1, 2)
 
 
-def test_max_pool2d_propagates_nan_like_torch():
-    x = np.zeros((1, 4, 4, 1), np.float32)
-    x[0, 1, 1, 0] = np.nan
+@pytest.mark.parametrize("where", [(0, 0), (1, 1), (2, 3)])
+def test_max_pool2d_propagates_nan_like_torch(where):
+    """A NaN anywhere in a window, first or last, makes that output NaN."""
+    x = np.arange(16, dtype=np.float32).reshape(1, 4, 4, 1)
+    x[(0, *where, 0)] = np.nan
     expected = to_nhwc(F.max_pool2d(to_nchw(x), 2))
     np.testing.assert_array_equal(cpu.max_pool2d(x, 2), expected)
+    np.testing.assert_array_equal(ref.max_pool2d(x, 2), expected)
 
 
 @settings(max_examples=30, deadline=None)

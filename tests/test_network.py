@@ -56,6 +56,16 @@ def test_converted_checkpoint_reproduces_torchvision_logits(tv_inception, conver
     assert_within_bar(model(x), torchvision_logits(tv_inception, x))
 
 
+def test_unfused_torchvision_order_is_within_the_bar_too(tv_inception, converted):
+    """fuse=False runs each 1x1 conv on its own and pools before the pool branch's conv, as torchvision does."""
+    x = photo_batch()
+    expected = torchvision_logits(tv_inception, x)
+    unfused = pyincept.inception_v3(converted["zip"], fuse=False)(x)
+    assert_within_bar(unfused, expected)
+    fused = pyincept.inception_v3(converted["zip"])(x)
+    assert np.abs(fused - unfused).max() <= 1e-4 * np.abs(expected).max()
+
+
 def test_smallest_input_torchvision_allows(tv_inception, converted):
     x = photo_batch((75, 75))
     assert_within_bar(pyincept.inception_v3(converted["zip"])(x), torchvision_logits(tv_inception, x))

@@ -37,15 +37,18 @@ _jit_parallel = njit(**config.PARALLEL_JIT_OPTIONS)
 
 
 @_jit_parallel
-def _im2col(x, R, S, sh, sw, top, left, oh0, rows, OW, cols):
-    """cols[i*OW + ow, (r*S + s)*C + c] = x[ih, iw, c] for output rows oh0 + i, zero outside the image.
+def _im2col(x, R, S, sh, sw, top, left, OH, OW, g0, rows, cols):
+    """Unfold output rows g0 .. g0+rows-1 of the whole batch into cols (rows*OW, R*S*C).
 
-    x is ONE image (H, W, C); cols is (rows*OW, R*S*C): a tile of `rows` output rows.
-    Padding is never materialised: taps that fall outside the image write zeros instead.
+    Output row g is image n = g // OH, row oh = g % OH, so a tile may span images and
+    the GEMM after it sees many images' pixels at once (taller, faster matrices for
+    the 17x17 and 8x8 modules). cols[i*OW + ow, (r*S + s)*C + c] = x[n, ih, iw, c],
+    zero outside the image: padding is never materialised.
     """
-    H, W, C = x.shape
+    N, H, W, C = x.shape
     for i in prange(rows):
-        oh = oh0 + i
+        n = (g0 + i) // OH
+        oh = (g0 + i) % OH
         for ow in range(OW):
             row = i * OW + ow
             for r in range(R):
@@ -54,11 +57,9 @@ def _im2col(x, R, S, sh, sw, top, left, oh0, rows, OW, cols):
                     iw = ow * sw - left + s
                     base = (r * S + s) * C
                     if 0 <= ih < H and 0 <= iw < W:
-                        for c in range(C):
-                            cols[row, base + c] = x[ih, iw, c]
+                        cols[row, base : base + C] = x[n, ih, iw, :]
                     else:
-                        for c in range(C):
-                            cols[row, base + c] = 0.0
+                        cols[row, base : base + C] = 0.0
 
 
 @_jit_parallel
@@ -102,8 +103,9 @@ def conv2d(x, w, bias=None, stride=1, padding=0, relu=False, out=None):
 
     A 1x1 stride-1 convolution is already a matrix product over pixels, so it skips
     im2col: (N*H*W, C) @ (C, K). Anything else unfolds a tile of output rows at a time
-    into a scratch matrix reused across tiles and calls, which bounds the extra memory
-    (the unfolded patches are R*S times the input) to _SCRATCH_FLOATS.
+    (rows of several images when they fit) into a scratch matrix reused across tiles and
+    calls, which bounds the extra memory (the unfolded patches are R*S times the input)
+    to _SCRATCH_FLOATS.
     The GEMM writes straight into `out` when `out` is contiguous; the bias and ReLU
     then run in place.
     """
@@ -132,14 +134,16 @@ def conv2d(x, w, bias=None, stride=1, padding=0, relu=False, out=None):
     if (R, S, sh, sw, top, bottom, left, right) == (1, 1, 1, 1, 0, 0, 0, 0):
         np.matmul(x.reshape(N * H * W, C), wmat, out=acc.reshape(N * H * W, K))
     else:
-        rows_per_tile = max(1, min(OH, _SCRATCH_FLOATS // max(1, OW * R * S * C)))
+        # Tiles of whole output rows, counted across the batch (row g = image g // OH).
+        total_rows = N * OH
+        rows_per_tile = max(1, min(total_rows, _SCRATCH_FLOATS // max(1, OW * R * S * C)))
         cols = _scratch("cols", (rows_per_tile * OW, R * S * C))
-        for n in range(N):
-            for oh0 in range(0, OH, rows_per_tile):
-                rows = min(rows_per_tile, OH - oh0)
-                tile = cols[: rows * OW]                                # (rows*OW, R*S*C)
-                _im2col(x[n], R, S, sh, sw, top, left, oh0, rows, OW, tile)
-                np.matmul(tile, wmat, out=acc[n, oh0 : oh0 + rows].reshape(rows * OW, K))
+        acc_rows = acc.reshape(total_rows * OW, K)                     # (N*OH*OW, K)
+        for g0 in range(0, total_rows, rows_per_tile):
+            rows = min(rows_per_tile, total_rows - g0)
+            tile = cols[: rows * OW]                                    # (rows*OW, R*S*C)
+            _im2col(x, R, S, sh, sw, top, left, OH, OW, g0, rows, tile)
+            np.matmul(tile, wmat, out=acc_rows[g0 * OW : (g0 + rows) * OW])
     if bias is not None or relu or not direct:
         _bias_act(acc, bias if bias is not None else _zeros(K), relu, out)
     return out
@@ -170,7 +174,11 @@ def _zeros(K):
 
 @_jit_parallel
 def _pool(x, R, S, sh, sw, ph, pw, is_max, count_include_pad, out):
-    """Max or average pooling of x (N,H,W,C) into out (N,OH,OW,C); PyTorch's window rules."""
+    """Max or average pooling of x (N,H,W,C) into out (N,OH,OW,C); PyTorch's window rules.
+
+    The innermost loop runs over channels, which are contiguous in NHWC: each window
+    pixel updates a whole channel vector at once.
+    """
     N, H, W, C = x.shape
     _, OH, OW, _ = out.shape
     for job in prange(N * OH):
@@ -178,28 +186,30 @@ def _pool(x, R, S, sh, sw, ph, pw, is_max, count_include_pad, out):
         oh = job % OH
         h0 = oh * sh - ph
         h1 = min(h0 + R, H + ph)
+        a0, a1 = max(h0, 0), min(h1, H)
+        acc = np.empty(C, np.float32)
         for ow in range(OW):
             w0 = ow * sw - pw
             w1 = min(w0 + S, W + pw)
-            padded_area = (h1 - h0) * (w1 - w0)
-            a0, a1 = max(h0, 0), min(h1, H)
             b0, b1 = max(w0, 0), min(w1, W)
-            divisor = padded_area if count_include_pad else (a1 - a0) * (b1 - b0)
-            for c in range(C):
-                if is_max:
-                    acc = -np.inf
-                    for ih in range(a0, a1):
-                        for iw in range(b0, b1):
+            if is_max:
+                acc[:] = -np.inf
+                for ih in range(a0, a1):
+                    for iw in range(b0, b1):
+                        for c in range(C):
                             v = x[n, ih, iw, c]
-                            if v > acc or v != v:      # NaN propagates, as in torch
-                                acc = v
-                    out[n, oh, ow, c] = acc
-                else:
-                    total = 0.0
-                    for ih in range(a0, a1):
-                        for iw in range(b0, b1):
-                            total += x[n, ih, iw, c]
-                    out[n, oh, ow, c] = total / divisor
+                            if v > acc[c] or v != v:      # a NaN wins and stays, as in torch
+                                acc[c] = v
+            else:
+                acc[:] = 0.0
+                for ih in range(a0, a1):
+                    for iw in range(b0, b1):
+                        for c in range(C):
+                            acc[c] += x[n, ih, iw, c]
+                divisor = (h1 - h0) * (w1 - w0) if count_include_pad else (a1 - a0) * (b1 - b0)
+                for c in range(C):
+                    acc[c] /= divisor
+            out[n, oh, ow, :] = acc
 
 
 def max_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, out=None):
@@ -334,6 +344,24 @@ def softmax(x):
     out = np.empty_like(flat)
     _softmax(flat, out)
     return out.reshape(x.shape)
+
+
+# --- memory: the CPU's device is the host ---------------------------------------------
+
+
+def empty(shape):
+    """An uninitialised float32 activation buffer."""
+    return np.empty(shape, np.float32)
+
+
+def to_device(a):
+    """Weights or inputs onto this backend's memory: for the CPU, a contiguous float32 array."""
+    return np.ascontiguousarray(a, dtype=np.float32)
+
+
+def to_host(a):
+    """This backend's array as a NumPy array (the CPU's already is)."""
+    return a
 
 
 # --- argument checks --------------------------------------------------------------
