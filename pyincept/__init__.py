@@ -15,6 +15,8 @@ The public API:
     for result in pyincept.classify(["a.jpg", "b.png"], model, top=5):
         print(result.path, result.top or result.error)
     grid = pyincept.activation_grid(acts["Mixed_5b.branch_pool"], cols=4)   # uint8 picture
+    head, report = pyincept.retrain("photos/", model)    # a new softmax layer on the bottlenecks
+    pyincept.attach_head(model, head)                    # model(x) -> (N, K); model.labels
 
 Kernels (fast and reference) live in `pyincept.kernels`.
 """
@@ -24,6 +26,7 @@ from .inception_v3 import Inception3, inception_v3
 from .labels import imagenet_labels
 from .predict import Prediction, classify, find_images
 from .preprocess import ImageError, load_image, preprocess, preprocess_batch
+from .retrain import Head, attach_head, retrain
 from .visualize import activation_grid, save_grid
 from .weights import convert_checkpoint, load_weights, save_weights
 
@@ -39,6 +42,7 @@ def fetch_weights(*args, **kwargs):
 
 __all__ = [
     "CheckpointError",
+    "Head",
     "DownloadError",
     "ImageError",
     "Inception3",
@@ -46,6 +50,7 @@ __all__ = [
     "PyinceptError",
     "WeightsError",
     "activation_grid",
+    "attach_head",
     "classify",
     "convert_checkpoint",
     "fetch_weights",
@@ -56,6 +61,7 @@ __all__ = [
     "load_weights",
     "preprocess",
     "preprocess_batch",
+    "retrain",
     "save_grid",
     "save_weights",
 ]

@@ -1,6 +1,7 @@
 """The `pyincept` command line.
 
     pyincept classify PATH...            top-K ImageNet classes for images and folders
+    pyincept retrain DATA_DIR            train a new top layer on folders of images, one per class
     pyincept activations IMAGE --layer N a named layer's activations as a tiled PNG
     pyincept layers                      every named layer: output shape, parameters, MACs
     pyincept convert SRC.pth DST.npz     torchvision checkpoint -> pyincept weight file
@@ -10,7 +11,8 @@
 Expected failures (bad files, no network, wrong shapes) print one line,
 `pyincept: error: ...`, and exit 1; usage errors exit 2 (argparse). No traceback
 is shown for either. `classify` reports each unreadable input and still answers
-for every other one; its exit status is 1 when any input failed.
+for every other one; its exit status is 1 when any input failed. `retrain` skips
+unreadable images, names them, and trains on the rest.
 """
 
 import argparse
@@ -46,9 +48,17 @@ def _cmd_classify(args):
     paths = find_images(args.paths)
     if not paths:
         raise PyinceptError("no images found in " + ", ".join(args.paths))
+    head = _load_head(args.head) if args.head else None       # a bad head file fails before any work
     model = load_model(args.weights)
+    options = {}
+    if head is not None:
+        from .retrain import attach_head
+
+        _warn_if_other_weights(head, model, args.head)
+        attach_head(model, head)
+        options = {"labels": head.labels, "preprocessing": head.meta.get("preprocessing")}
     failed = 0
-    for result in classify(paths, model, top=args.top, batch_size=args.batch_size, progress=not args.quiet):
+    for result in classify(paths, model, top=args.top, batch_size=args.batch_size, progress=not args.quiet, **options):
         failed += result.error is not None
         if args.json:
             print(json.dumps(result.to_json()), flush=True)
@@ -62,6 +72,56 @@ def _cmd_classify(args):
     if failed:
         print(f"pyincept: {failed} of {len(paths)} input(s) failed", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _load_head(path):
+    from .retrain import Head
+
+    return Head.load(path)
+
+
+def _warn_if_other_weights(head, model, path):
+    """A head only means something on the features it was trained on: say so when the weights differ."""
+    from .retrain import weights_identity
+
+    trained_on, these = (head.meta.get("weights") or {}).get("identity"), weights_identity(model)
+    if trained_on and these and trained_on != these:
+        print(f"pyincept: warning: {path} was trained on features of weights {trained_on}, "
+              f"not these ({these}); its answers will not mean much", file=sys.stderr)
+
+
+def _cmd_retrain(args):
+    from tqdm import tqdm
+
+    from .retrain import find_dataset, format_confusion_matrix, retrain, weights_identity
+    from .weights import sha256_file
+
+    find_dataset(args.data_dir)                      # a bad folder fails before the network loads
+    model = load_model(args.weights)
+    weights_file = args.weights or os.environ.get("PYINCEPT_WEIGHTS")
+    weights_id = weights_identity(model)
+    if weights_id is None and weights_file:          # a weight file whose metadata names no source
+        weights_id = "npz-sha256:" + sha256_file(weights_file)
+    head, report = retrain(
+        args.data_dir, model, epochs=args.epochs, learning_rate=args.learning_rate, batch_size=args.batch_size,
+        optimizer=args.optimizer, l2=args.l2, validation_fraction=args.validation_fraction,
+        test_fraction=args.test_fraction, seed=args.seed, augment=args.augment, views=args.views,
+        cache_dir=args.cache, weights_id=weights_id, weights_file=weights_file and os.path.basename(weights_file),
+        progress=not args.quiet, log=lambda line: tqdm.write(line, file=sys.stdout))
+    for skipped in report["skipped"]:
+        print(f"pyincept: skipped {skipped['error']}", file=sys.stderr)
+    split = report["split"]
+    if report["test_accuracy"] is None:
+        print("test accuracy: no images held out for testing (--test-fraction 0)")
+    else:
+        print(f"test accuracy {report['test_accuracy']:.1%} on {split['test']} image(s) (loss {report['test_loss']:.4f})")
+        print("confusion matrix (rows: true class, columns: predicted class):")
+        print(format_confusion_matrix(report["confusion_matrix"], head.labels))
+    head.save(args.out)
+    augmented = f" + {split['augmented_train_features']} augmented views" if args.augment else ""
+    print(f"{args.out}: {len(head.labels)} classes ({', '.join(head.labels)}), trained on {split['train']} image(s)"
+          f"{augmented}; bottlenecks computed {report['bottlenecks_computed']}, cached {report['bottlenecks_cached']}")
+    return 0
 
 
 def _cmd_activations(args):
@@ -135,7 +195,26 @@ def build_parser():
     c.add_argument("--json", action="store_true", help="JSON Lines on stdout: one object per input")
     c.add_argument("--batch-size", type=_positive, default=8, metavar="N", help="images per forward pass (default 8)")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
+    c.add_argument("--head", metavar="FILE", help="a retrained top layer (.npz from `pyincept retrain`): its classes replace ImageNet's")
     c.set_defaults(run=_cmd_classify)
+
+    r = sub.add_parser("retrain", help="train a new top layer (softmax on the 2048-d bottleneck) on folders of images, one per class")
+    r.add_argument("data_dir", metavar="DATA_DIR", help="one sub-folder of images per class; the folder names are the labels")
+    r.add_argument("--out", default="head.npz", metavar="FILE", help="head file to write (default head.npz)")
+    r.add_argument("--weights", metavar="FILE", help="pyincept .npz (default: $PYINCEPT_WEIGHTS, else the fetched weights)")
+    r.add_argument("--epochs", type=_positive, default=50, metavar="N", help="passes over the training set; L-BFGS: iterations (default 50)")
+    r.add_argument("--learning-rate", type=_positive_float, metavar="LR", help="step size (default 0.001; unused by lbfgs)")
+    r.add_argument("--batch-size", type=_positive, default=32, metavar="N", help="examples per sgd/adam step (default 32)")
+    r.add_argument("--optimizer", choices=("sgd", "adam", "lbfgs"), default="sgd", help="sgd with momentum, adam, or scipy's L-BFGS-B (default sgd)")
+    r.add_argument("--l2", type=_non_negative_float, default=0.01, metavar="L", help="L2 penalty on the weights (default 0.01)")
+    r.add_argument("--validation-fraction", type=_fraction, default=0.1, metavar="F", help="share of each class held out for validation (default 0.1)")
+    r.add_argument("--test-fraction", type=_fraction, default=0.1, metavar="F", help="share of each class held out for the final test (default 0.1)")
+    r.add_argument("--seed", type=_integer, default=0, metavar="S", help="seeds the split, the batch order and the augmentation (default 0)")
+    r.add_argument("--augment", action="store_true", help="add random crops and horizontal flips of each training image")
+    r.add_argument("--views", type=_positive, default=3, metavar="N", help="augmented views per training image with --augment (default 3)")
+    r.add_argument("--cache", metavar="DIR", help="bottleneck cache folder (default: the cache folder's bottlenecks/)")
+    r.add_argument("--quiet", action="store_true", help="no progress bars")
+    r.set_defaults(run=_cmd_retrain)
 
     a = sub.add_parser("activations", help="a named layer's activations for one image, as a tiled PNG")
     a.add_argument("image", metavar="IMAGE")
@@ -182,6 +261,37 @@ def _non_negative(text):
     value = _integer(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def _positive_float(text):
+    value = _float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {value}")
+    return value
+
+
+def _non_negative_float(text):
+    value = _float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def _fraction(text):
+    value = _float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 0 and below 1, got {value}")
+    return value
+
+
+def _float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
     return value
 
 

@@ -11,7 +11,7 @@ takes seconds where a forward pass takes a fifth of a second per image.
 
     head, report = pyincept.retrain("photos/", model, epochs=50, optimizer="adam")
     head.save("head.npz")
-    pyincept.attach_head(model, Head.load("head.npz"))      # model(x) -> (N, K) logits
+    pyincept.attach_head(model, pyincept.Head.load("head.npz"))   # model(x) -> (N, K) logits
 
 The data folder holds one sub-folder per class; the folder names, sorted, are the labels.
 
@@ -113,7 +113,9 @@ class Head:
         if set(arrays) != _HEAD_KEYS:
             found = ", ".join(sorted(arrays)[:5]) or "nothing"
             raise PyinceptError(f"{path}: not a head file (expected arrays {', '.join(sorted(_HEAD_KEYS))}; found {found})")
-        version = int(arrays["__format_version__"])
+        version = arrays["__format_version__"]
+        if version.shape != () or version.dtype.kind not in "iu":
+            raise PyinceptError(f"{path}: not a head file (__format_version__ is not an integer)")
         if version != HEAD_FORMAT_VERSION:
             raise PyinceptError(f"{path}: head format {version}, this pyincept reads format {HEAD_FORMAT_VERSION}")
         weight, bias, labels = arrays["weight"], arrays["bias"], arrays["labels"]

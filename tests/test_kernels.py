@@ -221,3 +221,20 @@ def test_conv2d_tiles_large_inputs_through_bounded_scratch(monkeypatch):
     tiled = cpu.conv2d(x, w, b, 1, 1, relu=True)
     close(tiled, whole)
     close(tiled, ref.conv2d(x, w, b, 1, 1, relu=True))
+
+
+def test_arena_recycles_only_dead_buffers():
+    arena = cpu.Arena(min_bytes=0)
+    a = arena.empty((2, 3, 4, 5))
+    a_ptr = a.__array_interface__["data"][0]
+    view = a[..., 1:3][0]                                # views of views keep the loan alive
+    flat = a.reshape(-1)
+    del a
+    b = arena.empty((2, 3, 4, 5))
+    assert b.__array_interface__["data"][0] != a_ptr     # still referenced through `view`
+    del view
+    assert arena.empty((2, 3, 4, 5)).__array_interface__["data"][0] != a_ptr   # and `flat`
+    del flat
+    c = arena.empty((4, 30))                              # same size, other shape: reused
+    assert c.__array_interface__["data"][0] == a_ptr
+    assert not np.shares_memory(b, c) and c.flags.c_contiguous and c.flags.writeable

@@ -17,6 +17,7 @@ What this is not: a general tensor library. Only float32, only what Inception ne
 """
 
 import threading
+import weakref
 
 import numba
 import numpy as np
@@ -349,9 +350,63 @@ def softmax(x):
 # --- memory: the CPU's device is the host ---------------------------------------------
 
 
+class Arena:
+    """Recycles activation buffers between forward passes.
+
+    Why: glibc hands every allocation over 32 MB to mmap and returns it to the kernel
+    on free, so a fresh batch-8 stem activation is page-faulted and zeroed on every
+    call. Here a buffer whose array has died goes on a free list keyed by its size,
+    and the next request of that size (the same layer, next call) takes it back.
+
+    Liveness is Python's own. Each array handed out is built on a fresh `_Lease` object
+    (through the array interface), so it and every view of it (a channel slice, a
+    reshape) keep that lease alive; `weakref.finalize` fires when the last of them is
+    gone. Nothing still in use is ever reused, and the arena holds at most the largest
+    set of buffers that were alive at once, per size.
+    """
+
+    def __init__(self, min_bytes=1 << 20):
+        self.min_bytes = min_bytes          # small arrays: malloc's free lists are fine
+        self.free = {}                      # nbytes -> [flat float32 buffers]
+        self.lock = threading.Lock()
+
+    def empty(self, shape):
+        size = int(np.prod(shape))
+        if size * 4 < self.min_bytes:
+            return np.empty(shape, np.float32)
+        with self.lock:
+            spare = self.free.get(size)
+            base = spare.pop() if spare else None
+        if base is None:
+            base = np.empty(size, np.float32)
+        lease = _Lease(base, shape)
+        weakref.finalize(lease, self._release, base)
+        return np.asarray(lease)
+
+    def _release(self, base):
+        with self.lock:
+            self.free.setdefault(base.size, []).append(base)
+
+    def clear(self):
+        """Give every spare buffer back to the allocator."""
+        with self.lock:
+            self.free.clear()
+
+
+class _Lease:
+    """One loan of an arena buffer: the object every array and view of this loan points to."""
+
+    def __init__(self, base, shape):
+        self.base = base
+        self.__array_interface__ = dict(base.__array_interface__, shape=tuple(shape), strides=None)
+
+
+ARENA = Arena()
+
+
 def empty(shape):
-    """An uninitialised float32 activation buffer."""
-    return np.empty(shape, np.float32)
+    """An uninitialised float32 activation buffer (recycled through ARENA when large)."""
+    return ARENA.empty(shape)
 
 
 def to_device(a):
@@ -382,7 +437,7 @@ def _check_nhwc(x, name, contiguous=True):
 
 def _output(out, shape):
     if out is None:
-        return np.empty(shape, np.float32)
+        return empty(shape)
     if out.shape != shape or out.dtype != np.float32:
         raise ValueError(f"out must be float32 {shape}, got {out.dtype} {out.shape}")
     return out
