@@ -23,6 +23,7 @@ Kernels (fast and reference) live in `pyincept.kernels`.
 
 from .errors import CheckpointError, DownloadError, PyinceptError, WeightsError
 from .inception_v3 import Inception3, inception_v3
+from .kernels.cpu import set_num_threads
 from .labels import imagenet_labels
 from .predict import Prediction, classify, find_images
 from .preprocess import ImageError, load_image, preprocess, preprocess_batch
@@ -64,4 +65,5 @@ __all__ = [
     "retrain",
     "save_grid",
     "save_weights",
+    "set_num_threads",
 ]

@@ -25,8 +25,8 @@ from .errors import PyinceptError, WeightsError
 RANDOM_WEIGHTS = "random"
 
 
-def load_model(weights_arg):
-    """The model for --weights FILE, else $PYINCEPT_WEIGHTS, else the fetched cache.
+def load_model(weights_arg, device="cpu"):
+    """The model for --weights FILE, else $PYINCEPT_WEIGHTS, else the fetched cache, on `device`.
 
     `--weights random` is the seeded random init: for study, not for answers.
     """
@@ -39,7 +39,7 @@ def load_model(weights_arg):
             "no weights: run `pyincept weights fetch` (needs the internet), or pass --weights FILE.npz "
             "or set PYINCEPT_WEIGHTS (make the file with `pyincept convert inception_v3_google-0cc3c7bd.pth FILE.npz`)"
         )
-    return inception_v3(None if str(path) == RANDOM_WEIGHTS else path)
+    return inception_v3(None if str(path) == RANDOM_WEIGHTS else path, device=device)
 
 
 def _cmd_classify(args):
@@ -49,7 +49,7 @@ def _cmd_classify(args):
     if not paths:
         raise PyinceptError("no images found in " + ", ".join(args.paths))
     head = _load_head(args.head) if args.head else None       # a bad head file fails before any work
-    model = load_model(args.weights)
+    model = load_model(args.weights, args.device)
     options = {}
     if head is not None:
         from .retrain import attach_head
@@ -129,7 +129,7 @@ def _cmd_activations(args):
     from .preprocess import load_image, preprocess
     from .visualize import activation_grid, save_grid
 
-    model = load_model(args.weights)
+    model = load_model(args.weights, args.device)
     if args.layer not in model.layer_names():
         raise PyinceptError(f"unknown layer {args.layer!r}; `pyincept layers` lists the names")
     x = preprocess(load_image(args.image), **preprocessing_for(model))[None]
@@ -196,6 +196,7 @@ def build_parser():
     c.add_argument("--batch-size", type=_positive, default=8, metavar="N", help="images per forward pass (default 8)")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     c.add_argument("--head", metavar="FILE", help="a retrained top layer (.npz from `pyincept retrain`): its classes replace ImageNet's")
+    c.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the network runs (cuda: the `cuda` extra and an NVIDIA GPU)")
     c.set_defaults(run=_cmd_classify)
 
     r = sub.add_parser("retrain", help="train a new top layer (softmax on the 2048-d bottleneck) on folders of images, one per class")
@@ -224,6 +225,7 @@ def build_parser():
     a.add_argument("--cols", type=_positive, default=4, metavar="C", help="tiles per row (default 4)")
     a.add_argument("--pad", type=_non_negative, default=1, metavar="P", help="pixels between tiles (default 1)")
     a.add_argument("--scale", type=_positive, default=1, metavar="S", help="upsample the grid S times (default 1)")
+    a.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the network runs")
     a.set_defaults(run=_cmd_activations)
 
     lay = sub.add_parser("layers", help="every named layer: output shape, parameters and multiply-accumulates")

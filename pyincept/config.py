@@ -4,7 +4,8 @@ Model code reads nothing from the environment itself; it asks this module.
 
 Environment variables
 ---------------------
-PYINCEPT_NUM_THREADS   threads for Numba kernels and BLAS (default: all cores)
+PYINCEPT_NUM_THREADS   threads for Numba kernels and BLAS (default: all cores;
+                       from Python: pyincept.set_num_threads(n))
 PYINCEPT_CACHE         folder for downloaded and converted weights
                        (default: the platform's user cache folder, e.g. ~/.cache/pyincept)
 PYINCEPT_WEIGHTS       a converted .npz to use when no --weights is given
@@ -24,17 +25,19 @@ JIT_OPTIONS = {"cache": True, "nogil": True, "fastmath": False, "error_model": "
 PARALLEL_JIT_OPTIONS = {**JIT_OPTIONS, "parallel": True}
 
 
-def num_threads():
-    """Threads to use, from PYINCEPT_NUM_THREADS, else every core."""
+def threads_from_environment():
+    """PYINCEPT_NUM_THREADS as a positive int, or None when unset or not a positive number."""
     value = os.environ.get("PYINCEPT_NUM_THREADS", "").strip()
-    if value:
-        try:
-            n = int(value)
-        except ValueError:
-            n = 0
-        if n >= 1:
-            return n
-    return os.cpu_count() or 1
+    try:
+        n = int(value)
+    except ValueError:
+        return None
+    return n if n >= 1 else None
+
+
+def num_threads():
+    """Threads to use: PYINCEPT_NUM_THREADS, else every core."""
+    return threads_from_environment() or os.cpu_count() or 1
 
 
 # --- Published weights ---------------------------------------------------------

@@ -140,7 +140,8 @@ def attach_head(model, head):
     D, K = head.weight.shape
     if D != fc.in_features:
         raise PyinceptError(f"the head takes {D} features; this model's bottleneck has {fc.in_features}")
-    fc.weight, fc.bias = head.weight, head.bias
+    fc.host = (np.ascontiguousarray(head.weight, np.float32), np.ascontiguousarray(head.bias, np.float32))
+    fc.use(fc.ops)                                   # onto the device the model runs on
     fc.out_features = model.num_classes = K
     model.labels = head.labels
     return model

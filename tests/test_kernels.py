@@ -238,3 +238,21 @@ def test_arena_recycles_only_dead_buffers():
     c = arena.empty((4, 30))                              # same size, other shape: reused
     assert c.__array_interface__["data"][0] == a_ptr
     assert not np.shares_memory(b, c) and c.flags.c_contiguous and c.flags.writeable
+
+
+def test_thread_count_from_environment_reaches_numba_and_blas():
+    import subprocess
+    import sys
+
+    code = (
+        "import numba, threadpoolctl, pyincept\n"
+        "blas = [p['num_threads'] for p in threadpoolctl.threadpool_info() if p['user_api'] == 'blas']\n"
+        "print(numba.get_num_threads(), blas)\n"
+        "pyincept.set_num_threads(1)\n"
+        "blas = [p['num_threads'] for p in threadpoolctl.threadpool_info() if p['user_api'] == 'blas']\n"
+        "print(numba.get_num_threads(), blas)\n"
+    )
+    env = dict(__import__("os").environ, PYINCEPT_NUM_THREADS="2")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout.split("\n")
+    assert out[0] == "2 [2]"            # numba threads, then each BLAS pool's threads
+    assert out[1] == "1 [1]"

@@ -28,7 +28,28 @@ from .geometry import conv_output_size, pad4, pair, pool_output_size
 
 # Chosen once, before any parallel kernel runs (see config.THREADING_LAYER for why).
 numba.config.THREADING_LAYER = config.THREADING_LAYER
-numba.set_num_threads(min(config.num_threads(), numba.config.NUMBA_NUM_THREADS))
+
+
+def set_num_threads(n):
+    """Threads for the Numba kernels and for the BLAS that runs the GEMMs.
+
+    There is one BLAS pool: NumPy's OpenBLAS, called from Python between kernels (no
+    Numba kernel calls np.dot, which would wake SciPy's separate OpenBLAS). Numba's
+    workqueue threads sleep while BLAS runs and vice versa, so n + n threads never
+    compete for n cores at once.
+    """
+    from threadpoolctl import threadpool_limits
+
+    n = max(1, min(int(n), numba.config.NUMBA_NUM_THREADS))
+    numba.set_num_threads(n)
+    threadpool_limits(n, user_api="blas")
+    return n
+
+
+if config.threads_from_environment() is not None:
+    set_num_threads(config.threads_from_environment())
+else:
+    numba.set_num_threads(min(config.num_threads(), numba.config.NUMBA_NUM_THREADS))
 
 _jit = njit(**config.JIT_OPTIONS)
 _jit_parallel = njit(**config.PARALLEL_JIT_OPTIONS)

@@ -1,0 +1,597 @@
+"""The CUDA kernels: numba.cuda twins of `cpu.py`, with the same names, signatures and numbers.
+
+Everything `cpu.py` does, done on an NVIDIA GPU: im2col, a tiled shared-memory GEMM
+whose epilogue adds the bias and applies ReLU, pooling with PyTorch's window rules,
+global average pool, concatenation, linear, ReLU and softmax. Activations stay on the
+device between layers; only the input goes up (`to_device`) and requested outputs come
+back (`to_host`). The readable twins are still the plain-NumPy functions in
+`reference.py`; the tests hold this file to `cpu.py` under Numba's CUDA simulator.
+
+What this is not: a cuBLAS/cuDNN binding or a general GPU array library. The GEMM is
+a textbook register-tiled kernel, about an order of magnitude short of cuBLAS, kept
+small enough to read; only float32 and only what Inception needs.
+
+The GPU is optional. This module is imported only by `kernels.backend("cuda")`, and it
+imports cleanly without numba-cuda or without a GPU; `check_available()` then raises a
+one-line `PyinceptError` that says what is missing. Kernel bodies are compiled on
+first launch, never at import.
+
+Shape legend
+------------
+N  batch            H, W   input height and width     C  input channels
+K  output channels  R, S   kernel height and width    OH, OW  output height, width
+M  GEMM rows (output pixels, N*OH*OW)                 D  GEMM depth (R*S*C)
+Layout is NHWC everywhere: x[n, h, w, c]. Convolution weights are HWIO: w[r, s, c, k].
+
+Every kernel indexes its arrays through their strides, so an input or an output may be
+a channel slice `buf[..., k0:k1]` of a larger activation: that is how a branch writes
+straight into its module's concatenated output.
+"""
+
+import math
+import threading
+
+import numpy as np
+
+from .. import config
+from ..errors import PyinceptError
+from .geometry import conv_output_size, pad4, pair, pool_output_size
+
+DEVICE = "cuda"
+
+# --- is there a CUDA target at all? --------------------------------------------------
+# numba's own `numba.cuda` is deprecated in favour of NVIDIA's numba-cuda package, which
+# takes the `numba.cuda` name over when installed (implementation == "NVIDIA").
+try:
+    from numba import cuda
+except Exception as error:  # ImportError, or numba-cuda refusing without cuda-bindings
+    cuda = None
+    _IMPORT_PROBLEM = " ".join(str(error).split()) or type(error).__name__
+else:
+    _IMPORT_PROBLEM = None
+
+_INSTALL = 'pip install "pyincept[cuda]"'
+
+
+def _simulating():
+    """True under Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1 before numba.cuda's import)."""
+    try:
+        from numba.cuda.core import config as cuda_config      # numba-cuda's own copy
+    except ImportError:
+        from numba.core import config as cuda_config
+    return bool(getattr(cuda_config, "ENABLE_CUDASIM", False))
+
+
+def _why_unavailable():
+    """None when kernels can run here; otherwise one line saying what is missing."""
+    if cuda is None:
+        return f"device 'cuda' needs the numba-cuda package ({_IMPORT_PROBLEM}): {_INSTALL}"
+    if getattr(cuda, "implementation", "") != "NVIDIA":
+        return f"device 'cuda' needs the numba-cuda package (numba's built-in CUDA target is deprecated): {_INSTALL}"
+    if _simulating():
+        return None                                  # Python runs every thread: slow, but exact
+    problem = cuda.cuda_error()
+    if problem:
+        return f"device 'cuda' found no usable NVIDIA GPU or driver: {' '.join(str(problem).split())}"
+    if len(cuda.gpus) == 0:
+        return "device 'cuda' found no NVIDIA GPU (is CUDA_VISIBLE_DEVICES hiding it?)"
+    from numba.cuda.cudadrv import nvvm
+
+    if not nvvm.is_available():
+        return f"device 'cuda' found a GPU but not the CUDA compiler (NVVM) Numba needs: {_INSTALL}"
+    return None
+
+
+def check_available():
+    """Raise a one-line PyinceptError unless these kernels can run (a GPU, or the simulator)."""
+    problem = _why_unavailable()
+    if problem is not None:
+        raise PyinceptError(problem)
+
+
+def _unavailable_jit(**options):
+    """Stand-in decorator when numba.cuda is missing: the body is kept, never compiled."""
+    return lambda function: function
+
+
+_jit = cuda.jit(**config.CUDA_JIT_OPTIONS) if cuda is not None else _unavailable_jit()
+
+# Elementwise kernels: one thread per output element, in grid-stride loops so a capped
+# grid still covers any size. 128 threads a block keeps several blocks per SM resident.
+_THREADS = 128
+_MAX_BLOCKS = 4096
+
+
+def _blocks(total):
+    return max(1, min(_MAX_BLOCKS, -(-total // _THREADS)))
+
+
+# --- GEMM with the conv epilogue -------------------------------------------------------
+# C = A @ B for A (M, D) and B (D, K), tiled: a block of 16 x 16 threads owns a
+# 64 x 64 tile of C. It walks D in steps of 16; at each step the block copies a
+# 64 x 16 slab of A and a 16 x 64 slab of B into shared memory (every thread fetches 4
+# of each, neighbouring threads neighbouring addresses, so global reads coalesce), then
+# every thread multiplies them into its 4 x 4 accumulators, kept in registers. Each
+# value fetched from global memory is thus reused 64 times from shared memory, and each
+# shared read 4 times from registers: that reuse is what makes a GEMM compute-bound.
+# Thread (ty, tx) owns rows ty + 16*i and columns tx + 16*j (i, j < 4), so the 16
+# threads of a half-warp write 16 consecutive channels of the output.
+_TILE = 64          # edge of the C tile one block computes
+_STEP = 16          # depth of one shared-memory slab
+_SIDE = 16          # threads per side of a block (16 x 16 = 256)
+_PER = _TILE // _SIDE   # 4: each thread's accumulators per side
+
+
+@_jit
+def _gemm_bias_act(a, b, bias, relu, out, m0):
+    """out[pixel m0 + m, k] = act(sum_d a[m, d] * b[d, k] + bias[k]) for a (M, D), b (D, K).
+
+    out is (N, OH, OW, K), possibly a channel slice: GEMM row g = m0 + m is output pixel
+    (n, oh, ow) = (g // (OH*OW), g // OW % OH, g % OW). Writing the result straight
+    there, bias and ReLU applied on the way, means no accumulator buffer, no second pass
+    over the output, and no concatenation afterwards.
+    """
+    M, D = a.shape
+    K = b.shape[1]
+    OH, OW = out.shape[1], out.shape[2]
+    a_slab = cuda.shared.array((_TILE, _STEP), np.float32)
+    b_slab = cuda.shared.array((_STEP, _TILE), np.float32)
+    acc = cuda.local.array((_PER, _PER), np.float32)
+    a_col = cuda.local.array(_PER, np.float32)
+    b_row = cuda.local.array(_PER, np.float32)
+    tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
+    row0 = cuda.blockIdx.x * _TILE
+    col0 = cuda.blockIdx.y * _TILE
+    for i in range(_PER):
+        for j in range(_PER):
+            acc[i, j] = 0.0
+
+    for d0 in range(0, D, _STEP):
+        # Stage one slab of A and one of B; zeros past the edges keep the sums exact.
+        for i in range(_PER):
+            m, d = row0 + ty + _SIDE * i, d0 + tx
+            a_slab[ty + _SIDE * i, tx] = a[m, d] if m < M and d < D else 0.0
+            d, k = d0 + ty, col0 + tx + _SIDE * i
+            b_slab[ty, tx + _SIDE * i] = b[d, k] if d < D and k < K else 0.0
+        cuda.syncthreads()
+        for d in range(_STEP):
+            for i in range(_PER):
+                a_col[i] = a_slab[ty + _SIDE * i, d]
+            for j in range(_PER):
+                b_row[j] = b_slab[d, tx + _SIDE * j]
+            for i in range(_PER):
+                for j in range(_PER):
+                    acc[i, j] += a_col[i] * b_row[j]
+        cuda.syncthreads()                      # nobody overwrites a slab still being read
+
+    for i in range(_PER):
+        m = row0 + ty + _SIDE * i
+        if m < M:
+            g = m0 + m
+            n, oh, ow = g // (OH * OW), g // OW % OH, g % OW
+            for j in range(_PER):
+                k = col0 + tx + _SIDE * j
+                if k < K:
+                    v = acc[i, j] + bias[k]
+                    if relu and v < 0.0:
+                        v = 0.0
+                    out[n, oh, ow, k] = v
+
+
+def _gemm(a, b, bias, relu, out, m0=0):
+    """Launch the GEMM for a (M, D) @ b (D, K) into out's pixels m0 .. m0+M-1."""
+    M, K = a.shape[0], b.shape[1]
+    if M == 0 or K == 0:
+        return
+    grid = (-(-M // _TILE), -(-K // _TILE))          # rows on x: 2^31 blocks, never runs out
+    _gemm_bias_act[grid, (_SIDE, _SIDE)](a, b, bias, bool(relu), out, m0)
+
+
+# --- convolution -------------------------------------------------------------------------
+
+
+@_jit
+def _im2col(x, R, S, sh, sw, top, left, OH, OW, g0, cols):
+    """Unfold output rows g0 .. g0+rows-1 of the batch into cols (rows*OW, R*S*C).
+
+    Row g is image g // OH, output row g % OH; cols[i*OW + ow, (r*S + s)*C + c] =
+    x[n, ih, iw, c], zero outside the image. One thread per element of cols, channel
+    fastest, so reads and writes both walk memory in order.
+    """
+    N, H, W, C = x.shape
+    P, D = cols.shape
+    for e in range(cuda.grid(1), P * D, cuda.gridsize(1)):
+        p, col = e // D, e % D
+        rs, c = col // C, col % C
+        r, s = rs // S, rs % S
+        g, ow = g0 + p // OW, p % OW
+        n, oh = g // OH, g % OH
+        ih = oh * sh - top + r
+        iw = ow * sw - left + s
+        if 0 <= ih < H and 0 <= iw < W:
+            cols[p, col] = x[n, ih, iw, c]
+        else:
+            cols[p, col] = 0.0                   # padding is never materialised in x
+
+
+def conv2d(x, w, bias=None, stride=1, padding=0, relu=False, out=None):
+    """Convolution as im2col + GEMM. x (N,H,W,C), w (R,S,C,K), bias (K,) -> (N,OH,OW,K).
+
+    padding: an int, (pad_h, pad_w) or per side (top, bottom, left, right).
+    relu: apply max(0, .) after the bias (the folded BasicConv2d epilogue).
+    out: optional (N,OH,OW,K) device array to write into, e.g. a channel slice of a
+         concat buffer.
+
+    A contiguous 1x1 stride-1 convolution is already a matrix product over pixels and
+    goes straight to the GEMM. Anything else is unfolded a tile of output rows at a time
+    into a per-thread scratch matrix reused across tiles and calls (at most
+    config.CUDA_SCRATCH_FLOATS floats). The GEMM writes bias + ReLU straight into `out`.
+    """
+    x = _check_nhwc(x, "x")
+    w = _contiguous(_as_device(w))
+    if w.ndim != 4 or w.shape[2] != x.shape[3]:
+        raise ValueError(f"weights must be (R, S, C={x.shape[3]}, K), got {w.shape}")
+    R, S, C, K = w.shape
+    sh, sw = pair(stride)
+    top, bottom, left, right = pad4(padding)
+    N, H, W, _ = x.shape
+    OH = conv_output_size(H, R, sh, top, bottom)
+    OW = conv_output_size(W, S, sw, left, right)
+    if OH < 1 or OW < 1:
+        raise ValueError(f"input {H}x{W} is smaller than kernel {R}x{S} with padding {(top, bottom, left, right)}")
+    bias = _zeros(K) if bias is None else _as_device(bias)
+    if bias.shape != (K,):
+        raise ValueError(f"bias must be ({K},), got {bias.shape}")
+    out = _output(out, (N, OH, OW, K))
+    wmat = w.reshape(R * S * C, K)                                     # (D, K)
+
+    if (R, S, sh, sw, top, bottom, left, right) == (1, 1, 1, 1, 0, 0, 0, 0) and x.is_c_contiguous():
+        _gemm(x.reshape(N * H * W, C), wmat, bias, relu, out)
+        return out
+    # Tiles of whole output rows, counted across the batch (row g = image g // OH).
+    total_rows = N * OH
+    D = R * S * C
+    rows_per_tile = max(1, min(total_rows, config.CUDA_SCRATCH_FLOATS // max(1, OW * D)))
+    cols = _scratch((rows_per_tile * OW, D))
+    for g0 in range(0, total_rows, rows_per_tile):
+        rows = min(rows_per_tile, total_rows - g0)
+        tile = cols[: rows * OW]                                        # (rows*OW, D)
+        _im2col[_blocks(rows * OW * D), _THREADS](x, R, S, sh, sw, top, left, OH, OW, g0, tile)
+        _gemm(tile, wmat, bias, relu, out, g0 * OW)     # kernels on one stream run in order
+    return out
+
+
+_buffers = threading.local()   # per thread: concurrent forward passes never share scratch
+
+
+def _scratch(shape):
+    """A reusable (rows, D) float32 device matrix, one per thread (grown, never shrunk)."""
+    size = shape[0] * shape[1]
+    buf = getattr(_buffers, "cols", None)
+    if buf is None or buf.size < size:
+        buf = _buffers.cols = _allocate((size,))
+    return buf[:size].reshape(shape)
+
+
+_zero_vectors = {}
+
+
+def _zeros(K):
+    """A cached device vector of K zeros: the bias of a conv that has none."""
+    if K not in _zero_vectors:
+        _zero_vectors[K] = to_device(np.zeros(K, np.float32))
+    return _zero_vectors[K]
+
+
+# --- the epilogue on its own ------------------------------------------------------------
+
+
+@_jit
+def _bias_act(x, bias, relu, out):
+    """out[n, h, w, k] = max(0, x[n, h, w, k] + bias[k]); either may be a channel slice."""
+    N, H, W, K = out.shape
+    for e in range(cuda.grid(1), N * H * W * K, cuda.gridsize(1)):
+        k, p = e % K, e // K
+        w, p = p % W, p // W
+        h, n = p % H, p // H
+        v = x[n, h, w, k] + bias[k]
+        if relu and v < 0.0:
+            v = 0.0
+        out[n, h, w, k] = v
+
+
+def bias_act(x, bias, relu=True, out=None):
+    """y = max(0, x + bias) over channels (relu=False: just the bias). x may be a channel slice."""
+    x = _check_nhwc(x, "x")
+    bias = _as_device(bias)
+    if bias.shape != (x.shape[3],):
+        raise ValueError(f"bias must be ({x.shape[3]},), got {bias.shape}")
+    out = _output(out, x.shape)
+    if out.size:
+        _bias_act[_blocks(out.size), _THREADS](x, bias, bool(relu), out)
+    return out
+
+
+# --- pooling --------------------------------------------------------------------------------
+
+
+@_jit
+def _pool(x, R, S, sh, sw, ph, pw, is_max, count_include_pad, out):
+    """Max or average pooling of x (N,H,W,C) into out (N,OH,OW,C); PyTorch's window rules.
+
+    One thread per output element: the window's rows [h0, h1) run into the padding,
+    which ends at H + ph (ceil_mode may hang a window past it: that part never counts).
+    """
+    N, H, W, C = x.shape
+    _, OH, OW, _ = out.shape
+    for e in range(cuda.grid(1), N * OH * OW * C, cuda.gridsize(1)):
+        c, p = e % C, e // C
+        ow, p = p % OW, p // OW
+        oh, n = p % OH, p // OH
+        h0 = oh * sh - ph
+        w0 = ow * sw - pw
+        h1 = min(h0 + R, H + ph)
+        w1 = min(w0 + S, W + pw)
+        a0, a1 = max(h0, 0), min(h1, H)
+        b0, b1 = max(w0, 0), min(w1, W)
+        if is_max:
+            best = -math.inf
+            for ih in range(a0, a1):
+                for iw in range(b0, b1):
+                    v = x[n, ih, iw, c]
+                    if v > best or v != v:            # a NaN wins and stays, as in torch
+                        best = v
+            out[n, oh, ow, c] = best
+        else:
+            total = np.float32(0.0)                   # float32 sums, as cpu.py
+            for ih in range(a0, a1):
+                for iw in range(b0, b1):
+                    total += x[n, ih, iw, c]
+            divisor = (h1 - h0) * (w1 - w0) if count_include_pad else (a1 - a0) * (b1 - b0)
+            out[n, oh, ow, c] = total / divisor
+
+
+def max_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, out=None):
+    """Max over each window. Padding never wins: it counts as -infinity."""
+    return _pool_wrapper(x, kernel_size, stride, padding, ceil_mode, True, True, out)
+
+
+def avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True, out=None):
+    """Mean over each window; count_include_pad decides whether zero padding counts in the divisor."""
+    return _pool_wrapper(x, kernel_size, stride, padding, ceil_mode, False, count_include_pad, out)
+
+
+def _pool_wrapper(x, kernel_size, stride, padding, ceil_mode, is_max, count_include_pad, out):
+    x = _check_nhwc(x, "x")                                              # a channel slice is fine
+    R, S = pair(kernel_size)
+    sh, sw = pair(stride if stride is not None else kernel_size)
+    ph, pw = pair(padding)
+    if ph > R // 2 or pw > S // 2 or min(ph, pw) < 0:
+        raise ValueError(f"pool padding {(ph, pw)} must be between 0 and half the kernel {(R, S)}")
+    N, H, W, C = x.shape
+    OH = pool_output_size(H, R, sh, ph, ceil_mode)
+    OW = pool_output_size(W, S, sw, pw, ceil_mode)
+    if OH < 1 or OW < 1:
+        raise ValueError(f"input {H}x{W} is smaller than pool window {R}x{S}")
+    out = _output(out, (N, OH, OW, C))
+    if out.size:
+        _pool[_blocks(out.size), _THREADS](x, R, S, sh, sw, ph, pw, bool(is_max), bool(count_include_pad), out)
+    return out
+
+
+@_jit
+def _global_avg_pool(x, out):
+    """One thread per (n, c): the mean over H*W pixels, summed in float64 as cpu.py."""
+    N, H, W, C = x.shape
+    for e in range(cuda.grid(1), N * C, cuda.gridsize(1)):
+        n, c = e // C, e % C
+        total = 0.0
+        for h in range(H):
+            for w in range(W):
+                total += x[n, h, w, c]
+        out[n, 0, 0, c] = total / (H * W)
+
+
+def global_avg_pool2d(x):
+    """Mean over all of H and W: (N, H, W, C) -> (N, 1, 1, C), contiguous (so `.reshape` works)."""
+    x = _check_nhwc(x, "x")
+    out = empty((x.shape[0], 1, 1, x.shape[3]))
+    if out.size:
+        _global_avg_pool[_blocks(out.size), _THREADS](x, out)
+    return out
+
+
+# --- concatenation, linear, activations ---------------------------------------------------
+
+
+@_jit
+def _copy_into(src, out, k0):
+    """out[n, h, w, k0 + k] = src[n, h, w, k]: one branch into its channels of the output."""
+    N, H, W, K = src.shape
+    for e in range(cuda.grid(1), N * H * W * K, cuda.gridsize(1)):
+        k, p = e % K, e // K
+        w, p = p % W, p // W
+        h, n = p % H, p // H
+        out[n, h, w, k0 + k] = src[n, h, w, k]
+
+
+def concat_channels(arrays, out=None):
+    """Stack branch outputs along channels: [(N,H,W,K_i)] -> (N,H,W,sum K_i).
+
+    Inception modules avoid calling this: their branches write straight into slices
+    of `out`. It is here for anything assembled after the fact.
+    """
+    arrays = [_check_nhwc(a, f"arrays[{i}]") for i, a in enumerate(arrays)]
+    if not arrays:
+        raise ValueError("concat_channels needs at least one array")
+    N, H, W, _ = arrays[0].shape
+    for i, a in enumerate(arrays):
+        if a.shape[:3] != (N, H, W):
+            raise ValueError(f"arrays[{i}] has shape {a.shape}, expected ({N}, {H}, {W}, *)")
+    out = _output(out, (N, H, W, sum(a.shape[3] for a in arrays)))
+    k0 = 0
+    for a in arrays:
+        if a.size:
+            _copy_into[_blocks(a.size), _THREADS](a, out, k0)
+        k0 += a.shape[3]
+    return out
+
+
+def linear(x, w, bias=None):
+    """Fully connected layer. x (N, I), w (I, O) -> (N, O): the same GEMM, bias in its epilogue."""
+    x, w = _contiguous(_as_device(x)), _contiguous(_as_device(w))
+    if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[0]:
+        raise ValueError(f"linear: x {x.shape} and w {w.shape} do not chain as (N, I) @ (I, O)")
+    N, O = x.shape[0], w.shape[1]
+    bias = _zeros(O) if bias is None else _as_device(bias)
+    out = empty((N, O))
+    _gemm(x, w, bias, False, out.reshape(N, 1, 1, O))      # the epilogue sees N pixels of O channels
+    return out
+
+
+@_jit
+def _relu(x, out):
+    for i in range(cuda.grid(1), x.size, cuda.gridsize(1)):
+        v = x[i]
+        out[i] = v if v > 0.0 else 0.0
+
+
+def relu(x):
+    x = _contiguous(_as_device(x))
+    out = empty(x.shape)
+    if x.size:
+        _relu[_blocks(x.size), _THREADS](x.reshape(-1), out.reshape(-1))
+    return out
+
+
+@_jit
+def _softmax(x, out):
+    """One thread per row: a thousand logits are too few to be worth a block-wide reduction."""
+    N, K = x.shape
+    for n in range(cuda.grid(1), N, cuda.gridsize(1)):
+        m = -math.inf
+        for k in range(K):
+            m = max(m, x[n, k])
+        total = 0.0
+        for k in range(K):
+            e = math.exp(x[n, k] - m)         # shifted by the max: exp never overflows
+            out[n, k] = e
+            total += e
+        for k in range(K):
+            out[n, k] = out[n, k] / total
+
+
+def softmax(x):
+    """Row-wise softmax over the last axis."""
+    x = _contiguous(_as_device(x))
+    if x.ndim == 0:
+        raise ValueError("softmax needs at least one axis")
+    flat = x.reshape(-1, x.shape[-1])
+    out = empty(flat.shape)
+    if flat.shape[0] and flat.shape[1]:
+        _softmax[_blocks(flat.shape[0]), _THREADS](flat, out)
+    return out.reshape(x.shape)
+
+
+# --- memory ---------------------------------------------------------------------------------------
+
+
+def _expand_ellipsis(item, ndim):
+    """(..., 64, 128) -> (:, :, :, 64:128) for a 4-D array: numba's DeviceNDArray does not expand `...`."""
+    if not isinstance(item, tuple):
+        item = (item,)
+    places = [i for i, part in enumerate(item) if part is Ellipsis]
+    if not places:
+        return item
+    if len(places) > 1:
+        raise IndexError("an index can only have a single ellipsis ('...')")
+    at = places[0]
+    return item[:at] + (slice(None),) * (ndim - len(item) + 1) + item[at + 1 :]
+
+
+_DeviceArray = None
+if cuda is not None and getattr(cuda, "implementation", "") == "NVIDIA" and not _simulating():
+    from numba.cuda.cudadrv.devicearray import DeviceNDArray
+
+    class _DeviceArray(DeviceNDArray):
+        """numba's device array, plus `a[..., k0:k1]`.
+
+        blocks.py takes branch channels as `out[..., k0:k1]`; DeviceNDArray indexes only
+        with one entry per axis. Slices and reshapes keep this class (numba builds them
+        with type(self)), so every activation pyincept makes on the GPU has it.
+        """
+
+        def __getitem__(self, item):
+            return super().__getitem__(_expand_ellipsis(item, self.ndim))
+
+
+def _allocate(shape):
+    shape = tuple(int(s) for s in shape)
+    if _DeviceArray is None:                              # the simulator's arrays index like NumPy's
+        return cuda.device_array(shape, np.float32)
+    strides, step = [], 4
+    for size in reversed(shape):                          # C order, float32
+        strides.append(step)
+        step *= max(size, 1)
+    return _DeviceArray(shape, tuple(reversed(strides)), np.float32)
+
+
+def empty(shape):
+    """An uninitialised float32 activation buffer on the GPU."""
+    return _allocate(shape)
+
+
+def to_device(a):
+    """Weights or inputs onto the GPU as contiguous float32 (a device array passes through)."""
+    if cuda.is_cuda_array(a):
+        if a.dtype != np.float32:
+            raise ValueError(f"device arrays must be float32, got {a.dtype}")
+        return a
+    host = np.ascontiguousarray(a, dtype=np.float32)
+    if _DeviceArray is None:
+        return cuda.to_device(host)
+    device = _allocate(host.shape)
+    if host.size:
+        device.copy_to_device(host)
+    return device
+
+
+def to_host(a):
+    """A device array as a NumPy array (a channel slice is compacted on the GPU first)."""
+    if not cuda.is_cuda_array(a):
+        return np.asarray(a)
+    return _contiguous(a).copy_to_host()
+
+
+# --- argument checks --------------------------------------------------------------------------
+
+
+def _as_device(a):
+    """Device arrays as they are (float32 only); anything else goes up as contiguous float32."""
+    return to_device(a)
+
+
+def _contiguous(a):
+    """a itself if C-contiguous, else a contiguous copy made on the GPU (4-D) or via the host."""
+    if a.is_c_contiguous():
+        return a
+    if a.ndim == 4:
+        return concat_channels([a])
+    return to_device(a.copy_to_host())       # pyincept only ever slices 4-D activations
+
+
+def _check_nhwc(x, name):
+    x = _as_device(x)
+    if x.ndim != 4:
+        raise ValueError(f"{name} must be NHWC (N, H, W, C), got shape {x.shape}")
+    return x
+
+
+def _output(out, shape):
+    if out is None:
+        return empty(shape)
+    if not cuda.is_cuda_array(out):
+        raise ValueError(f"out must be a device array (kernels.cuda.empty), got {type(out).__name__}")
+    if tuple(out.shape) != tuple(shape) or out.dtype != np.float32:
+        raise ValueError(f"out must be float32 {shape}, got {out.dtype} {tuple(out.shape)}")
+    return out
