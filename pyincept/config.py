@@ -24,6 +24,15 @@ THREADING_LAYER = "workqueue"
 JIT_OPTIONS = {"cache": True, "nogil": True, "fastmath": False, "error_model": "numpy"}
 PARALLEL_JIT_OPTIONS = {**JIT_OPTIONS, "parallel": True}
 
+# --- CUDA (optional: pip install "pyincept[cuda]") --------------------------------
+# Flags for every @cuda.jit in pyincept.kernels.cuda. cache=True keeps compiled GPU
+# code on disk as for the CPU kernels; fastmath stays off so the GPU gives the CPU's
+# numbers (no flushed denormals, no approximate division).
+CUDA_JIT_OPTIONS = {"cache": True, "fastmath": False}
+# The im2col scratch matrix on the GPU, per thread: 32M floats = 128 MB. A convolution
+# whose unfolded patches are larger runs in tiles of output rows.
+CUDA_SCRATCH_FLOATS = 32 << 20
+
 
 def threads_from_environment():
     """PYINCEPT_NUM_THREADS as a positive int, or None when unset or not a positive number."""

@@ -8,8 +8,9 @@ back (`to_host`). The readable twins are still the plain-NumPy functions in
 `reference.py`; the tests hold this file to `cpu.py` under Numba's CUDA simulator.
 
 What this is not: a cuBLAS/cuDNN binding or a general GPU array library. The GEMM is
-a textbook register-tiled kernel, about an order of magnitude short of cuBLAS, kept
-small enough to read; only float32 and only what Inception needs.
+a textbook register-tiled kernel (no vector loads, no double buffering, no tensor
+cores), so it stays well short of cuBLAS but small enough to read; only float32 and
+only what Inception needs.
 
 The GPU is optional. This module is imported only by `kernels.backend("cuda")`, and it
 imports cleanly without numba-cuda or without a GPU; `check_available()` then raises a
@@ -49,6 +50,9 @@ except Exception as error:  # ImportError, or numba-cuda refusing without cuda-b
     _IMPORT_PROBLEM = " ".join(str(error).split()) or type(error).__name__
 else:
     _IMPORT_PROBLEM = None
+    if getattr(cuda, "implementation", "") != "NVIDIA":
+        cuda = None                              # never compile for the frozen built-in target
+        _IMPORT_PROBLEM = "numba's built-in CUDA target is deprecated"
 
 _INSTALL = 'pip install "pyincept[cuda]"'
 
@@ -66,14 +70,16 @@ def _why_unavailable():
     """None when kernels can run here; otherwise one line saying what is missing."""
     if cuda is None:
         return f"device 'cuda' needs the numba-cuda package ({_IMPORT_PROBLEM}): {_INSTALL}"
-    if getattr(cuda, "implementation", "") != "NVIDIA":
-        return f"device 'cuda' needs the numba-cuda package (numba's built-in CUDA target is deprecated): {_INSTALL}"
     if _simulating():
         return None                                  # Python runs every thread: slow, but exact
-    problem = cuda.cuda_error()
+    try:
+        problem = cuda.cuda_error()              # None, or why the driver did not start
+        count = 0 if problem else len(cuda.gpus)
+    except Exception as error:                   # a driver that starts but then fails
+        problem = error
     if problem:
         return f"device 'cuda' found no usable NVIDIA GPU or driver: {' '.join(str(problem).split())}"
-    if len(cuda.gpus) == 0:
+    if count == 0:
         return "device 'cuda' found no NVIDIA GPU (is CUDA_VISIBLE_DEVICES hiding it?)"
     from numba.cuda.cudadrv import nvvm
 
@@ -89,17 +95,17 @@ def check_available():
         raise PyinceptError(problem)
 
 
-def _unavailable_jit(**options):
-    """Stand-in decorator when numba.cuda is missing: the body is kept, never compiled."""
-    return lambda function: function
-
-
-_jit = cuda.jit(**config.CUDA_JIT_OPTIONS) if cuda is not None else _unavailable_jit()
+# Without numba-cuda the kernel bodies stay plain functions, never launched:
+# check_available() refuses first.
+_jit = cuda.jit(**config.CUDA_JIT_OPTIONS) if cuda is not None else (lambda function: function)
 
 # Elementwise kernels: one thread per output element, in grid-stride loops so a capped
 # grid still covers any size. 128 threads a block keeps several blocks per SM resident.
+# The simulator starts a Python thread per GPU thread, which costs far more than the
+# work each does, so there two blocks loop over everything: the same code, tens of
+# times faster.
 _THREADS = 128
-_MAX_BLOCKS = 4096
+_MAX_BLOCKS = 2 if cuda is not None and _simulating() else 4096
 
 
 def _blocks(total):
@@ -107,19 +113,29 @@ def _blocks(total):
 
 
 # --- GEMM with the conv epilogue -------------------------------------------------------
-# C = A @ B for A (M, D) and B (D, K), tiled: a block of 16 x 16 threads owns a
-# 64 x 64 tile of C. It walks D in steps of 16; at each step the block copies a
-# 64 x 16 slab of A and a 16 x 64 slab of B into shared memory (every thread fetches 4
-# of each, neighbouring threads neighbouring addresses, so global reads coalesce), then
-# every thread multiplies them into its 4 x 4 accumulators, kept in registers. Each
-# value fetched from global memory is thus reused 64 times from shared memory, and each
-# shared read 4 times from registers: that reuse is what makes a GEMM compute-bound.
-# Thread (ty, tx) owns rows ty + 16*i and columns tx + 16*j (i, j < 4), so the 16
-# threads of a half-warp write 16 consecutive channels of the output.
-_TILE = 64          # edge of the C tile one block computes
-_STEP = 16          # depth of one shared-memory slab
-_SIDE = 16          # threads per side of a block (16 x 16 = 256)
-_PER = _TILE // _SIDE   # 4: each thread's accumulators per side
+# C = A @ B for A (M, D) and B (D, K), tiled. A block of 16 x 16 threads owns a 64 x 64
+# tile of C and walks D in steps of 32. At each step the block copies a 64 x 32 slab of
+# A and a 32 x 64 slab of B into shared memory, then every thread multiplies them into
+# its 4 x 4 accumulators, kept in registers. Each value fetched from global memory is
+# reused 64 times from shared memory, and each shared read 4 times from registers: that
+# reuse is what turns a memory-bound loop into a compute-bound GEMM.
+#
+# Who touches what:
+# - fetching, the 256 threads count t = 0..255 (a warp is 32 consecutive t): a warp
+#   fetches 32 consecutive floats of one row of A (one 128-byte transaction) and two
+#   warps one 64-float row of B, so global reads coalesce and shared stores never
+#   collide in a bank;
+# - computing, thread (ty, tx) owns rows ty + 16*i and columns tx + 16*j (i, j < 4): a
+#   warp reads one value of a_slab per row (a broadcast) and 16 consecutive of b_slab,
+#   and a half-warp writes 16 consecutive channels of the output;
+# - a_slab rows are padded to 33 floats so that rows ty and ty + 1, read by one warp,
+#   sit in different banks.
+_TILE = 64                   # edge of the C tile one block computes
+_STEP = 32                   # depth of one shared-memory slab
+_SIDE = 16                   # threads per side of a block
+_PER = _TILE // _SIDE        # 4: each thread's accumulators per side
+_FETCHES = _TILE * _STEP // (_SIDE * _SIDE)   # 8 values of each slab per thread per step
+_A_ROW = _STEP + 1           # a_slab's padded row (shared-array shapes must be constants)
 
 
 @_jit
@@ -134,25 +150,28 @@ def _gemm_bias_act(a, b, bias, relu, out, m0):
     M, D = a.shape
     K = b.shape[1]
     OH, OW = out.shape[1], out.shape[2]
-    a_slab = cuda.shared.array((_TILE, _STEP), np.float32)
+    a_slab = cuda.shared.array((_TILE, _A_ROW), np.float32)
     b_slab = cuda.shared.array((_STEP, _TILE), np.float32)
     acc = cuda.local.array((_PER, _PER), np.float32)
     a_col = cuda.local.array(_PER, np.float32)
     b_row = cuda.local.array(_PER, np.float32)
     tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
+    t = ty * _SIDE + tx
     row0 = cuda.blockIdx.x * _TILE
     col0 = cuda.blockIdx.y * _TILE
     for i in range(_PER):
         for j in range(_PER):
-            acc[i, j] = 0.0
+            acc[i, j] = np.float32(0.0)
 
     for d0 in range(0, D, _STEP):
         # Stage one slab of A and one of B; zeros past the edges keep the sums exact.
-        for i in range(_PER):
-            m, d = row0 + ty + _SIDE * i, d0 + tx
-            a_slab[ty + _SIDE * i, tx] = a[m, d] if m < M and d < D else 0.0
-            d, k = d0 + ty, col0 + tx + _SIDE * i
-            b_slab[ty, tx + _SIDE * i] = b[d, k] if d < D and k < K else 0.0
+        for f in range(_FETCHES):
+            r, d = t // _STEP + f * (_SIDE * _SIDE // _STEP), t % _STEP
+            m = row0 + r
+            a_slab[r, d] = a[m, d0 + d] if m < M and d0 + d < D else np.float32(0.0)
+            d, c = t // _TILE + f * (_SIDE * _SIDE // _TILE), t % _TILE
+            k = col0 + c
+            b_slab[d, c] = b[d0 + d, k] if d0 + d < D and k < K else np.float32(0.0)
         cuda.syncthreads()
         for d in range(_STEP):
             for i in range(_PER):
@@ -174,7 +193,7 @@ def _gemm_bias_act(a, b, bias, relu, out, m0):
                 if k < K:
                     v = acc[i, j] + bias[k]
                     if relu and v < 0.0:
-                        v = 0.0
+                        v = np.float32(0.0)
                     out[n, oh, ow, k] = v
 
 
@@ -296,7 +315,7 @@ def _bias_act(x, bias, relu, out):
         h, n = p % H, p // H
         v = x[n, h, w, k] + bias[k]
         if relu and v < 0.0:
-            v = 0.0
+            v = np.float32(0.0)
         out[n, h, w, k] = v
 
 
@@ -385,10 +404,10 @@ def _global_avg_pool(x, out):
     N, H, W, C = x.shape
     for e in range(cuda.grid(1), N * C, cuda.gridsize(1)):
         n, c = e // C, e % C
-        total = 0.0
+        total = np.float64(0.0)
         for h in range(H):
             for w in range(W):
-                total += x[n, h, w, c]
+                total += np.float64(x[n, h, w, c])    # spelt out: the simulator would sum float32
         out[n, 0, 0, c] = total / (H * W)
 
 
@@ -453,7 +472,7 @@ def linear(x, w, bias=None):
 def _relu(x, out):
     for i in range(cuda.grid(1), x.size, cuda.gridsize(1)):
         v = x[i]
-        out[i] = v if v > 0.0 else 0.0
+        out[i] = v if v > 0.0 else np.float32(0.0)
 
 
 def relu(x):
@@ -486,7 +505,7 @@ def softmax(x):
     x = _contiguous(_as_device(x))
     if x.ndim == 0:
         raise ValueError("softmax needs at least one axis")
-    flat = x.reshape(-1, x.shape[-1])
+    flat = x.reshape(-1, x.shape[x.ndim - 1])          # (the simulator's shapes take no negative index)
     out = empty(flat.shape)
     if flat.shape[0] and flat.shape[1]:
         _softmax[_blocks(flat.shape[0]), _THREADS](flat, out)
@@ -510,19 +529,27 @@ def _expand_ellipsis(item, ndim):
 
 
 _DeviceArray = None
-if cuda is not None and getattr(cuda, "implementation", "") == "NVIDIA" and not _simulating():
+if cuda is not None and not _simulating():
     from numba.cuda.cudadrv.devicearray import DeviceNDArray
 
     class _DeviceArray(DeviceNDArray):
-        """numba's device array, plus `a[..., k0:k1]`.
+        """numba's device array, with channel slicing `a[..., k0:k1]` made possible and cheap.
 
-        blocks.py takes branch channels as `out[..., k0:k1]`; DeviceNDArray indexes only
-        with one entry per axis. Slices and reshapes keep this class (numba builds them
-        with type(self)), so every activation pyincept makes on the GPU has it.
+        blocks.py takes branch channels as `out[..., k0:k1]`. DeviceNDArray wants one
+        index per axis, and for a strided view it lists every contiguous run of memory
+        (a Python loop over N*H*W pixels: 70 ms for a batch of 32 at 35x35) only to learn
+        that there is more than one. A strided view needs nothing but its shape, strides
+        and first byte. Slices and reshapes keep this class (numba builds them with
+        type(self)), so every activation pyincept makes on the GPU has it.
         """
 
         def __getitem__(self, item):
-            return super().__getitem__(_expand_ellipsis(item, self.ndim))
+            item = _expand_ellipsis(item, self.ndim)
+            view = self._dummy[item]                        # shape and strides only: no data touched
+            if not view.is_array or view.is_c_contig or view.is_f_contig:
+                return super().__getitem__(item)            # an element, or one contiguous run
+            return type(self)(view.shape, view.strides, self.dtype, stream=self.stream,
+                              gpu_data=self.gpu_data.view(*view.extent))
 
 
 def _allocate(shape):
@@ -543,7 +570,7 @@ def empty(shape):
 
 def to_device(a):
     """Weights or inputs onto the GPU as contiguous float32 (a device array passes through)."""
-    if cuda.is_cuda_array(a):
+    if _on_device(a):
         if a.dtype != np.float32:
             raise ValueError(f"device arrays must be float32, got {a.dtype}")
         return a
@@ -558,12 +585,17 @@ def to_device(a):
 
 def to_host(a):
     """A device array as a NumPy array (a channel slice is compacted on the GPU first)."""
-    if not cuda.is_cuda_array(a):
+    if not _on_device(a):
         return np.asarray(a)
     return _contiguous(a).copy_to_host()
 
 
 # --- argument checks --------------------------------------------------------------------------
+
+
+def _on_device(a):
+    """A numba device array (real or the simulator's): what every kernel here launches on."""
+    return hasattr(a, "copy_to_host") and hasattr(a, "is_c_contiguous")
 
 
 def _as_device(a):
@@ -590,7 +622,7 @@ def _check_nhwc(x, name):
 def _output(out, shape):
     if out is None:
         return empty(shape)
-    if not cuda.is_cuda_array(out):
+    if not _on_device(out):
         raise ValueError(f"out must be a device array (kernels.cuda.empty), got {type(out).__name__}")
     if tuple(out.shape) != tuple(shape) or out.dtype != np.float32:
         raise ValueError(f"out must be float32 {shape}, got {out.dtype} {tuple(out.shape)}")
