@@ -128,3 +128,12 @@ def test_python_api_mirrors_the_cli(converted):
     assert results[1].path == "<image 1>" and len(results[0].top) == 2
     x = pyincept.preprocess(pyincept.load_image(PHOTOS[0]))[None]
     assert results[0].top[0]["index"] == int(model(x).argmax())
+
+
+def test_cuda_without_a_gpu_is_one_clear_line():
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    env.pop("NUMBA_ENABLE_CUDASIM", None)
+    result = run_cli("classify", PHOTOS[0], "--weights", "random", "--device", "cuda", "--quiet", env=env)
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pyincept: error:") and "Traceback" not in result.stderr
