@@ -1,77 +1,281 @@
-"""A first, honest latency measurement: `python -m benchmarks [--quick]`.
+"""pyincept against PyTorch and ONNX Runtime, on the same weights and the same machine.
 
-Times pyincept's forward pass (median, min, max over repeats after a warm-up) at
-batch 1 and, when torch/torchvision are installed, torchvision's eager model on the
-same random weights in the same process, and prints a Markdown table with the ratio.
-The full suite (onnxruntime, throughput, memory, cold start) is issue 4's work.
+    python -m benchmarks [--quick] [--no-scale] [--out FILE]      (from the repository root)
+
+One run measures, each in a fresh process started one at a time (`benchmarks/worker.py`):
+batch-1 latency and batch-8/32 throughput of every engine (interleaved over rounds),
+peak memory of each engine alone, pyincept's start-up with a warm and a cold Numba
+cache, numpy's sgemm on Inception v3's own GEMM shapes (the ceiling), the time of
+each of pyincept's stages, its determinism, and how it scales with batch and input
+size. The Markdown report goes to stdout (progress to stderr). `benchmarks/README.md`
+says what each number means.
+
+Exit status: 0 when every measurement ran (engines that are not installed are skipped
+and say so), 1 when a measurement crashed; never the targets, which are informational.
 """
 
 import argparse
-import statistics
+import datetime
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
-import pyincept
-from pyincept.inception_v3 import random_parameters
+from benchmarks import engines, report
+from benchmarks.worker import RESULT_PREFIX
+
+ROOT = Path(__file__).resolve().parent.parent     # where `python -m benchmarks.worker` resolves
+
+FULL = {
+    "quick": False,
+    "rounds": 2,                       # every engine once per round, engine order rotated
+    "batches": [1, 8, 32],
+    "repeats": [15, 4, 2],             # timed passes per batch per round, after warm-up
+    "rss_engines": list(engines.ENGINES),
+    "rss_batch": 32,
+    "layer_repeats": 30,
+    "determinism_batch": 8,
+    "scale_size": 299,
+    "scale_batches": [1, 2, 4, 8, 16, 32, 64],
+    "scale_sizes": [299, 399, 499, 599],
+    "scale_size_batch": 4,
+    "scale_passes": 96,                # images per scale point (at least 1 timed pass, at most 3)
+    "cold_start": True,
+    "gemm_seconds": 0.5,
+}
+QUICK = {
+    **FULL,
+    "quick": True,
+    "rounds": 1,
+    "batches": [1, 2],
+    "repeats": [3, 2],
+    "rss_engines": ["pyincept"],
+    "rss_batch": 2,
+    "layer_repeats": 3,
+    "determinism_batch": 2,
+    "scale_batches": [1, 2],
+    "scale_sizes": [299, 347],
+    "scale_size_batch": 1,
+    "scale_passes": 2,
+    "cold_start": False,
+    "gemm_seconds": 0.05,
+}
 
 
-def timings(fn, repeats):
-    fn()  # warm-up: JIT compile, first-touch allocations
-    out = []
-    for _ in range(repeats):
+class Suite:
+    """Runs workers one at a time and collects what they report."""
+
+    def __init__(self, workdir, threads, verbose=True):
+        self.workdir, self.threads, self.verbose = Path(workdir), threads, verbose
+        self.errors = []
+        self.t0 = time.perf_counter()
+
+    def log(self, message):
+        if self.verbose:
+            print(f"[benchmarks {time.perf_counter() - self.t0:5.0f} s] {message}", file=sys.stderr, flush=True)
+
+    def env(self, extra=None):
+        env = dict(os.environ)
+        n = str(self.threads)
+        env.update({"PYINCEPT_NUM_THREADS": n, "OPENBLAS_NUM_THREADS": n, "OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n})
+        env.update(extra or {})
+        return env
+
+    def worker(self, task, *args, env=None, timeout=1800):
+        """Run `python -m benchmarks.worker TASK ARGS` -> (result dict or None, wall seconds)."""
+        cmd = [sys.executable, "-m", "benchmarks.worker", task, *map(str, args),
+               "--workdir", str(self.workdir), "--threads", str(self.threads)]
         t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return out
-
-
-def torchvision_model(params):
-    """torchvision Inception v3 holding the same weights as pyincept (layouts converted back)."""
-    import torch
-    import torchvision
-
-    model = torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=False, transform_input=False)
-    state = model.state_dict()
-    for key, value in params.items():
-        value = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T if value.ndim == 2 else value
-        state[key] = torch.from_numpy(np.ascontiguousarray(value))
-    model.load_state_dict(state)
-    return model.eval()
+        try:
+            p = subprocess.run(cmd, cwd=ROOT, env=self.env(env), capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.errors.append(f"`{shlex.join(cmd[2:])}` ran past {timeout} s")
+            return None, None
+        wall = time.perf_counter() - t0
+        lines = [line for line in p.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
+        if p.returncode != 0 or not lines:
+            tail = (p.stderr.strip().splitlines() or ["no output"])[-1]
+            self.errors.append(f"`{shlex.join(cmd[2:5])}` failed (exit {p.returncode}): {tail}")
+            self.log(f"FAILED: {shlex.join(cmd[2:])}\n{p.stderr[-3000:]}")
+            return None, wall
+        return json.loads(lines[-1][len(RESULT_PREFIX):]), wall
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="few repeats: a smoke run for CI, no thresholds")
-    parser.add_argument("--repeats", type=int, default=10)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n".join(__doc__.splitlines()[2:]))
+    parser.add_argument("--quick", action="store_true",
+                        help="CI smoke run: few repeats, batch 1 and 2, tiny scale table, one memory measurement, "
+                             "no cold-cache start (under 90 s on 2 cores)")
+    parser.add_argument("--no-scale", action="store_true", help="skip the scale section (batch and input size sweeps)")
+    parser.add_argument("--out", help="also write the report to this file")
+    parser.add_argument("--json", help="also write every raw sample (seconds, MiB) to this JSON file")
+    parser.add_argument("--engines", default=",".join(engines.ENGINES),
+                        help=f"comma-separated subset of {', '.join(engines.ENGINES)} (default: all)")
+    parser.add_argument("--threads", type=int, default=2, help="threads for every engine (default 2)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the shared random weights")
+    parser.add_argument("--rounds", type=int, help="override the number of interleaved timing rounds")
+    parser.add_argument("--workdir", help="keep the weight files here (default: a temporary folder, removed after)")
+    parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
     args = parser.parse_args(argv)
-    repeats = 2 if args.quick else args.repeats
+    plan = {**(QUICK if args.quick else FULL), "threads": args.threads, "seed": args.seed, "no_scale": args.no_scale}
+    if args.rounds:
+        plan["rounds"] = args.rounds
+    chosen = [e.strip() for e in args.engines.split(",") if e.strip()]
+    unknown = [e for e in chosen if e not in engines.ENGINES]
+    if unknown:
+        parser.error(f"unknown engine(s) {', '.join(unknown)}; choose from {', '.join(engines.ENGINES)}")
 
-    params = random_parameters(0)
-    model = pyincept.Inception3().load_parameters(params)
-    x = np.random.default_rng(0).standard_normal((1, 299, 299, 3)).astype(np.float32)
-    rows = [("pyincept", timings(lambda: model(x), repeats))]
+    started = datetime.datetime.now().astimezone()
+    loadavg_start = os.getloadavg()
+    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="pyincept-bench-"))
     try:
-        import torch
+        res = run(plan, chosen, workdir, args.quiet)
+    finally:
+        if not args.workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+    res.update({
+        "command": shlex.join(["python", "-m", "benchmarks", *argv]),
+        "date": started.strftime("%Y-%m-%d %H:%M %Z"),
+        "loadavg_start": loadavg_start,
+        "loadavg_end": os.getloadavg(),
+        "machine": report.machine(),
+        "versions": report.versions(),
+        "blas": report.blas(),
+        "source": report.source(ROOT),
+    })
+    text = report.render(res)
+    sys.stdout.write(text)
+    if args.out:
+        Path(args.out).write_text(text)
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1, default=str))
+    return 1 if res["errors"] else 0
 
-        tv = torchvision_model(params)
-        xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
 
-        def run_torch():
-            with torch.no_grad():
-                tv(xt)
+def run(plan, chosen, workdir, quiet=False):
+    """Every measurement of the plan; returns the results dict `report.render` reads."""
+    suite = Suite(workdir, plan["threads"], verbose=not quiet)
+    res = {"plan": plan, "engines": {}, "times": {}, "usage": {}, "loadavg": {}, "load_s": {}, "rss": {},
+           "coldstart": {}, "gemm": [], "layers": None, "determinism": None, "scale": None, "accuracy": {},
+           "macs_per_image": None, "prepared": {}}
 
-        rows.append((f"torch {torch.__version__} eager", timings(run_torch, repeats)))
-    except ImportError:
-        pass
+    suite.log(f"writing the shared weights to {workdir}")
+    prepared, _ = suite.worker("prepare", "--seed", plan["seed"])
+    res["prepared"] = prepared["written"] if prepared else {}
+    for name in chosen:
+        why = engines.missing(name, workdir)
+        if why is None and name == "ort" and "failed" in res["prepared"].get(engines.ONNX_MODEL, ""):
+            why = res["prepared"][engines.ONNX_MODEL]
+        res["engines"][name] = {"label": engines.label(name), "skipped": why}
+        if why:
+            suite.log(f"skipping {name}: {why}")
+    names = [n for n in chosen if not res["engines"][n]["skipped"]]
 
-    base = statistics.median(rows[0][1])
-    print("| engine | batch-1 median ms | min | max | median / pyincept |")
-    print("|---|---|---|---|---|")
-    for name, ts in rows:
-        med = statistics.median(ts)
-        print(f"| {name} | {med * 1e3:.1f} | {min(ts) * 1e3:.1f} | {max(ts) * 1e3:.1f} | {med / base:.2f} |")
+    # Timing: every engine once per round, in a rotated order, each in a fresh process.
+    for r in range(plan["rounds"]):
+        for name in names[r % len(names):] + names[: r % len(names)] if names else []:
+            suite.log(f"timing {name} (round {r + 1}/{plan['rounds']}; batches {plan['batches']})")
+            out, _ = suite.worker("time", name, "--batches", *plan["batches"], "--repeats", *plan["repeats"],
+                                  "--logits-out", workdir / f"logits-{name}.npy")
+            if out:
+                for b, ts in out["times"].items():
+                    res["times"].setdefault(name, {}).setdefault(int(b), []).extend(ts)
+                    total = res["usage"].setdefault(name, {}).setdefault(int(b), {})
+                    for key, value in out["usage"][b].items():
+                        total[key] = total.get(key, 0) + value
+                res["load_s"].setdefault(name, []).append(out["load_s"])
+                res["loadavg"].setdefault(name, []).append(os.getloadavg()[0])
+    res["accuracy"] = accuracy(workdir, [n for n in names if n in res["times"]])
+
+    for name in [n for n in plan["rss_engines"] if n in names]:
+        suite.log(f"peak memory of {name} alone, batch {plan['rss_batch']}")
+        out, _ = suite.worker("rss", name, "--batch", plan["rss_batch"])
+        if out:
+            res["rss"][name] = out
+
+    if "pyincept" in names:
+        res["coldstart"] = coldstart(suite, plan)
+        suite.log("pyincept stage by stage")
+        res["layers"], _ = suite.worker("layers", "--repeats", plan["layer_repeats"])
+        if res["layers"]:
+            res["macs_per_image"] = sum(s["macs"] for s in res["layers"]["stages"])
+        suite.log("pyincept determinism")
+        res["determinism"], _ = suite.worker("determinism", "--batch", plan["determinism_batch"])
+    suite.log("GEMM ceiling")
+    gemm, _ = suite.worker("gemm", "--seconds", plan["gemm_seconds"])
+    for row in gemm["shapes"] if gemm else []:
+        row["median"] = float(np.median(row["times"]))
+        row["gflops"] = report.gflops(row["M"] * row["K"] * row["N"], row["median"])
+        if "torch_times" in row:
+            row["torch_gflops"] = report.gflops(row["M"] * row["K"] * row["N"], float(np.median(row["torch_times"])))
+        res["gemm"].append(row)
+
+    if not plan["no_scale"] and "pyincept" in names:
+        res["scale"] = scale(suite, plan)
+    res["errors"] = suite.errors
+    res["elapsed_s"] = time.perf_counter() - suite.t0
+    return res
+
+
+def accuracy(workdir, names):
+    """Each engine's logits on the accuracy input against pyincept's."""
+    if "pyincept" not in names:
+        return {}
+    ours = np.load(workdir / "logits-pyincept.npy")
+    out = {}
+    for name in names:
+        if name == "pyincept":
+            continue
+        theirs = np.load(workdir / f"logits-{name}.npy")
+        top = float(np.abs(theirs).max())
+        delta = float(np.abs(ours - theirs).max())
+        out[name] = {"max_abs_logit": top, "max_abs_delta": delta, "relative": delta / top,
+                     "top1_equal": bool((ours.argmax(1) == theirs.argmax(1)).all())}
+    return out
+
+
+def coldstart(suite, plan):
+    """Cold: an empty NUMBA_CACHE_DIR (every kernel compiles). Warm: the second of two runs on one cache."""
+    out = {}
+    cache = Path(tempfile.mkdtemp(prefix="pyincept-numba-cache-"))
+    try:
+        env = {"NUMBA_CACHE_DIR": str(cache)} if plan["cold_start"] else None
+        runs = (["cold"] if plan["cold_start"] else []) + ["warm-up", "warm"]
+        for key in runs:
+            suite.log(f"pyincept start-up, {key} Numba cache")
+            r, wall = suite.worker("coldstart", env=env)
+            if r and key != "warm-up":
+                out[key] = {**r, "wall_s": wall}
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+    return out
+
+
+def scale(suite, plan):
+    """Fresh-process points over batch sizes (at scale_size) and input sizes (at scale_size_batch)."""
+    points = {}
+
+    def measure(batch, size):
+        if (batch, size) not in points:
+            repeats = max(1, min(3, plan["scale_passes"] // batch))
+            suite.log(f"scale: batch {batch}, {size}x{size}, {repeats} timed pass(es)")
+            points[batch, size], _ = suite.worker("scale", "--batch", batch, "--size", size, "--repeats", repeats)
+        return points[batch, size]
+
+    by_batch = [measure(b, plan["scale_size"]) for b in plan["scale_batches"]]
+    by_size = [measure(plan["scale_size_batch"], s) for s in plan["scale_sizes"]]
+    return {"batch": [r for r in by_batch if r], "size": [r for r in by_size if r]}
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -34,9 +34,10 @@ def set_num_threads(n):
     """Threads for the Numba kernels and for the BLAS that runs the GEMMs.
 
     There is one BLAS pool: NumPy's OpenBLAS, called from Python between kernels (no
-    Numba kernel calls np.dot, which would wake SciPy's separate OpenBLAS). Numba's
-    workqueue threads sleep while BLAS runs and vice versa, so n + n threads never
-    compete for n cores at once.
+    Numba kernel calls np.dot, which would wake SciPy's separate OpenBLAS). Numba and
+    BLAS take turns, but OpenBLAS's idle threads yield-spin for a while after each GEMM:
+    the benchmark suite measures ~20k involuntary context switches per second, an open
+    lead for issue 4.
     """
     from threadpoolctl import threadpool_limits
 

@@ -1,0 +1,476 @@
+"""The Markdown report: the machine, the versions, then one table per measurement, and
+the targets as a PASS / FAIL checklist.
+
+Everything here is pure formatting and arithmetic on the results `__main__` collected
+(lists of seconds, MiB, logits files); nothing is measured here. Conventions:
+
+- a time is the median of its samples, shown with min and max where it matters;
+- throughput is batch / median seconds per batch (img/s);
+- GFLOP/s is 2 * MACs / seconds, MACs from `pyincept.summary.layer_table`
+  (5.713 GMACs = 11.43 GFLOP per 299x299 image, conv and fc only);
+- a ratio is pyincept's number divided by the other engine's: below 1 is better for
+  latency and memory, above 1 is better for throughput.
+"""
+
+import importlib.metadata
+import importlib.util
+import os
+import platform
+import statistics
+
+VERSIONED = ["numpy", "numba", "llvmlite", "torch", "torchvision", "onnxruntime", "onnx", "pyincept"]
+
+
+# --- the machine and the software ------------------------------------------------------------
+
+
+def machine():
+    """CPU model and the SIMD flags that matter for sgemm, cores, RAM, OS."""
+    info = {"cpu": platform.processor() or platform.machine(), "flags": [], "logical_cpus": os.cpu_count(),
+            "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+            "ram_gib": None, "os": platform.platform()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            first = f.read().split("\n\n")[0]                  # the first processor's block
+        cpu = dict((k.strip(), v.strip()) for k, _, v in (line.partition(":") for line in first.splitlines()))
+        if cpu.get("model name"):
+            info["cpu"] = (f"{cpu['model name']} (family {cpu.get('cpu family', '?')}, model {cpu.get('model', '?')}, "
+                           f"{cpu.get('cpu MHz', '?')} MHz)")
+        info["flags"] = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile") if f in cpu.get("flags", "").split()]
+    except OSError:
+        pass
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    info["ram_gib"] = int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return info
+
+
+def versions():
+    """{package: version}, None for a package that is not installed (or cannot be imported)."""
+    out = {"python": platform.python_version()}
+    for name in VERSIONED:
+        try:
+            out[name] = importlib.metadata.version(name) if importlib.util.find_spec(name) else None
+        except (importlib.metadata.PackageNotFoundError, ImportError, ValueError):
+            out[name] = None
+    return out
+
+
+def source(root):
+    """The commit measured, and whether pyincept/ differs from it (read-only git: no index refresh)."""
+    import subprocess
+
+    def git(*args):
+        return subprocess.run(["git", "--no-optional-locks", "-C", str(root), *args], capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--short", "HEAD")
+        changed = git("status", "--porcelain", "--", "pyincept")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (no git)"
+    if not commit:
+        return "unknown (not a git checkout)"
+    return commit + (" + uncommitted changes in pyincept/ (measured as they were on disk)" if changed else ", clean pyincept/")
+
+
+def blas():
+    """numpy's BLAS, as numpy reports it (pyincept's GEMMs and the ceiling run on it)."""
+    try:
+        import numpy as np
+
+        config = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
+        return f"{config.get('name')} {config.get('version')}"
+    except Exception:  # noqa: BLE001 - a header line, never worth failing for
+        return "unknown"
+
+
+# --- arithmetic --------------------------------------------------------------------------
+
+
+def summary(times):
+    """{median, min, max, n} of a list of seconds (None when there are none)."""
+    if not times:
+        return None
+    return {"median": statistics.median(times), "min": min(times), "max": max(times), "n": len(times)}
+
+
+def gflops(macs, seconds):
+    return 2.0 * macs / seconds / 1e9 if macs and seconds else None
+
+
+def ratio(a, b):
+    return a / b if a is not None and b else None
+
+
+# --- formatting ----------------------------------------------------------------------------
+
+
+def table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join("–" if c is None else str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def num(x, digits=1):
+    return None if x is None else f"{x:,.{digits}f}"
+
+
+def ms(seconds, digits=1):
+    return None if seconds is None else f"{seconds * 1e3:,.{digits}f}"
+
+
+def times_x(r):
+    return None if r is None else f"{r:.2f}x"
+
+
+# --- the report ------------------------------------------------------------------------------
+
+
+def render(res):
+    """The whole report, from the results dict built by `benchmarks.__main__`."""
+    plan = res["plan"]
+    out = [f"# pyincept benchmark{' (quick smoke run: few repeats, no conclusions)' if plan['quick'] else ''}", "",
+           "What each number means and how to read the ratios: `benchmarks/README.md`.", ""]
+    out += header(res)
+    out += headline(res)
+    out += latency_section(res)
+    out += throughput_section(res)
+    out += memory_section(res)
+    out += startup_section(res)
+    out += gemm_section(res)
+    out += accuracy_section(res)
+    out += determinism_section(res)
+    out += stages_section(res)
+    out += scale_section(res)
+    out += targets_section(res)
+    if res["errors"]:
+        out += ["## Errors", "", *[f"- {e}" for e in res["errors"]], ""]
+    return "\n".join(out).rstrip() + "\n"
+
+
+def header(res):
+    m, v, plan = res["machine"], res["versions"], res["plan"]
+    load0, load1 = res["loadavg_start"], res["loadavg_end"]
+    installed = ", ".join(f"{k} {val}" for k, val in v.items() if val and k != "python")
+    absent = [k for k, val in v.items() if not val]
+    lines = [
+        f"- **Command**: `{res['command']}`",
+        f"- **Date**: {res['date']} (took {res['elapsed_s']:.0f} s)",
+        f"- **Machine**: {m['cpu']}; {m['logical_cpus']} logical CPUs ({m['usable_cpus']} usable); "
+        f"{num(m['ram_gib'])} GiB RAM; SIMD: {', '.join(m['flags']) or 'unknown'}; {m['os']}",
+        f"- **Load average** (1, 5, 15 min, as `uptime` shows it): before the suite {_load(load0)}; at its end "
+        f"{_load(load1)} (the suite's own {plan['threads']} threads add about {plan['threads']})" + (
+            "  \n  **Busy machine: other processes shared these cores, so the numbers are noisy.**"
+            if load0[0] > 0.5 or load1[0] > plan["threads"] + 0.5 else ""),
+        f"- **Versions**: Python {v['python']}; {installed}" + (f"; not installed: {', '.join(absent)}" if absent else ""),
+        f"- **pyincept source**: {res.get('source', 'unknown')}",
+        f"- **BLAS** (numpy, used by pyincept): {res['blas']}",
+        f"- **Threads**: {plan['threads']} for every engine (pyincept: PYINCEPT_NUM_THREADS and OPENBLAS_NUM_THREADS; "
+        f"torch: set_num_threads, 1 inter-op; onnxruntime: intra_op_num_threads, inter_op 1, ORT_ENABLE_ALL)",
+        f"- **Weights**: `random_parameters({plan['seed']})`, the same for every engine "
+        f"(files: {', '.join(f'`{k}`' for k, note in res['prepared'].items() if 'failed' not in note)}); "
+        "inputs: standard-normal NHWC images, moved to each engine's layout before the clock starts",
+        f"- **Method**: every measurement in a fresh process, one at a time; engines interleaved over "
+        f"{plan['rounds']} round(s); times are medians of {_repeats(plan)} per round",
+        "",
+    ]
+    skipped = [f"- **{e['label']}**: skipped, {e['skipped']}" for e in res["engines"].values() if e["skipped"]]
+    if skipped:
+        lines += ["Engines skipped:", "", *skipped, ""]
+    return lines
+
+
+def _load(avg):
+    return ", ".join(f"{a:.2f}" for a in avg)
+
+
+def _repeats(plan):
+    return ", ".join(f"{r} at batch {b}" for b, r in zip(plan["batches"], plan["repeats"]))
+
+
+def engines_run(res):
+    return [name for name, e in res["engines"].items() if not e["skipped"]]
+
+
+def stat(res, name, batch):
+    return summary(res["times"].get(name, {}).get(batch))
+
+
+def throughput(res, name, batch):
+    s = stat(res, name, batch)
+    return batch / s["median"] if s else None
+
+
+def peak_rss(res, name):
+    r = res["rss"].get(name)
+    return r["peak_rss_mib"] if r else None
+
+
+def big_batches(plan):
+    return [b for b in plan["batches"] if b != 1]
+
+
+def headline(res):
+    plan = res["plan"]
+    bigs = big_batches(plan)
+    rss_b = plan["rss_batch"]
+    head = ["engine", "batch-1 latency ms (median)", "min – max ms"] + [f"batch-{b} img/s" for b in bigs] + [
+        f"peak RSS MiB (batch {rss_b}, alone)"]
+    rows = []
+    for name in engines_run(res):
+        s = stat(res, name, 1)
+        rows.append([res["engines"][name]["label"], ms(s and s["median"]),
+                     s and f"{ms(s['min'])} – {ms(s['max'])}"] +
+                    [num(throughput(res, name, b)) for b in bigs] + [num(peak_rss(res, name), 0)])
+    out = ["## Headline", "", table(head, rows), ""]
+    others = [n for n in engines_run(res) if n != "pyincept"]
+    if "pyincept" in engines_run(res) and others:
+        head = ["pyincept ÷ engine", "batch-1 latency (< 1 is better)"] + [
+            f"batch-{b} throughput (> 1 is better)" for b in bigs] + ["peak RSS (< 1 is better)"]
+        rows = []
+        for name in others:
+            lat = ratio(stat(res, "pyincept", 1) and stat(res, "pyincept", 1)["median"],
+                        stat(res, name, 1) and stat(res, name, 1)["median"])
+            rows.append([res["engines"][name]["label"], times_x(lat)] +
+                        [times_x(ratio(throughput(res, "pyincept", b), throughput(res, name, b))) for b in bigs] +
+                        [times_x(ratio(peak_rss(res, "pyincept"), peak_rss(res, name)))])
+        out += [table(head, rows), ""]
+    return out
+
+
+def usage_cells(res, name, batch):
+    """[cores busy, involuntary context switches per second] over the timed passes (all rounds)."""
+    u = res["usage"].get(name, {}).get(batch)
+    if not u or not u["wall_s"]:
+        return [None, None]
+    return [num(u["cpu_s"] / u["wall_s"], 2), num(u["involuntary_switches"] / u["wall_s"], 0)]
+
+
+USAGE_NOTE = ("`cores busy` = the process's CPU seconds (all threads) ÷ wall seconds over the timed passes: "
+              "at most the thread count; spinning thread pools count as busy. `invol. switches/s` = involuntary "
+              "context switches per second: the kernel took a core from a thread that could still run. Other "
+              "processes competing for the cores raise it, and so do an engine's own surplus threads and thread "
+              "pools that wait by calling sched_yield, so compare it between runs of one engine.")
+
+
+def latency_section(res):
+    macs, ceiling = res["macs_per_image"], gemm_ceiling(res)
+    head = ["engine", "median ms", "min ms", "max ms", "samples", "GFLOP/s", "% of GEMM ceiling", "÷ onnxruntime",
+            "÷ torch eager", "cores busy", "invol. switches/s", "1-min load after"]
+    rows = []
+    for name in engines_run(res):
+        s = stat(res, name, 1)
+        if not s:
+            continue
+        g = gflops(macs, s["median"])
+        rows.append([res["engines"][name]["label"], ms(s["median"]), ms(s["min"]), ms(s["max"]), s["n"], num(g),
+                     num(ratio(g, ceiling) and 100 * ratio(g, ceiling), 0),
+                     times_x(ratio(s["median"], _median(res, "ort", 1))),
+                     times_x(ratio(s["median"], _median(res, "torch", 1)))] + usage_cells(res, name, 1) +
+                    [" / ".join(f"{a:.1f}" for a in res["loadavg"].get(name, []))])
+    return ["## Latency, batch 1", "",
+            "One image at a time, 299x299. Lower is better; ratios are this engine's median over the other's. "
+            + USAGE_NOTE + " `1-min load after`: the load average when each round's process ended (the engine's own "
+            "threads account for about the thread count of it).", "",
+            table(head, rows), ""]
+
+
+def _median(res, name, batch):
+    s = stat(res, name, batch)
+    return s["median"] if s else None
+
+
+def throughput_section(res):
+    bigs = big_batches(res["plan"])
+    if not bigs:
+        return []
+    macs, ceiling = res["macs_per_image"], gemm_ceiling(res)
+    head = ["engine", "batch", "ms per batch (median)", "min – max ms", "samples", "img/s", "GFLOP/s",
+            "% of GEMM ceiling", "÷ onnxruntime", "÷ torch eager", "cores busy", "invol. switches/s"]
+    rows = []
+    for b in bigs:
+        for name in engines_run(res):
+            s = stat(res, name, b)
+            if not s:
+                continue
+            g = gflops(macs * b if macs else None, s["median"])
+            rows.append([res["engines"][name]["label"], b, ms(s["median"]), f"{ms(s['min'])} – {ms(s['max'])}", s["n"],
+                         num(b / s["median"]), num(g), num(ratio(g, ceiling) and 100 * ratio(g, ceiling), 0),
+                         times_x(ratio(throughput(res, name, b), throughput(res, "ort", b))),
+                         times_x(ratio(throughput(res, name, b), throughput(res, "torch", b)))] + usage_cells(res, name, b))
+    return ["## Throughput", "",
+            "Images per second at a fixed batch. Higher is better; ratios are this engine's img/s over the other's.",
+            "", table(head, rows), ""]
+
+
+def memory_section(res):
+    if not res["rss"]:
+        return ["## Peak memory", "", "Not measured in this run.", ""]
+    b = res["plan"]["rss_batch"]
+    head = ["engine", "RSS after loading MiB", "peak RSS MiB", "peak − loaded MiB", "pass s", "÷ onnxruntime", "÷ torch eager"]
+    rows = []
+    for name, r in res["rss"].items():
+        rows.append([res["engines"][name]["label"], num(r["after_load_mib"], 0), num(r["peak_rss_mib"], 0),
+                     num(r["peak_rss_mib"] - r["after_load_mib"], 0), num(r["seconds"], 2),
+                     times_x(ratio(r["peak_rss_mib"], peak_rss(res, "ort"))),
+                     times_x(ratio(r["peak_rss_mib"], peak_rss(res, "torch")))])
+    return ["## Peak memory", "",
+            f"Each engine alone in a fresh process: load, one warm-up and one timed pass at batch {b}; "
+            "peak = `ru_maxrss` (the process's high-water resident set, interpreter and libraries included). "
+            "Lower is better.", "", table(head, rows), ""]
+
+
+def startup_section(res):
+    cs = res["coldstart"]
+    if not cs:
+        return []
+    head = ["Numba cache", "import pyincept s", "load weight file s", "first batch-1 forward s", "total s", "process wall s",
+            "peak RSS MiB"]
+    rows = [[key, num(r["import_s"], 3), num(r["load_s"], 3), num(r["first_forward_s"], 3), num(r["total_s"], 3),
+             num(r["wall_s"], 3), num(r["peak_rss_mib"], 0)] for key, r in cs.items()]
+    return ["## Start-up (pyincept)", "",
+            "A fresh process: `import pyincept`, `inception_v3(weights.npz)`, one batch-1 forward. "
+            "`total` is timed inside the process from before the import; `process wall` adds the interpreter's own "
+            "start and exit. Warm: the second of two runs sharing a Numba cache. Cold: an empty `NUMBA_CACHE_DIR`, so "
+            "every kernel compiles.", "", table(head, rows), ""]
+
+
+def gemm_ceiling(res):
+    rows = [r for r in res["gemm"] if "reference" not in r["name"]]
+    return max((r["gflops"] for r in rows), default=None)
+
+
+def gemm_section(res):
+    if not res["gemm"]:
+        return []
+    with_torch = any("torch_gflops" in r for r in res["gemm"])
+    head = ["GEMM", "M", "K", "N", "numpy median ms", "numpy GFLOP/s"] + (["torch.matmul GFLOP/s"] if with_torch else [])
+    rows = [[r["name"], r["M"], r["K"], r["N"], ms(r["median"], 2), num(r["gflops"])] +
+            ([num(r.get("torch_gflops"))] if with_torch else []) for r in res["gemm"]]
+    return ["## GEMM ceiling", "",
+            f"`np.matmul` on float32 (numpy's OpenBLAS sgemm, the GEMM pyincept calls, {res['plan']['threads']} threads) "
+            "on Inception v3's own GEMM shapes at batch 1. The best v3 shape is the ceiling used for "
+            f"`% of GEMM ceiling` above: **{num(gemm_ceiling(res))} GFLOP/s**. It is numpy's ceiling, not the "
+            "machine's: an engine with its own GEMM or convolution kernels (onnxruntime's MLAS, torch's oneDNN) "
+            "can pass 100%."
+            + (" `torch.matmul` shows what another BLAS gets on the same shapes." if with_torch else ""),
+            "", table(head, rows), ""]
+
+
+def accuracy_section(res):
+    acc = res["accuracy"]
+    if not acc:
+        return ["## Accuracy", "", "No other engine ran: nothing to compare pyincept's logits with.", ""]
+    head = ["engine", "max abs logit", "max abs Δ vs pyincept", "Δ ÷ max abs logit", "top-1 equal"]
+    rows = [[res["engines"][n]["label"], num(a["max_abs_logit"], 3), f"{a['max_abs_delta']:.2e}", f"{a['relative']:.2e}",
+             "yes" if a["top1_equal"] else "no"] for n, a in acc.items()]
+    return ["## Accuracy", "",
+            "The same 2 images through every engine; logits compared with pyincept's. The bar: "
+            "Δ ≤ 1e-3 of the largest logit.", "", table(head, rows), ""]
+
+
+def determinism_section(res):
+    d = res["determinism"]
+    if not d:
+        return []
+    yes = lambda b: "yes" if b else "**no**"  # noqa: E731
+    return ["## Determinism (pyincept)", "",
+            f"- Each of {d['batch']} images alone vs inside one batch of {d['batch']}: max |Δ logit| = "
+            f"{d['alone_vs_batch_max_abs']:.2e}, {d['alone_vs_batch_max_rel']:.2e} of the largest logit "
+            f"(top-1 equal: {yes(d['top1_agree'])}). Not bit-for-bit: im2col tiles span images, so BLAS sees "
+            "differently shaped GEMMs and sums in a different order.",
+            f"- The same batch twice: bit-for-bit identical: {yes(d['batch_rerun_identical'])}; "
+            f"the same single image twice: {yes(d['single_rerun_identical'])}.", ""]
+
+
+def stages_section(res):
+    L = res["layers"]
+    if not L:
+        return []
+    stages = [(s, statistics.median(s["times"])) for s in L["stages"]]
+    total = sum(t for _, t in stages)
+    head = ["stage", "kind", "median ms", "% of time", "GMACs", "% of MACs", "GFLOP/s"]
+    all_macs = sum(s["macs"] for s, _ in stages)
+    rows = [[s["name"], s["kind"], ms(t, 2), num(100 * t / total), num(s["macs"] / 1e9, 3),
+             num(100 * s["macs"] / all_macs), num(gflops(s["macs"], t))] for s, t in stages]
+    rows.append(["**sum of stages**", "", ms(total, 2), "100.0", num(all_macs / 1e9, 3), "100.0", num(gflops(all_macs, total))])
+    whole = statistics.median(L["whole_times"])
+    return ["## Where pyincept's time goes (batch 1)", "",
+            f"Each stage of `model.stages` timed on its own, called one by one as `Inception3.run` calls them "
+            f"(AuxLogits not run), median of {len(L['whole_times'])}; `model(x)` end to end: {ms(whole)} ms. "
+            "MACs from `pyincept.summary.layer_table`.", "", table(head, rows), ""]
+
+
+def scale_section(res):
+    sc = res["scale"]
+    if sc is None:
+        return ["## Scale (pyincept)", "", "Skipped (`--no-scale`).", ""]
+    if not sc["batch"] and not sc["size"]:
+        return []
+    out = ["## Scale (pyincept)", "",
+           "Each point in a fresh process: load, one warm-up, then timed passes. "
+           "`working MiB` = peak RSS − RSS after loading the model.", ""]
+    head = ["batch", "ms per batch (median)", "ms per image", "img/s", "GFLOP/s", "peak RSS MiB", "working MiB",
+            "working MiB per image"]
+    rows = []
+    for r in sc["batch"]:
+        t, b = statistics.median(r["times"]), r["batch"]
+        work = r["peak_rss_mib"] - r["after_load_mib"]
+        rows.append([b, ms(t), ms(t / b), num(b / t), num(gflops(r["macs_per_image"] * b, t)), num(r["peak_rss_mib"], 0),
+                     num(work, 0), num(work / b)])
+    out += [f"By batch size, {res['plan']['scale_size']}x{res['plan']['scale_size']}:", "", table(head, rows), ""]
+    head = ["input", "batch", "GMACs per image", "ms per batch (median)", "ms per image", "GFLOP/s", "peak RSS MiB",
+            "working MiB"]
+    rows = []
+    for r in sc["size"]:
+        t, b = statistics.median(r["times"]), r["batch"]
+        rows.append([f"{r['size']}x{r['size']}", b, num(r["macs_per_image"] / 1e9, 2), ms(t), ms(t / b),
+                     num(gflops(r["macs_per_image"] * b, t)), num(r["peak_rss_mib"], 0),
+                     num(r["peak_rss_mib"] - r["after_load_mib"], 0)])
+    out += ["By input size:", "", table(head, rows), ""]
+    return out
+
+
+# --- targets ---------------------------------------------------------------------------------
+
+
+def targets(res):
+    """[(status, kind, text)]: status PASS / FAIL / SKIP (not measured in this run)."""
+    out = []
+
+    def check(kind, text, value, limit, higher_is_better=False, unit="x"):
+        if value is None:
+            out.append(("SKIP", kind, f"{text}: not measured in this run"))
+            return
+        ok = value >= limit if higher_is_better else value <= limit
+        shown = f"{value:.2f}x" if unit == "x" else f"{value:.3g} {unit}"
+        out.append(("PASS" if ok else "FAIL", kind, f"{text}: {shown}"))
+
+    p_lat = _median(res, "pyincept", 1)
+    check("required", "batch-1 latency ≤ 1.3x onnxruntime", ratio(p_lat, _median(res, "ort", 1)), 1.3)
+    check("required", "batch-1 latency ≤ 0.75x torch eager (NCHW)", ratio(p_lat, _median(res, "torch", 1)), 0.75)
+    check("stretch", "batch-1 latency ≤ 1.0x onnxruntime", ratio(p_lat, _median(res, "ort", 1)), 1.0)
+    thr = {b: ratio(throughput(res, "pyincept", b), throughput(res, "ort", b)) if b in res["plan"]["batches"] else None
+           for b in (8, 32)}
+    check("required", "batch-8 throughput ≥ 0.8x onnxruntime", thr[8], 0.8, higher_is_better=True)
+    check("stretch", "batch-8 throughput ≥ 1.0x onnxruntime", thr[8], 1.0, higher_is_better=True)
+    check("stretch", "batch-32 throughput ≥ 1.0x onnxruntime", thr[32], 1.0, higher_is_better=True)
+    rss = ratio(peak_rss(res, "pyincept"), peak_rss(res, "ort")) if res["plan"]["rss_batch"] == 32 else None
+    check("required", "peak RSS at batch 32 ≤ 0.6x onnxruntime's", rss, 0.6)
+    warm = res["coldstart"].get("warm")
+    check("required", "warm-cache start-up (import, load, first forward) ≤ 1.5 s", warm and warm["total_s"], 1.5, unit="s")
+    acc = res["accuracy"].get("torch")
+    check("required", "pyincept vs torchvision logits: max |Δ| ≤ 1e-3 of max |logit|", acc and acc["relative"], 1e-3,
+          unit="of max |logit|")
+    return out
+
+
+def targets_section(res):
+    lines = [f"- **{status}** ({kind}) {text}" for status, kind, text in targets(res)]
+    return ["## Targets", "",
+            "Informational: the exit status never depends on these.", "", *lines, ""]

@@ -1,0 +1,273 @@
+"""One measurement in a fresh process: `python -m benchmarks.worker TASK [options]`.
+
+The suite (`python -m benchmarks`) starts one of these per measurement, one at a time,
+so every engine runs alone: its own imports, its own thread pools, its own peak memory.
+Thread counts arrive through the environment (PYINCEPT_NUM_THREADS, OPENBLAS_NUM_THREADS,
+OMP_NUM_THREADS, set by the suite) and `--threads` (torch, onnxruntime).
+
+Each task prints its result as one line, `BENCH-RESULT {json}`, last on stdout.
+
+    prepare      write the weights for every engine (engines.prepare)
+    time         batch-1 latency and batch-B throughput of one engine; saves its logits
+    rss          peak resident memory of one engine: load, warm-up, one timed pass
+    coldstart    pyincept: import, load the weight file, first batch-1 forward
+    layers       pyincept: time of each stage of `model.stages` at batch 1
+    determinism  pyincept: an image alone vs inside a batch; two runs bit-for-bit
+    scale        pyincept: time and peak memory at one batch size and input size
+    gemm         numpy sgemm GFLOP/s on Inception v3's own GEMM shapes
+
+Nothing heavy is imported at module level: `coldstart` starts its clock before numpy.
+"""
+
+import argparse
+import json
+import resource
+import sys
+import time
+
+RESULT_PREFIX = "BENCH-RESULT "
+INPUT_SEED = 1234        # the timed inputs: the same images for every engine
+ACCURACY_SEED = 7        # the accuracy input: 2 images, logits saved per engine
+
+
+def peak_rss_mib():
+    """The process's high-water resident memory so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def images(n, size=299, seed=INPUT_SEED):
+    """n deterministic NHWC float32 images, standard normal (what He-init weights expect)."""
+    import numpy as np
+
+    return np.random.default_rng(seed).standard_normal((n, size, size, 3)).astype(np.float32)
+
+
+def clock(fn, repeats, warmups=1):
+    """Seconds per call of fn(), `repeats` times, after `warmups` untimed calls."""
+    return timed(fn, repeats, warmups)[0]
+
+
+def timed(fn, repeats, warmups=1):
+    """(seconds per call, usage): usage is what the timed calls cost the whole process, all
+    threads together: CPU seconds, wall seconds, and involuntary context switches (how often
+    the kernel took a core away from us: a sign that other processes were competing)."""
+    for _ in range(warmups):
+        fn()
+    times = []
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    usage = {"cpu_s": (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime),
+             "wall_s": sum(times), "involuntary_switches": after.ru_nivcsw - before.ru_nivcsw}
+    return times, usage
+
+
+# --- tasks -----------------------------------------------------------------------------
+
+
+def task_prepare(args):
+    from benchmarks import engines
+
+    return {"written": engines.prepare(args.workdir, args.seed)}
+
+
+def task_time(args):
+    """Timings per batch size (lists of seconds); logits of the accuracy input saved as .npy."""
+    import numpy as np
+
+    from benchmarks import engines
+
+    t0 = time.perf_counter()
+    runner = engines.load(args.engine, args.workdir, args.threads)
+    load_s = time.perf_counter() - t0
+    x_all = images(max(args.batches))
+    out = {"load_s": load_s, "times": {}, "usage": {}}
+    for batch, repeats in zip(args.batches, args.repeats):
+        x = runner.to_native(x_all[:batch])
+        # Batch 1 gets two warm-ups: the first call pays JIT compilation and first-touch pages.
+        times, usage = timed(lambda: runner.forward(x), repeats, warmups=2 if batch == 1 else 1)
+        out["times"][str(batch)] = times
+        out["usage"][str(batch)] = usage
+    if args.logits_out:
+        np.save(args.logits_out, runner(images(2, seed=ACCURACY_SEED)).astype(np.float32))
+    out["peak_rss_mib"] = peak_rss_mib()
+    return out
+
+
+def task_rss(args):
+    """Peak RSS of one engine alone: after loading, then after a warm-up and a timed pass."""
+    from benchmarks import engines
+
+    runner = engines.load(args.engine, args.workdir, args.threads)
+    after_load = peak_rss_mib()
+    x = runner.to_native(images(args.batch))
+    seconds = clock(lambda: runner.forward(x), repeats=1, warmups=1)[0]
+    return {"batch": args.batch, "after_load_mib": after_load, "peak_rss_mib": peak_rss_mib(), "seconds": seconds}
+
+
+def task_coldstart(args):
+    """import pyincept + load the weight file + first batch-1 forward, timed from before numpy."""
+    t0 = time.perf_counter()
+    import pyincept
+
+    t_import = time.perf_counter()
+    model = pyincept.inception_v3(f"{args.workdir}/pyincept.npz")
+    t_load = time.perf_counter()
+    model(images(1))
+    t_first = time.perf_counter()
+    return {"import_s": t_import - t0, "load_s": t_load - t_import, "first_forward_s": t_first - t_load,
+            "total_s": t_first - t0, "peak_rss_mib": peak_rss_mib()}
+
+
+def run_stages(model, x, on_stage):
+    """Run the network stage by stage exactly as `Inception3.run` does (no taps wanted,
+    AuxLogits not run), calling on_stage(stage, seconds) after each."""
+    from pyincept.blocks import Taps
+
+    taps = Taps([])
+    x = model.ops.to_device(x)
+    for stage in model.stages:
+        t0 = time.perf_counter()
+        if stage.name == "fc":
+            x = x.reshape(x.shape[0], -1)                                  # (N, 2048)
+        x = stage(x, taps)
+        on_stage(stage, time.perf_counter() - t0)
+    return model.ops.to_host(x)
+
+
+def task_layers(args):
+    """Per-stage seconds at batch 1 (every repeat), the end-to-end seconds, and each stage's MACs."""
+    import numpy as np
+
+    import pyincept
+    from pyincept.summary import layer_table
+
+    model = pyincept.inception_v3(f"{args.workdir}/pyincept.npz")
+    x = images(1)
+    np.testing.assert_array_equal(run_stages(model, x, lambda s, t: None), model(x))   # same computation
+    samples = {s.name: [] for s in model.stages}
+    whole = []
+    for _ in range(2):                                              # warm-up
+        run_stages(model, x, lambda s, t: None)
+    for _ in range(args.repeats):                                   # staged and whole passes alternate: same load
+        run_stages(model, x, lambda s, t: samples[s.name].append(t))
+        whole += clock(lambda: model(x), 1, warmups=0)
+    macs = {r["name"]: r["macs"] for r in layer_table()}
+    stages = [{"name": s.name, "kind": type(s).__name__, "times": samples[s.name], "macs": macs[s.name]}
+              for s in model.stages]
+    return {"stages": stages, "whole_times": whole}
+
+
+def task_determinism(args):
+    """Each image alone vs inside one batch (max relative difference); repeated runs bit-for-bit."""
+    import numpy as np
+
+    import pyincept
+
+    model = pyincept.inception_v3(f"{args.workdir}/pyincept.npz")
+    x = images(args.batch)
+    batched = model(x)
+    alone = np.concatenate([model(x[i : i + 1]) for i in range(args.batch)])
+    scale = float(np.abs(batched).max())
+    return {
+        "batch": args.batch,
+        "max_abs_logit": scale,
+        "alone_vs_batch_max_abs": float(np.abs(alone - batched).max()),
+        "alone_vs_batch_max_rel": float(np.abs(alone - batched).max() / scale),
+        "top1_agree": bool((alone.argmax(1) == batched.argmax(1)).all()),
+        "batch_rerun_identical": bool(np.array_equal(model(x), batched)),
+        "single_rerun_identical": bool(np.array_equal(model(x[:1]), alone[:1])),
+    }
+
+
+def task_scale(args):
+    import pyincept
+    from pyincept.summary import layer_table, totals
+
+    model = pyincept.inception_v3(f"{args.workdir}/pyincept.npz")
+    after_load = peak_rss_mib()
+    x = images(args.batch, size=args.size)
+    times = clock(lambda: model(x), args.repeats, warmups=1)
+    peak = peak_rss_mib()
+    macs = totals(layer_table((args.size, args.size)))["macs"]      # after the peak is read: it runs a model too
+    return {"batch": args.batch, "size": args.size, "times": times, "after_load_mib": after_load,
+            "peak_rss_mib": peak, "macs_per_image": macs}
+
+
+# Inception v3's own GEMMs at batch 1, 299x299 (M rows = output pixels, K = R*S*C, N = out channels).
+GEMM_SHAPES = [
+    ("Conv2d_2b_3x3, im2col", 21609, 288, 64),
+    ("Mixed_5b, fused 1x1s", 1225, 192, 208),
+    ("Mixed_6e, fused 1x1s", 289, 768, 768),
+    ("Mixed_7b.branch3x3dbl_2, im2col", 64, 4032, 384),
+    ("square, not in v3 (reference)", 2048, 2048, 2048),
+]
+
+
+def task_gemm(args):
+    """GFLOP/s of float32 matrix products per shape: 2*M*K*N flops / median seconds.
+
+    `numpy`: np.matmul, i.e. numpy's OpenBLAS sgemm, the library pyincept's convolutions
+    call. `torch`: torch.matmul (its own BLAS), when torch is installed, for comparison.
+    """
+    import numpy as np
+
+    from benchmarks import engines
+
+    rng = np.random.default_rng(0)
+    shapes = [(name, rng.standard_normal((M, K), dtype=np.float32), rng.standard_normal((K, N), dtype=np.float32))
+              for name, M, K, N in GEMM_SHAPES]
+
+    def seconds(matmul, a, b, c):
+        once = clock(lambda: matmul(a, b, out=c), 1, warmups=1)[0]
+        repeats = max(3, min(50, int(args.seconds / max(once, 1e-6))))
+        return clock(lambda: matmul(a, b, out=c), repeats, warmups=1)
+
+    rows = []
+    for name, a, b in shapes:
+        (M, K), N = a.shape, b.shape[1]
+        rows.append({"name": name, "M": M, "K": K, "N": N,
+                     "times": seconds(np.matmul, a, b, np.empty((M, N), np.float32))})
+    if engines.installed("torch"):
+        import torch
+
+        torch.set_num_threads(args.threads)
+        for row, (name, a, b) in zip(rows, shapes):
+            a, b = torch.from_numpy(a), torch.from_numpy(b)
+            row["torch_times"] = seconds(torch.matmul, a, b, torch.empty(a.shape[0], b.shape[1]))
+    return {"shapes": rows}
+
+
+TASKS = {
+    "prepare": task_prepare, "time": task_time, "rss": task_rss, "coldstart": task_coldstart,
+    "layers": task_layers, "determinism": task_determinism, "scale": task_scale, "gemm": task_gemm,
+}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.worker", description=__doc__.splitlines()[0])
+    parser.add_argument("task", choices=TASKS)
+    parser.add_argument("engine", nargs="?", default="pyincept")
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1])
+    parser.add_argument("--repeats", type=int, nargs="+", default=[5])
+    parser.add_argument("--size", type=int, default=299)
+    parser.add_argument("--seconds", type=float, default=0.5, help="gemm: about this long per shape")
+    parser.add_argument("--logits-out")
+    args = parser.parse_args(argv)
+    if args.task != "time":
+        args.repeats = args.repeats[0]
+    elif len(args.repeats) != len(args.batches):
+        parser.error("--repeats needs one count per --batches entry")
+    result = TASKS[args.task](args)
+    sys.stdout.write(RESULT_PREFIX + json.dumps(result) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,196 @@
+"""The benchmark suite: `python -m benchmarks --quick` runs end to end (with every engine
+installed here, and with torch and onnxruntime hidden), and its pure parts are right:
+the torchvision state dict holds pyincept's weights, and the report's arithmetic and
+targets say what they should. No timing thresholds: numbers on a shared CI machine mean
+nothing, only that the suite measures and reports.
+"""
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))           # `benchmarks` is a folder of the repository, not an installed package
+
+from benchmarks import engines, report  # noqa: E402
+
+HEADERS = [
+    "# pyincept benchmark",
+    "## Headline",
+    "| engine | batch-1 latency ms (median) | min – max ms | batch-2 img/s |",
+    "## Latency, batch 1",
+    "## Throughput",
+    "## Peak memory",
+    "## Start-up (pyincept)",
+    "## GEMM ceiling",
+    "## Accuracy",
+    "## Determinism (pyincept)",
+    "## Where pyincept's time goes (batch 1)",
+    "## Targets",
+]
+
+
+def run_suite(tmp_path, *args, env=None):
+    import os
+
+    return subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--quiet", *args], cwd=ROOT,
+                          env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=300)
+
+
+def test_quick_suite_runs_and_reports(tmp_path):
+    out = tmp_path / "report.md"
+    p = run_suite(tmp_path, "--out", str(out))
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    text = p.stdout
+    for header in HEADERS + ["## Scale (pyincept)", "By batch size, 299x299:", "By input size:"]:
+        assert header in text, header
+    assert out.read_text() == text
+    assert "| pyincept | " in text
+    assert "## Errors" not in text
+    if importlib.util.find_spec("torch"):
+        assert "| torch eager NCHW | " in text and "| torch eager channels_last | " in text
+        assert "PASS** (required) pyincept vs torchvision logits" in text     # correctness is not a timing
+    if importlib.util.find_spec("onnxruntime") and importlib.util.find_spec("torch"):
+        assert "| onnxruntime | " in text
+    else:
+        assert "**onnxruntime**: skipped" in text
+
+
+HIDE = '''import sys
+class _Hide:
+    """Pretend torch, torchvision, onnx and onnxruntime are not installed."""
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "torchvision", "onnx", "onnxruntime"):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, _Hide())
+'''
+
+
+def test_quick_suite_without_torch_or_onnxruntime(tmp_path):
+    (tmp_path / "sitecustomize.py").write_text(HIDE)
+    p = run_suite(tmp_path, "--no-scale", env={"PYTHONPATH": str(tmp_path)})
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    for header in HEADERS:
+        assert header in p.stdout, header
+    assert "**torch eager NCHW**: skipped, not installed (torch, torchvision)" in p.stdout
+    assert "**onnxruntime**: skipped, not installed (onnxruntime)" in p.stdout
+    assert "Skipped (`--no-scale`)." in p.stdout
+    assert "| pyincept | " in p.stdout and "| torch eager NCHW | " not in p.stdout
+
+
+# --- the same weights in torchvision ------------------------------------------------------
+
+
+def test_torchvision_state_dict_holds_pyincepts_weights():
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("torchvision")
+    from pyincept.inception_v3 import Inception3, random_parameters
+    from pyincept.weights import torch_to_pyincept
+
+    params = random_parameters(3)
+    state = engines.torchvision_state_dict(params)
+    back = torch_to_pyincept({k: v.numpy() for k, v in state.items()})          # pyincept's own converter
+    assert back.keys() == params.keys()
+    for key in params:
+        np.testing.assert_array_equal(back[key], params[key], err_msg=key)
+
+    x = np.random.default_rng(0).standard_normal((2, 299, 299, 3)).astype(np.float32)
+    ours = Inception3().load_parameters(params)(x)
+    with torch.inference_mode():
+        theirs = engines.torchvision_model(state)(torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()).numpy()
+    assert np.abs(ours - theirs).max() <= 1e-3 * np.abs(theirs).max()
+    assert (ours.argmax(1) == theirs.argmax(1)).all()
+
+
+def test_missing_engine_says_why(tmp_path):
+    assert engines.missing("pyincept") is None
+    assert engines.missing("pyincept", tmp_path) == f"no {engines.PYINCEPT_WEIGHTS}"
+    if engines.installed("onnxruntime"):
+        assert "needs torch" in engines.missing("ort", tmp_path)
+    assert not engines.installed("surely_not_a_module_here")
+
+
+# --- the report's arithmetic ---------------------------------------------------------------
+
+
+def fake_results(batches=(1, 8, 32), rss_batch=32, ort=True):
+    """What `benchmarks.__main__.run` returns, with round numbers: pyincept 100 ms per image
+    at every batch, onnxruntime 80 ms, torch 150 ms."""
+    per_image = {"pyincept": 0.100, "torch": 0.150, "ort": 0.080}
+    names = ["pyincept", "torch"] + (["ort"] if ort else [])
+    plan = {"quick": False, "rounds": 1, "batches": list(batches), "repeats": [3] * len(batches), "threads": 2,
+            "seed": 0, "rss_batch": rss_batch, "scale_size": 299}
+    return {
+        "plan": plan,
+        "engines": {**{n: {"label": engines.label(n), "skipped": None} for n in names},
+                    **({} if ort else {"ort": {"label": "onnxruntime", "skipped": "not installed (onnxruntime)"}})},
+        "times": {n: {b: [per_image[n] * b * f for f in (0.9, 1.0, 1.2)] for b in batches} for n in names},
+        "usage": {n: {b: {"cpu_s": 2.0, "wall_s": 1.0, "involuntary_switches": 10} for b in batches} for n in names},
+        "loadavg": {n: [2.0] for n in names},
+        "load_s": {},
+        "rss": {n: {"batch": rss_batch, "after_load_mib": 300.0, "peak_rss_mib": m, "seconds": 1.0}
+                for n, m in {"pyincept": 500.0, "torch": 1000.0, "ort": 1000.0}.items() if n in names},
+        "coldstart": {"warm": {"import_s": 0.2, "load_s": 0.2, "first_forward_s": 0.2, "total_s": 0.6, "wall_s": 0.7,
+                               "peak_rss_mib": 350.0}},
+        "gemm": [{"name": "Mixed_6e, fused 1x1s", "M": 289, "K": 768, "N": 768, "median": 0.001, "gflops": 200.0},
+                 {"name": "square, not in v3 (reference)", "M": 2048, "K": 2048, "N": 2048, "median": 0.08,
+                  "gflops": 250.0}],
+        "layers": {"stages": [{"name": "Conv2d_1a_3x3", "kind": "BasicConv2d", "times": [0.01], "macs": 10**9},
+                              {"name": "fc", "kind": "Linear", "times": [0.03], "macs": 2 * 10**9}],
+                   "whole_times": [0.04]},
+        "determinism": {"batch": 8, "max_abs_logit": 7.0, "alone_vs_batch_max_abs": 1e-6, "alone_vs_batch_max_rel": 1e-7,
+                        "top1_agree": True, "batch_rerun_identical": True, "single_rerun_identical": True},
+        "scale": None,
+        "accuracy": {"torch": {"max_abs_logit": 7.0, "max_abs_delta": 7e-6, "relative": 1e-6, "top1_equal": True}},
+        "macs_per_image": 5_713_000_000,
+        "prepared": {"pyincept.npz": "x"},
+        "errors": [],
+        "elapsed_s": 1.0,
+        "command": "python -m benchmarks",
+        "date": "today",
+        "loadavg_start": (0.1, 0.1, 0.1),
+        "loadavg_end": (2.0, 1.0, 0.5),
+        "machine": report.machine(),
+        "versions": report.versions(),
+        "blas": "openblas",
+    }
+
+
+def test_summary_and_ratio():
+    assert report.summary([3.0, 1.0, 2.0]) == {"median": 2.0, "min": 1.0, "max": 3.0, "n": 3}
+    assert report.summary([]) is None
+    assert report.ratio(1.0, None) is None and report.ratio(None, 2.0) is None and report.ratio(1.0, 4.0) == 0.25
+    assert report.gflops(5_713_000_000, 0.1) == pytest.approx(114.26)
+
+
+def test_targets_pass_fail_skip():
+    status = {text.split(":")[0]: s for s, _, text in report.targets(fake_results())}
+    assert status["batch-1 latency ≤ 1.3x onnxruntime"] == "PASS"            # 100 / 80 = 1.25
+    assert status["batch-1 latency ≤ 1.0x onnxruntime"] == "FAIL"
+    assert status["batch-1 latency ≤ 0.75x torch eager (NCHW)"] == "PASS"      # 100 / 150 = 0.67
+    assert status["batch-8 throughput ≥ 0.8x onnxruntime"] == "PASS"           # 0.8 exactly
+    assert status["batch-32 throughput ≥ 1.0x onnxruntime"] == "FAIL"
+    assert status["peak RSS at batch 32 ≤ 0.6x onnxruntime's"] == "PASS"       # 500 / 1000
+    assert status["warm-cache start-up (import, load, first forward) ≤ 1.5 s"] == "PASS"
+    assert status["pyincept vs torchvision logits"] == "PASS"
+
+    quick = {text.split(":")[0]: s for s, _, text in report.targets(fake_results(batches=(1, 2), rss_batch=2, ort=False))}
+    assert quick["batch-1 latency ≤ 1.3x onnxruntime"] == "SKIP"
+    assert quick["batch-8 throughput ≥ 0.8x onnxruntime"] == "SKIP"
+    assert quick["peak RSS at batch 32 ≤ 0.6x onnxruntime's"] == "SKIP"
+    assert quick["batch-1 latency ≤ 0.75x torch eager (NCHW)"] == "PASS"
+
+
+def test_render_has_every_section_and_the_ratios():
+    text = report.render(fake_results())
+    for header in HEADERS[:2] + HEADERS[3:]:
+        assert header in text, header
+    assert "| onnxruntime | 1.25x | 0.80x | 0.80x | 0.50x |" in text     # pyincept ÷ ort: latency, b8, b32, RSS
+    assert "| torch eager NCHW | 0.67x | 1.50x | 1.50x | 0.50x |" in text
+    assert "ceiling used for `% of GEMM ceiling` above: **200.0 GFLOP/s**" in text   # the square is not the ceiling
+    text = report.render(fake_results(batches=(1, 2), rss_batch=2, ort=False))
+    assert "**onnxruntime**: skipped, not installed (onnxruntime)" in text
