@@ -194,3 +194,16 @@ def test_render_has_every_section_and_the_ratios():
     assert "ceiling used for `% of GEMM ceiling` above: **200.0 GFLOP/s**" in text   # the square is not the ceiling
     text = report.render(fake_results(batches=(1, 2), rss_batch=2, ort=False))
     assert "**onnxruntime**: skipped, not installed (onnxruntime)" in text
+
+
+def test_gpu_benchmark_without_a_gpu_says_why():
+    """`python -m benchmarks.gpu` with no GPU visible: one line on stderr, exit 2, no traceback."""
+    import os
+
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    env.pop("NUMBA_ENABLE_CUDASIM", None)
+    result = subprocess.run([sys.executable, "-m", "benchmarks.gpu"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.startswith("benchmarks.gpu: device 'cuda' "), result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr

@@ -9,8 +9,9 @@ the variable set; there, and only there, the `TestUnderSimulator` class is colle
 The simulator is slow (a Python thread per GPU thread): shapes are tiny.
 
 In this process: the one-line error when CUDA is unavailable, every kernel compiled to
-PTX (when the CUDA compiler is installed), and on a real GPU the whole network against
-the CPU within the core bar.
+PTX (when the CUDA compiler is installed), and on a real GPU both `TestUnderSimulator`
+(now on the hardware) and the whole network against the CPU within the core bar:
+`pytest tests/test_cuda.py -k "TestUnderSimulator or real_gpu"` is the GPU check.
 """
 
 import importlib.util
@@ -32,6 +33,21 @@ from strategies import conv_geometry, pool_geometry, seeds
 ROOT = Path(__file__).resolve().parent.parent
 SIMULATING = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 HAVE_NUMBA_CUDA = importlib.util.find_spec("numba_cuda") is not None
+
+
+def _real_gpu():
+    """True where numba-cuda sees a real GPU (never under the simulator, never on CI)."""
+    if SIMULATING or not HAVE_NUMBA_CUDA:
+        return False
+    try:
+        from numba import cuda
+
+        return bool(cuda.is_available())
+    except Exception:  # noqa: BLE001 - a broken driver counts as no GPU
+        return False
+
+
+REAL_GPU = _real_gpu()
 SENTINEL = np.float32(7.25)     # fills the channels of an `out` buffer a kernel must not touch
 
 
@@ -187,7 +203,7 @@ def test_whole_network_on_a_real_gpu_matches_the_cpu(request):
         np.testing.assert_allclose(taps[name], cpu_taps[name], rtol=1e-3, atol=1e-3 * np.abs(cpu_taps[name]).max())
 
 
-# --- under the simulator (collected only in the subprocess above) ------------------------------
+# --- under the simulator (collected in the subprocess above, or here on a real GPU) -----------
 
 
 def tiny_conv(geometry):
@@ -216,9 +232,10 @@ def close(actual, expected, atol=1e-5):
 
 
 class TestUnderSimulator:
-    """Every kernel in kernels.cuda against kernels.cpu, run by Numba's CUDA simulator."""
+    """Every kernel in kernels.cuda against kernels.cpu, run by Numba's CUDA simulator;
+    on a machine with a real GPU, run on the GPU in this process as well."""
 
-    __test__ = SIMULATING
+    __test__ = SIMULATING or REAL_GPU
     SETTINGS = settings(max_examples=6, deadline=None, derandomize=True)
 
     @property

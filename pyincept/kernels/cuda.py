@@ -31,6 +31,7 @@ straight into its module's concatenated output.
 
 import math
 import threading
+import warnings
 
 import numpy as np
 
@@ -55,6 +56,11 @@ else:
         _IMPORT_PROBLEM = "numba's built-in CUDA target is deprecated"
 
 _INSTALL = 'pip install "pyincept[cuda]"'
+
+# Inception's late layers are small (8x8 maps; one image at a time), so many launches use
+# fewer than the 128 blocks numba's heuristic asks for and it warns on every such call.
+# Here that is by design, not a mistake: only that one message is silenced.
+warnings.filterwarnings("ignore", message=r"Grid size \d+ will likely result in GPU under-utilization")
 
 
 def _simulating():
