@@ -4,8 +4,9 @@ Model code reads nothing from the environment itself; it asks this module.
 
 Environment variables
 ---------------------
-PYINCEPT_NUM_THREADS   threads for Numba kernels and BLAS (default: all cores;
-                       from Python: pyincept.set_num_threads(n))
+PYINCEPT_NUM_THREADS   threads for a forward pass: BLAS threads at batch 1, images
+                       run side by side above (default: all cores; from Python:
+                       pyincept.set_num_threads(n))
 PYINCEPT_CACHE         folder for downloaded and converted weights
                        (default: the platform's user cache folder, e.g. ~/.cache/pyincept)
 PYINCEPT_WEIGHTS       a converted .npz to use when no --weights is given
@@ -14,15 +15,17 @@ PYINCEPT_WEIGHTS       a converted .npz to use when no --weights is given
 import os
 
 # --- Numba -------------------------------------------------------------------
-# Numba's default "omp" threading layer fights OpenBLAS's own thread pool and made
-# a prototype 7x slower on a 2-core machine. "workqueue" is Numba's built-in pool:
-# no OpenMP runtime, no oversubscription with BLAS.
-THREADING_LAYER = "workqueue"
-
 # Flags for every @njit in pyincept.kernels. cache=True writes compiled machine
 # code beside the source (or to NUMBA_CACHE_DIR) so later imports skip the JIT.
+# The CPU kernels are serial (no parallel=True): threads come from running batch
+# shards side by side, see kernels/cpu.py, so no Numba threading layer is involved.
 JIT_OPTIONS = {"cache": True, "nogil": True, "fastmath": False, "error_model": "numpy"}
-PARALLEL_JIT_OPTIONS = {**JIT_OPTIONS, "parallel": True}
+
+# --- Batches ----------------------------------------------------------------------
+# The CPU runs a batch in micro-batches of at most this many images, spread over its
+# threads. Activation memory grows with the micro-batch, not the batch; the GEMMs of the
+# 8x8 modules still have 4 * 64 = 256 rows, enough for BLAS to run at full speed.
+MICRO_BATCH = 4
 
 # --- CUDA (optional: pip install "pyincept[cuda]") --------------------------------
 # Flags for every @cuda.jit in pyincept.kernels.cuda. cache=True keeps compiled GPU

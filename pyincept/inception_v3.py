@@ -154,6 +154,8 @@ class Inception3:
         Names are dotted torchvision names: a stage (`Mixed_6e`, `avgpool`, `fc`), a
         layer inside one (`Mixed_5b.branch_pool`, `Mixed_7b.branch3x3_2a`), or the aux
         head (`AuxLogits`, `AuxLogits.conv1`). Stops after the last stage needed.
+        A batch runs in micro-batches spread over the device's threads
+        (`kernels.map_batch`); the outputs are joined back along the batch axis.
         """
         outputs = [outputs] if isinstance(outputs, str) else list(outputs)
         x = self._check_input(x)
@@ -161,6 +163,13 @@ class Inception3:
         for name in outputs:
             if name not in known:
                 raise PyinceptError(f"unknown layer {name!r}; `pyincept layers` lists the names")
+        parts = self.ops.map_batch(lambda batch: self._run(x[batch], outputs), len(x))
+        if len(parts) == 1:
+            return parts[0]
+        return {name: np.concatenate([part[name] for part in parts]) for name in outputs}
+
+    def _run(self, x, outputs):
+        """`run` for one micro-batch, on the thread that calls it."""
         taps = Taps(outputs, to_host=self.ops.to_host)
         x = self.ops.to_device(x)
         stage_names = [s.name for s in self.stages]

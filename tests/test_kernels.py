@@ -212,15 +212,23 @@ def test_bias_act_on_a_channel_slice(N, H, W, K, relu, seed):
     assert (out[..., :3] == 0).all()
 
 
-def test_conv2d_tiles_large_inputs_through_bounded_scratch(monkeypatch):
-    """im2col in tiles of output rows: results do not depend on the tile size."""
+@pytest.mark.parametrize("scratch_floats", [1, 64, 19 * 9 * 6 * 2])
+def test_conv2d_tiles_large_inputs_through_bounded_scratch(monkeypatch, scratch_floats):
+    """im2col in tiles of output pixels (one pixel; a few, spanning rows; two rows; with
+    a channel-slice output too): results do not depend on the tile size."""
     rng = np.random.default_rng(4)
     x, w, b = randn(rng, 2, 23, 19, 6), randn(rng, 3, 3, 6, 5), randn(rng, 5)
     whole = cpu.conv2d(x, w, b, 1, 1, relu=True)
-    monkeypatch.setattr(cpu, "_SCRATCH_FLOATS", 19 * 9 * 6 * 2)            # two output rows per tile
+    monkeypatch.setattr(cpu, "_SCRATCH_FLOATS", scratch_floats)
     tiled = cpu.conv2d(x, w, b, 1, 1, relu=True)
     close(tiled, whole)
     close(tiled, ref.conv2d(x, w, b, 1, 1, relu=True))
+    out = np.full((2, 23, 19, 8), 7.0, np.float32)
+    cpu.conv2d(x, w, b, 1, 1, relu=True, out=out[..., 2:7])
+    close(out[..., 2:7], whole)
+    assert (out[..., :2] == 7).all() and (out[..., 7:] == 7).all()
+    pointwise = randn(rng, 1, 1, 6, 5)
+    close(cpu.conv2d(x, pointwise, b), ref.conv2d(x, pointwise, b))
 
 
 def test_arena_recycles_only_dead_buffers():
@@ -240,19 +248,39 @@ def test_arena_recycles_only_dead_buffers():
     assert not np.shares_memory(b, c) and c.flags.c_contiguous and c.flags.writeable
 
 
-def test_thread_count_from_environment_reaches_numba_and_blas():
+def test_thread_count_from_environment_reaches_blas():
     import subprocess
     import sys
 
     code = (
-        "import numba, threadpoolctl, pyincept\n"
-        "blas = [p['num_threads'] for p in threadpoolctl.threadpool_info() if p['user_api'] == 'blas']\n"
-        "print(numba.get_num_threads(), blas)\n"
+        "import threadpoolctl, pyincept\n"
+        "from pyincept.kernels import cpu\n"
+        "blas = lambda: sorted({p['num_threads'] for p in threadpoolctl.threadpool_info() if p['user_api'] == 'blas'})\n"
+        "print(cpu.get_num_threads(), blas())\n"
         "pyincept.set_num_threads(1)\n"
-        "blas = [p['num_threads'] for p in threadpoolctl.threadpool_info() if p['user_api'] == 'blas']\n"
-        "print(numba.get_num_threads(), blas)\n"
+        "print(cpu.get_num_threads(), blas())\n"
     )
     env = dict(__import__("os").environ, PYINCEPT_NUM_THREADS="2")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout.split("\n")
-    assert out[0] == "2 [2]"            # numba threads, then each BLAS pool's threads
+    assert out[0] == "2 [2]"            # pyincept's threads, then every BLAS library's
     assert out[1] == "1 [1]"
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("N", [1, 2, 5, 9])
+def test_map_batch_covers_the_batch_in_order(monkeypatch, threads, N):
+    """Every image exactly once, in order, in micro-batches of at most MICRO_BATCH, on up to `threads` threads."""
+    from pyincept import config
+
+    monkeypatch.setattr(config, "MICRO_BATCH", 2)
+    previous = cpu.get_num_threads()
+    cpu.set_num_threads(threads)
+    try:
+        parts = cpu.map_batch(lambda s: (s, __import__("threading").get_ident()), N)
+    finally:
+        cpu.set_num_threads(previous)
+    slices = [s for s, _ in parts]
+    covered = [i for s in slices for i in range(N)[s]]
+    assert covered == list(range(N))
+    assert all(0 < s.stop - s.start <= 2 for s in slices)
+    assert len({ident for _, ident in parts}) <= threads

@@ -3,7 +3,8 @@ numba.cuda twins in `cuda` (imported only when asked for).
 
 Model code imports kernels from this package only, never numba itself. A kernel set
 (this package, or `cuda`) is what `backend(device)` returns: the same functions, each
-working on that device's arrays, plus `empty`, `to_device` and `to_host`.
+working on that device's arrays, plus `empty`, `to_device`, `to_host` and `map_batch` (how a batch is split across
+the device's threads).
 """
 
 import sys
@@ -18,6 +19,7 @@ from .cpu import (
     empty,
     global_avg_pool2d,
     linear,
+    map_batch,
     max_pool2d,
     relu,
     softmax,
@@ -33,6 +35,7 @@ __all__ = [
     "empty",
     "global_avg_pool2d",
     "linear",
+    "map_batch",
     "max_pool2d",
     "relu",
     "softmax",

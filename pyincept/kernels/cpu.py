@@ -1,6 +1,6 @@
 """The fast CPU kernels: Numba-compiled im2col, pooling, concatenation and epilogues.
 
-Each kernel is a private jitted body (`_im2col`, `_max_pool`, ...) behind a small
+Each kernel is a private jitted body (`_unfold`, `_pool`, ...) behind a small
 public wrapper that checks shapes and dtypes, allocates the output and calls it.
 Every public function here has a plain-NumPy twin of the same name and signature
 in `reference.py`; read that one first. The matrix products themselves go to
@@ -18,91 +18,158 @@ What this is not: a general tensor library. Only float32, only what Inception ne
 
 import threading
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 
-import numba
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from .. import config
 from .geometry import conv_output_size, pad4, pair, pool_output_size
 
-# Chosen once, before any parallel kernel runs (see config.THREADING_LAYER for why).
-numba.config.THREADING_LAYER = config.THREADING_LAYER
+# --- threads ------------------------------------------------------------------------
+# Every Numba kernel here is serial, and the only thread pool is NumPy's BLAS. Measured
+# on a 2-core machine (issue 4): OpenBLAS's idle threads spin for a while after every
+# GEMM, so a Numba parallel kernel launched between two GEMMs ran at half speed (the
+# bias+ReLU epilogues took 12.5 ms per image in parallel, 5.4 ms serially), and waking
+# Numba's pool cost ~70 us a call. So:
+#   batch 1:  one thread of Python drives the network; the GEMMs use all n BLAS threads;
+#   batch >1: `map_batch` splits the batch into n shards that run concurrently, one per
+#             thread, each with single-threaded BLAS: every core runs its own images,
+#             unfold, GEMM, epilogue and pooling alike, and nothing spins.
+
+_threads = 1
+_blas = []                  # threadpoolctl controllers of every BLAS library loaded
+_executor = None            # the shard threads (created on first use)
 
 
 def set_num_threads(n):
-    """Threads for the Numba kernels and for the BLAS that runs the GEMMs.
+    """Threads for a forward pass: BLAS threads at batch 1, concurrent shards above; returns n."""
+    global _threads, _blas, _executor
+    from threadpoolctl import ThreadpoolController
 
-    There is one BLAS pool: NumPy's OpenBLAS, called from Python between kernels (no
-    Numba kernel calls np.dot, which would wake SciPy's separate OpenBLAS). Numba and
-    BLAS take turns, but OpenBLAS's idle threads yield-spin for a while after each GEMM:
-    the benchmark suite measures ~20k involuntary context switches per second, an open
-    lead for issue 4.
-    """
-    from threadpoolctl import threadpool_limits
-
-    n = max(1, min(int(n), numba.config.NUMBA_NUM_THREADS))
-    numba.set_num_threads(n)
-    threadpool_limits(n, user_api="blas")
+    n = max(1, int(n))
+    _blas = ThreadpoolController().select(user_api="blas").lib_controllers
+    for lib in _blas:
+        lib.set_num_threads(n)
+    if _executor is not None and _threads != n:
+        _executor.shutdown(wait=True)
+        _executor = None
+    _threads = n
     return n
 
 
-if config.threads_from_environment() is not None:
-    set_num_threads(config.threads_from_environment())
-else:
-    numba.set_num_threads(min(config.num_threads(), numba.config.NUMBA_NUM_THREADS))
+def get_num_threads():
+    return _threads
+
+
+def map_batch(fn, N):
+    """[fn(slice) for each micro-batch of a batch of N], in order, run on every thread.
+
+    The batch is cut into micro-batches of at most config.MICRO_BATCH images (activation
+    memory grows with the micro-batch, not the batch) dealt out to `_threads` shards,
+    one Python thread each, running concurrently with single-threaded BLAS. Every image
+    goes through the same kernels whatever the shard, so results do not depend on the
+    thread count beyond float rounding in the GEMMs.
+    """
+    global _executor
+    size = max(1, min(config.MICRO_BATCH, -(-N // _threads)))
+    slices = [slice(i, min(N, i + size)) for i in range(0, N, size)]
+    shards = min(_threads, len(slices))
+    if shards == 1:
+        return [fn(s) for s in slices]
+    if _executor is None:
+        _executor = ThreadPoolExecutor(_threads, thread_name_prefix="pyincept")
+    groups = [slices[i::shards] for i in range(shards)]          # shard i: micro-batches i, i+shards, ...
+    with _single_threaded_blas():
+        done = list(_executor.map(lambda group: [fn(s) for s in group], groups))
+    results = [None] * len(slices)
+    for i, group_results in enumerate(done):
+        results[i::shards] = group_results
+    return results
+
+
+class _single_threaded_blas:
+    """BLAS at 1 thread while the shards run (each shard is a thread already), then back."""
+
+    _lock = threading.Lock()
+    _depth = 0
+
+    def __enter__(self):
+        with self._lock:
+            if _single_threaded_blas._depth == 0:
+                for lib in _blas:
+                    lib.set_num_threads(1)
+            _single_threaded_blas._depth += 1
+
+    def __exit__(self, *exc):
+        with self._lock:
+            _single_threaded_blas._depth -= 1
+            if _single_threaded_blas._depth == 0:
+                for lib in _blas:
+                    lib.set_num_threads(_threads)
+
+
+set_num_threads(config.num_threads())   # PYINCEPT_NUM_THREADS, else every core
 
 _jit = njit(**config.JIT_OPTIONS)
-_jit_parallel = njit(**config.PARALLEL_JIT_OPTIONS)
 
 
 # --- convolution ------------------------------------------------------------------
 
 
-@_jit_parallel
-def _im2col(x, R, S, sh, sw, top, left, OH, OW, g0, rows, cols):
-    """Unfold output rows g0 .. g0+rows-1 of the whole batch into cols (rows*OW, R*S*C).
+@_jit
+def _unfold(x, R, S, sh, sw, top, left, OH, OW, p0, cols):
+    """im2col for output pixels p0 .. p0+m-1 of the whole batch (m = len(cols)).
 
-    Output row g is image n = g // OH, row oh = g % OH, so a tile may span images and
-    the GEMM after it sees many images' pixels at once (taller, faster matrices for
-    the 17x17 and 8x8 modules). cols[i*OW + ow, (r*S + s)*C + c] = x[n, ih, iw, c],
-    zero outside the image: padding is never materialised.
+    Pixel p is image n = p // (OH*OW), output row oh, column ow, so a tile may span
+    images. cols[i, (r*S + s)*C + c] = x[n, oh*sh - top + r, ow*sw - left + s, c], zero
+    outside the image: padding is never materialised. x is C-contiguous, so for each
+    kernel row r the S*C values of a window that lies inside the image are one
+    contiguous run of x: they go over in one loop.
     """
     N, H, W, C = x.shape
-    for i in prange(rows):
-        n = (g0 + i) // OH
-        oh = (g0 + i) % OH
-        for ow in range(OW):
-            row = i * OW + ow
-            for r in range(R):
-                ih = oh * sh - top + r
+    SC = S * C
+    for i in range(cols.shape[0]):
+        n, q = divmod(p0 + i, OH * OW)
+        oh, ow = divmod(q, OW)
+        w0 = ow * sw - left                                  # the window's first column
+        for r in range(R):
+            ih = oh * sh - top + r
+            base = r * SC
+            if ih < 0 or ih >= H:
+                for j in range(SC):
+                    cols[i, base + j] = 0.0
+            elif 0 <= w0 and w0 + S <= W:                    # the whole window row is inside
+                row = x[n, ih].reshape(W * C)                # (W*C,), a view
+                start = w0 * C
+                for j in range(SC):
+                    cols[i, base + j] = row[start + j]
+            else:
                 for s in range(S):
-                    iw = ow * sw - left + s
-                    base = (r * S + s) * C
-                    if 0 <= ih < H and 0 <= iw < W:
-                        cols[row, base : base + C] = x[n, ih, iw, :]
+                    iw = w0 + s
+                    at = base + s * C
+                    if 0 <= iw < W:
+                        for c in range(C):
+                            cols[i, at + c] = x[n, ih, iw, c]
                     else:
-                        cols[row, base : base + C] = 0.0
+                        for c in range(C):
+                            cols[i, at + c] = 0.0
 
 
-@_jit_parallel
-def _bias_act(acc, bias, relu, out):
-    """The conv epilogue: out[n, h, w, k] = max(0, acc[n, h, w, k] + bias[k]).
+@_jit
+def _finish(acc, bias, relu, p0, out):
+    """The conv epilogue for pixels p0 .. p0+m-1: out[p0+i, k] = max(0, acc[i, k] + bias[k]).
 
-    Either array may be a strided channel slice of a larger buffer: that is how a
-    branch writes straight into its module's concatenated output, with no copy later,
-    and how the fused 1x1 GEMM of a module hands each branch its columns.
+    out is (M, K) and may be a strided channel slice of a larger buffer: that is how a
+    branch writes straight into its module's concatenated output.
     """
-    N, H, W, K = out.shape
-    for job in prange(N * H):
-        n = job // H
-        h = job % H
-        for w in range(W):
-            for k in range(K):
-                v = acc[n, h, w, k] + bias[k]
-                if relu and v < 0.0:
-                    v = 0.0
-                out[n, h, w, k] = v
+    m, K = acc.shape
+    for i in range(m):
+        for k in range(K):
+            v = acc[i, k] + bias[k]
+            if relu and v < 0.0:
+                v = 0.0
+            out[p0 + i, k] = v
 
 
 def bias_act(x, bias, relu=True, out=None):
@@ -112,8 +179,20 @@ def bias_act(x, bias, relu=True, out=None):
     if bias.shape != (x.shape[3],):
         raise ValueError(f"bias must be ({x.shape[3]},), got {bias.shape}")
     out = _output(out, x.shape)
-    _bias_act(x, bias, relu, out)
+    _epilogue(_pixels(x), bias, relu, _pixels(out))
     return out
+
+
+def _pixels(a):
+    """(N, H, W, K) -> a (N*H*W, K) view of the same memory (a channel slice stays a view)."""
+    view = a.view()
+    view.shape = (a.shape[0] * a.shape[1] * a.shape[2], a.shape[3])   # raises rather than copy
+    return view
+
+
+def _epilogue(acc, bias, relu, out):
+    """out = max(0, acc + bias), both (M, K)."""
+    _finish(acc, bias, relu, 0, out)
 
 
 def conv2d(x, w, bias=None, stride=1, padding=0, relu=False, out=None):
@@ -124,13 +203,12 @@ def conv2d(x, w, bias=None, stride=1, padding=0, relu=False, out=None):
     out: optional (N,OH,OW,K) float32 array to write into, e.g. a channel slice of a
          concat buffer.
 
-    A 1x1 stride-1 convolution is already a matrix product over pixels, so it skips
-    im2col: (N*H*W, C) @ (C, K). Anything else unfolds a tile of output rows at a time
-    (rows of several images when they fit) into a scratch matrix reused across tiles and
-    calls, which bounds the extra memory (the unfolded patches are R*S times the input)
-    to _SCRATCH_FLOATS.
-    The GEMM writes straight into `out` when `out` is contiguous; the bias and ReLU
-    then run in place.
+    Output pixels (N*OH*OW of them, counted across the batch) go in tiles of at most
+    _SCRATCH_FLOATS unfolded values: each tile is unfolded (im2col) into a scratch
+    matrix reused across tiles and calls, multiplied by the (R*S*C, K) weights straight
+    into `out` (when `out` is contiguous), and finished (bias, ReLU) while it is still
+    in cache. A 1x1 stride-1 convolution skips the unfolding: its input already is the
+    (N*H*W, C) matrix.
     """
     x = _check_nhwc(x, "x")
     w = _as_f32(w)
@@ -144,38 +222,36 @@ def conv2d(x, w, bias=None, stride=1, padding=0, relu=False, out=None):
     OW = conv_output_size(W, S, sw, left, right)
     if OH < 1 or OW < 1:
         raise ValueError(f"input {H}x{W} is smaller than kernel {R}x{S} with padding {(top, bottom, left, right)}")
-    if bias is not None:
-        bias = _as_f32(bias)
-        if bias.shape != (K,):
-            raise ValueError(f"bias must be ({K},), got {bias.shape}")
+    bias = _zeros(K) if bias is None else _as_f32(bias)
+    if bias.shape != (K,):
+        raise ValueError(f"bias must be ({K},), got {bias.shape}")
     out = _output(out, (N, OH, OW, K))
-    wmat = w.reshape(R * S * C, K)                                     # (R*S*C, K)
-    # GEMM target: `out` itself when its rows are contiguous, else a scratch buffer.
-    direct = out.flags.c_contiguous
-    acc = out if direct else _scratch("acc", (N, OH, OW, K))
+    D = R * S * C
+    wmat = w.reshape(D, K)                                             # (D = R*S*C, K)
+    out2d = _pixels(out)                                               # (M = N*OH*OW, K)
+    M = out2d.shape[0]
+    pointwise = (R, S, sh, sw, top, bottom, left, right) == (1, 1, 1, 1, 0, 0, 0, 0)
+    x2d = x.reshape(M, C) if pointwise else None
 
-    if (R, S, sh, sw, top, bottom, left, right) == (1, 1, 1, 1, 0, 0, 0, 0):
-        np.matmul(x.reshape(N * H * W, C), wmat, out=acc.reshape(N * H * W, K))
-    else:
-        # Tiles of whole output rows, counted across the batch (row g = image g // OH).
-        total_rows = N * OH
-        rows_per_tile = max(1, min(total_rows, _SCRATCH_FLOATS // max(1, OW * R * S * C)))
-        cols = _scratch("cols", (rows_per_tile * OW, R * S * C))
-        acc_rows = acc.reshape(total_rows * OW, K)                     # (N*OH*OW, K)
-        for g0 in range(0, total_rows, rows_per_tile):
-            rows = min(rows_per_tile, total_rows - g0)
-            tile = cols[: rows * OW]                                    # (rows*OW, R*S*C)
-            _im2col(x, R, S, sh, sw, top, left, OH, OW, g0, rows, tile)
-            np.matmul(tile, wmat, out=acc_rows[g0 * OW : (g0 + rows) * OW])
-    if bias is not None or relu or not direct:
-        _bias_act(acc, bias if bias is not None else _zeros(K), relu, out)
+    tile = max(1, min(M, _SCRATCH_FLOATS // D))
+    for p0 in range(0, M, tile):
+        m = min(tile, M - p0)
+        if pointwise:
+            cols = x2d[p0 : p0 + m]                                    # (m, C): no unfolding
+        else:
+            cols = _scratch("cols", (m, D))                            # (m, R*S*C)
+            _unfold(x, R, S, sh, sw, top, left, OH, OW, p0, cols)
+        dest = out2d[p0 : p0 + m]
+        acc = dest if dest.flags.c_contiguous else _scratch("acc", (m, K))
+        np.matmul(cols, wmat, out=acc)                                 # (m, K)
+        _finish(acc, bias, relu, 0, dest)                             # in place when acc is dest
     return out
 
 
 # Unfolded patches of one tile must fit here: 4M floats = 16 MB, below glibc's 32 MB
-# mmap threshold, and reused across calls, so no page is faulted in twice.
+# mmap threshold, and reused across calls (one per thread), so no page is faulted in twice.
 _SCRATCH_FLOATS = 4 << 20
-_scratch_buffers = threading.local()   # one set per thread: concurrent forward passes never share
+_scratch_buffers = threading.local()   # concurrent shards and forward passes never share
 
 
 def _scratch(role, shape):
@@ -195,7 +271,7 @@ def _zeros(K):
 # --- pooling ----------------------------------------------------------------------
 
 
-@_jit_parallel
+@_jit
 def _pool(x, R, S, sh, sw, ph, pw, is_max, count_include_pad, out):
     """Max or average pooling of x (N,H,W,C) into out (N,OH,OW,C); PyTorch's window rules.
 
@@ -204,7 +280,7 @@ def _pool(x, R, S, sh, sw, ph, pw, is_max, count_include_pad, out):
     """
     N, H, W, C = x.shape
     _, OH, OW, _ = out.shape
-    for job in prange(N * OH):
+    for job in range(N * OH):
         n = job // OH
         oh = job % OH
         h0 = oh * sh - ph
@@ -262,10 +338,10 @@ def _pool_wrapper(x, kernel_size, stride, padding, ceil_mode, is_max, count_incl
     return out
 
 
-@_jit_parallel
+@_jit
 def _global_avg_pool(x, out):
     N, H, W, C = x.shape
-    for n in prange(N):
+    for n in range(N):
         for c in range(C):
             total = 0.0
             for h in range(H):
@@ -285,10 +361,10 @@ def global_avg_pool2d(x):
 # --- concatenation, linear, activations -------------------------------------------
 
 
-@_jit_parallel
+@_jit
 def _copy_into(src, out, k0):
     N, H, W, K = src.shape
-    for job in prange(N * H):
+    for job in range(N * H):
         n = job // H
         h = job % H
         for w in range(W):
@@ -324,15 +400,15 @@ def linear(x, w, bias=None):
         raise ValueError(f"linear: x {x.shape} and w {w.shape} do not chain as (N, I) @ (I, O)")
     bias = np.zeros(w.shape[1], np.float32) if bias is None else _as_f32(bias)
     acc = np.matmul(x, w)
-    _bias_act(acc[None, None], bias, False, acc[None, None])   # in place; the epilogue sees (1, 1, N, O)
+    _epilogue(acc, bias, False, acc)                           # in place
     return acc
 
 
-@_jit_parallel
+@_jit
 def _relu(x, out):
     flat_in = x.reshape(-1)
     flat_out = out.reshape(-1)
-    for i in prange(flat_in.size):
+    for i in range(flat_in.size):
         v = flat_in[i]
         flat_out[i] = v if v > 0.0 else 0.0
 
@@ -344,10 +420,10 @@ def relu(x):
     return out
 
 
-@_jit_parallel
+@_jit
 def _softmax(x, out):
     N, K = x.shape
-    for n in prange(N):
+    for n in range(N):
         m = -np.inf
         for k in range(K):
             m = max(m, x[n, k])
@@ -387,8 +463,8 @@ class Arena:
     set of buffers that were alive at once, per size.
     """
 
-    def __init__(self, min_bytes=1 << 20):
-        self.min_bytes = min_bytes          # small arrays: malloc's free lists are fine
+    def __init__(self, min_bytes=32 << 20):
+        self.min_bytes = min_bytes          # smaller arrays: glibc's heap reuses them already
         self.free = {}                      # nbytes -> [flat float32 buffers]
         self.lock = threading.Lock()
 
