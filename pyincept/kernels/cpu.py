@@ -123,45 +123,32 @@ def _unfold(x, R, S, sh, sw, top, left, OH, OW, p0, cols):
 
     Pixel p is image n = p // (OH*OW), output row oh, column ow, so a tile may span
     images. cols[i, (r*S + s)*C + c] = x[n, oh*sh - top + r, ow*sw - left + s, c], zero
-    outside the image: padding is never materialised. x is C-contiguous, so for each
-    kernel row r the S*C values of a window that lies inside the image are one
-    contiguous run of x: they go over in one loop.
+    outside the image: padding is never materialised. (Copying each window row as one
+    run of S*C values measured 2-6x slower: the plain loops run at memory speed.)
     """
     N, H, W, C = x.shape
-    SC = S * C
     for i in range(cols.shape[0]):
         n, q = divmod(p0 + i, OH * OW)
         oh, ow = divmod(q, OW)
-        w0 = ow * sw - left                                  # the window's first column
         for r in range(R):
             ih = oh * sh - top + r
-            base = r * SC
-            if ih < 0 or ih >= H:
-                for j in range(SC):
-                    cols[i, base + j] = 0.0
-            elif 0 <= w0 and w0 + S <= W:                    # the whole window row is inside
-                row = x[n, ih].reshape(W * C)                # (W*C,), a view
-                start = w0 * C
-                for j in range(SC):
-                    cols[i, base + j] = row[start + j]
-            else:
-                for s in range(S):
-                    iw = w0 + s
-                    at = base + s * C
-                    if 0 <= iw < W:
-                        for c in range(C):
-                            cols[i, at + c] = x[n, ih, iw, c]
-                    else:
-                        for c in range(C):
-                            cols[i, at + c] = 0.0
+            for s in range(S):
+                iw = ow * sw - left + s
+                base = (r * S + s) * C
+                if 0 <= ih < H and 0 <= iw < W:
+                    for c in range(C):
+                        cols[i, base + c] = x[n, ih, iw, c]
+                else:
+                    for c in range(C):
+                        cols[i, base + c] = 0.0
 
 
 @_jit
-def _finish(acc, bias, relu, p0, out):
-    """The conv epilogue for pixels p0 .. p0+m-1: out[p0+i, k] = max(0, acc[i, k] + bias[k]).
+def _finish(acc, bias, relu, out):
+    """The conv epilogue: out[i, k] = max(0, acc[i, k] + bias[k]), both (M, K).
 
-    out is (M, K) and may be a strided channel slice of a larger buffer: that is how a
-    branch writes straight into its module's concatenated output.
+    out may be a strided channel slice of a larger buffer: that is how a branch writes
+    straight into its module's concatenated output.
     """
     m, K = acc.shape
     for i in range(m):
@@ -169,7 +156,20 @@ def _finish(acc, bias, relu, p0, out):
             v = acc[i, k] + bias[k]
             if relu and v < 0.0:
                 v = 0.0
-            out[p0 + i, k] = v
+            out[i, k] = v
+
+
+@_jit
+def _finish_in_place(acc, bias, relu):
+    """`_finish(acc, bias, relu, acc)` for a C-contiguous acc. With one array and a known
+    layout LLVM vectorises the loop: 5x faster than `_finish` into a strided slice."""
+    m, K = acc.shape
+    for i in range(m):
+        for k in range(K):
+            v = acc[i, k] + bias[k]
+            if relu and v < 0.0:
+                v = 0.0
+            acc[i, k] = v
 
 
 def bias_act(x, bias, relu=True, out=None):
@@ -191,8 +191,13 @@ def _pixels(a):
 
 
 def _epilogue(acc, bias, relu, out):
-    """out = max(0, acc + bias), both (M, K)."""
-    _finish(acc, bias, relu, 0, out)
+    """out = max(0, acc + bias), both (M, K); in place and vectorised where it can be."""
+    if out.flags.c_contiguous:
+        if acc is not out:
+            np.copyto(out, acc)
+        _finish_in_place(out, bias, relu)
+    else:
+        _finish(acc, bias, relu, out)
 
 
 def conv2d(x, w, bias=None, stride=1, padding=0, relu=False, out=None):
@@ -244,7 +249,9 @@ def conv2d(x, w, bias=None, stride=1, padding=0, relu=False, out=None):
         dest = out2d[p0 : p0 + m]
         acc = dest if dest.flags.c_contiguous else _scratch("acc", (m, K))
         np.matmul(cols, wmat, out=acc)                                 # (m, K)
-        _finish(acc, bias, relu, 0, dest)                             # in place when acc is dest
+        _finish_in_place(acc, bias, relu)
+        if acc is not dest:
+            np.copyto(dest, acc)                                       # into the channel slice
     return out
 
 
