@@ -79,6 +79,8 @@ class BasicConv2d(Layer):
         self.padding = padding
         self.folded = None                # host copy (weight (R, S, C, K), bias (K,)), BN folded in
         self.weight = self.bias = None    # the same, on the device `ops` runs on
+        self.algorithm = "im2col"         # or "winograd": used where winograd_applies()
+        self.winograd = None              # the weight in the Winograd domain (16, C, K), when used
 
     def parameter_shapes(self):
         """{checkpoint key: shape in pyincept layout} for this layer."""
@@ -100,9 +102,23 @@ class BasicConv2d(Layer):
     def use(self, ops):
         self.ops = ops
         self.weight, self.bias = (ops.to_device(a) for a in self.folded)
+        self.winograd = ops.winograd_weights(self.folded[0]) if self.winograd_applies() else None
+
+    def winograd_applies(self):
+        """Winograd F(2x2, 3x3) serves 3x3 stride-1 convs, when asked for and the device has it."""
+        return (self.algorithm == "winograd" and self.kernel_size == (3, 3) and self.stride in (1, (1, 1))
+                and hasattr(self.ops, "conv2d_winograd"))
+
+    def set_algorithm(self, algorithm):
+        self.algorithm = algorithm
+        if self.folded is not None:
+            self.use(self.ops)
 
     def __call__(self, x, taps, out=None):
-        y = self.ops.conv2d(x, self.weight, self.bias, self.stride, self.padding, relu=True, out=out)
+        if self.winograd is not None:
+            y = self.ops.conv2d_winograd(x, self.winograd, self.bias, self.padding, relu=True, out=out)
+        else:
+            y = self.ops.conv2d(x, self.weight, self.bias, self.stride, self.padding, relu=True, out=out)
         return taps.record(self.name, y)
 
 

@@ -39,6 +39,7 @@ from .weights import check_parameters, load_weights
 NUM_CLASSES = 1000
 MIN_SIZE = 75  # torchvision's Inception_V3_Weights meta: min_size (75, 75)
 DEFAULT_SEED = 0
+ALGORITHMS = ("winograd", "im2col")
 
 
 class Pool(Layer):
@@ -63,7 +64,7 @@ class Pool(Layer):
 class Inception3:
     """Inception v3 for inference. Build it with `pyincept.inception_v3(...)`."""
 
-    def __init__(self, num_classes=NUM_CLASSES, fuse=True):
+    def __init__(self, num_classes=NUM_CLASSES, fuse=True, algorithm="winograd"):
         # One stage per line, as in the paper's table; shapes for a 299x299x3 input.
         self.stages = [
             BasicConv2d("Conv2d_1a_3x3", 3, 32, 3, stride=2),           # 149x149x32
@@ -93,6 +94,7 @@ class Inception3:
         self.meta = {}
         self.ops = kernels
         self.set_fuse(fuse)
+        self.set_algorithm(algorithm)
 
     def set_fuse(self, fuse):
         """fuse=True: each module's 1x1 convs share one GEMM (blocks.Fused1x1); False: torchvision's order."""
@@ -100,6 +102,24 @@ class Inception3:
             if isinstance(part, Block) and part.pointwise is not None:
                 part.pointwise.fused = bool(fuse)
         return self
+
+    def set_algorithm(self, algorithm):
+        """How the 3x3 stride-1 convs run: "winograd" (F(2x2, 3x3): 2.25x fewer multiply-adds,
+        within float rounding of im2col; the CPU's default) or "im2col" (the readable path).
+        Devices without a Winograd kernel (CUDA) run im2col either way."""
+        if algorithm not in ALGORITHMS:
+            raise PyinceptError(f"unknown algorithm {algorithm!r}: use one of {', '.join(ALGORITHMS)}")
+        for layer in self.conv_layers():
+            layer.set_algorithm(algorithm)
+        self.algorithm = algorithm
+        return self
+
+    def conv_layers(self):
+        """Every BasicConv2d, stages and aux head alike."""
+        layers = []
+        for part in self.parts():
+            layers.extend(part.layers() if isinstance(part, Block) else [part])
+        return [layer for layer in layers if isinstance(layer, BasicConv2d)]
 
     def to(self, device):
         """Run on "cpu" or "cuda": weights move to the device once; later calls move only x and the outputs."""
@@ -228,15 +248,16 @@ def random_parameters(seed=DEFAULT_SEED, num_classes=NUM_CLASSES):
     return params
 
 
-def inception_v3(weights=None, seed=DEFAULT_SEED, device="cpu", fuse=True):
+def inception_v3(weights=None, seed=DEFAULT_SEED, device="cpu", fuse=True, algorithm="winograd"):
     """Build Inception v3.
 
     weights: None for a deterministic random init (`seed`), or the path of a pyincept
     weight file (`.npz`, made by `pyincept convert` or `pyincept weights fetch`).
     device: "cpu", or "cuda" (needs an NVIDIA GPU and the `cuda` extra).
     fuse: share one GEMM between each module's 1x1 convs (exact up to float rounding).
+    algorithm: "winograd" or "im2col" for the 3x3 stride-1 convs (see Inception3.set_algorithm).
     """
-    model = Inception3(fuse=fuse)
+    model = Inception3(fuse=fuse, algorithm=algorithm)
     if weights is None:
         model.load_parameters(random_parameters(seed), source=f"random init (seed {seed})", meta={"random_seed": seed})
     else:

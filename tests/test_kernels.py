@@ -63,6 +63,53 @@ def test_conv2d_1x1_fast_path(N, H, W, C, K, seed):
     close(ref.conv2d(x, w, b), expected)
 
 
+@SETTINGS
+@given(st.integers(1, 3), st.integers(1, 11), st.integers(1, 11), st.integers(1, 9), st.integers(1, 9),
+       st.tuples(*[st.integers(0, 2)] * 4), st.booleans(), st.booleans(), st.booleans(), seeds)
+def test_winograd_matches_im2col_reference_and_torch(N, H, W, C, K, pads, with_bias, relu, out_sliced, seed):
+    """Winograd F(2x2, 3x3), fast and reference, against torch: odd and even output sizes
+    (edge tiles half outside), per-side padding, a channel-slice output."""
+    top, bottom, left, right = pads
+    H, W = max(H, 3 - top - bottom), max(W, 3 - left - right)
+    rng = np.random.default_rng(seed)
+    x, w = randn(rng, N, H, W, C), randn(rng, 3, 3, C, K)
+    b = randn(rng, K) if with_bias else None
+    xt = F.pad(to_nchw(x), (left, right, top, bottom))
+    yt = F.conv2d(xt, hwio_to_oihw(w), None if b is None else torch.from_numpy(b))
+    expected = to_nhwc(F.relu(yt) if relu else yt)
+    slow = ref.conv2d_winograd(x, ref.winograd_weights(w), b, pads, relu=relu)
+    if out_sliced:
+        wide = np.full((*expected.shape[:3], K + 3), 7.0, np.float32)
+        fast = cpu.conv2d_winograd(x, cpu.winograd_weights(w), b, pads, relu=relu, out=wide[..., 1 : 1 + K])
+        assert np.shares_memory(fast, wide) and (wide[..., :1] == 7).all() and (wide[..., 1 + K :] == 7).all()
+    else:
+        fast = cpu.conv2d_winograd(x, cpu.winograd_weights(w), b, pads, relu=relu)
+    for y in (fast, slow):
+        assert y.shape == expected.shape
+        close(y, expected, atol=1e-5 * np.sqrt(9 * C))
+
+
+def test_winograd_in_chunks_of_tiles(monkeypatch):
+    """Chunks of one tile and of a few tiles spanning rows and images: same numbers as one chunk."""
+    rng = np.random.default_rng(5)
+    x, w, b = randn(rng, 2, 9, 7, 4), randn(rng, 3, 3, 4, 6), randn(rng, 6)
+    u = cpu.winograd_weights(w)
+    whole = cpu.conv2d_winograd(x, u, b, 1, relu=True)
+    for floats in (1, 16 * 10 * 3):
+        monkeypatch.setattr(cpu, "_SCRATCH_FLOATS", floats)
+        close(cpu.conv2d_winograd(x, u, b, 1, relu=True), whole)
+    close(whole, ref.conv2d(x, w, b, 1, 1, relu=True))
+
+
+def test_winograd_rejects_what_it_cannot_do():
+    with pytest.raises(ValueError, match="3x3 filters"):
+        cpu.winograd_weights(np.zeros((1, 7, 4, 8), np.float32))
+    with pytest.raises(ValueError, match="C=3"):
+        cpu.conv2d_winograd(np.zeros((1, 5, 5, 3), np.float32), np.zeros((16, 4, 8), np.float32))
+    with pytest.raises(ValueError, match="smaller than kernel"):
+        cpu.conv2d_winograd(np.zeros((1, 2, 5, 3), np.float32), cpu.winograd_weights(np.zeros((3, 3, 3, 8))))
+
+
 @pytest.mark.parametrize("kernel,padding", [((1, 1), 0), ((3, 3), 1), ((1, 7), (0, 3)), ((7, 1), (3, 0))])
 def test_conv2d_writes_into_a_channel_slice(kernel, padding):
     """A branch writes straight into its slice of the module's output; neighbours are untouched."""

@@ -53,7 +53,26 @@ def test_parameter_table_is_torchvisions_state_dict(tv_inception):
 def test_converted_checkpoint_reproduces_torchvision_logits(tv_inception, converted, fmt, size):
     x = photo_batch(size)
     model = pyincept.inception_v3(converted[fmt])
+    assert model.algorithm == "winograd"                       # the default
     assert_within_bar(model(x), torchvision_logits(tv_inception, x))
+
+
+def test_im2col_and_winograd_agree_and_both_meet_the_bar(tv_inception, converted):
+    """algorithm="im2col" (the readable path) vs "winograd" (the default for 3x3 stride-1 convs)."""
+    x = photo_batch()
+    expected = torchvision_logits(tv_inception, x)
+    model = pyincept.inception_v3(converted["zip"], algorithm="im2col")
+    assert all(layer.winograd is None for layer in model.conv_layers())
+    im2col = model(x)
+    assert_within_bar(im2col, expected)
+    model.set_algorithm("winograd")
+    used = [layer.name for layer in model.conv_layers() if layer.winograd is not None]
+    assert used[:3] == ["Conv2d_2a_3x3", "Conv2d_2b_3x3", "Conv2d_4a_3x3"] and len(used) == 12
+    winograd = model(x)
+    assert_within_bar(winograd, expected)
+    assert np.abs(winograd - im2col).max() <= 1e-4 * np.abs(im2col).max()
+    with pytest.raises(PyinceptError, match="unknown algorithm 'fft'"):
+        model.set_algorithm("fft")
 
 
 def test_unfused_torchvision_order_is_within_the_bar_too(tv_inception, converted):

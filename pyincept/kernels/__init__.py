@@ -16,6 +16,7 @@ from .cpu import (
     bias_act,
     concat_channels,
     conv2d,
+    conv2d_winograd,
     empty,
     global_avg_pool2d,
     linear,
@@ -25,6 +26,7 @@ from .cpu import (
     softmax,
     to_device,
     to_host,
+    winograd_weights,
 )
 
 __all__ = [
@@ -32,6 +34,7 @@ __all__ = [
     "bias_act",
     "concat_channels",
     "conv2d",
+    "conv2d_winograd",
     "empty",
     "global_avg_pool2d",
     "linear",
@@ -41,6 +44,7 @@ __all__ = [
     "softmax",
     "to_device",
     "to_host",
+    "winograd_weights",
 ]
 
 DEVICE = "cpu"

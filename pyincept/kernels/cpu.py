@@ -275,6 +275,129 @@ def _zeros(K):
     return np.zeros(K, np.float32)
 
 
+# --- Winograd F(2x2, 3x3) -----------------------------------------------------------
+# The same convolution as conv2d for 3x3 filters at stride 1, with 2.25x fewer
+# multiply-adds: reference.conv2d_winograd is the readable version, with the math.
+
+
+def winograd_weights(w):
+    """3x3 filters in the Winograd domain, as the GEMMs want them: (3, 3, C, K) -> (16, C, K)."""
+    from .reference import winograd_weights as transform
+
+    u = transform(_as_f32(w))                                         # (4, 4, C, K)
+    return np.ascontiguousarray(u.reshape(16, *u.shape[2:]))
+
+
+@_jit
+def _winograd_input(x, top, left, TH, TW, t0, v):
+    """v[4a + b, t, c] = (BT d B)[a, b] for tiles t0 .. t0+T-1, d the 4x4 patch of channel c.
+
+    Tile t is image n = t // (TH*TW), tile row th, column tw; its patch starts at input
+    row 2*th - top, column 2*tw - left (zero outside the image).
+    """
+    N, H, W, C = x.shape
+    d = np.empty((4, 4, C), np.float32)                 # the patch
+    e = np.empty((4, 4, C), np.float32)                 # BT d
+    for i in range(v.shape[1]):
+        n, q = divmod(t0 + i, TH * TW)
+        th, tw = divmod(q, TW)
+        for a in range(4):
+            ih = 2 * th - top + a
+            for b in range(4):
+                iw = 2 * tw - left + b
+                if 0 <= ih < H and 0 <= iw < W:
+                    for c in range(C):
+                        d[a, b, c] = x[n, ih, iw, c]
+                else:
+                    for c in range(C):
+                        d[a, b, c] = 0.0
+        # BT d (rows), then (BT d) B (columns); each loop runs along the contiguous channels.
+        for b in range(4):
+            for c in range(C):
+                d0, d1, d2, d3 = d[0, b, c], d[1, b, c], d[2, b, c], d[3, b, c]
+                e[0, b, c] = d0 - d2
+                e[1, b, c] = d1 + d2
+                e[2, b, c] = d2 - d1
+                e[3, b, c] = d1 - d3
+        for a in range(4):
+            for c in range(C):
+                e0, e1, e2, e3 = e[a, 0, c], e[a, 1, c], e[a, 2, c], e[a, 3, c]
+                v[4 * a + 0, i, c] = e0 - e2
+                v[4 * a + 1, i, c] = e1 + e2
+                v[4 * a + 2, i, c] = e2 - e1
+                v[4 * a + 3, i, c] = e1 - e3
+
+
+@_jit
+def _winograd_output(m, bias, relu, TH, TW, t0, out):
+    """out[n, 2*th + p, 2*tw + q, k] = max(0, (AT M A)[p, q] + bias[k]) for tiles t0 .., where
+    M[a, b] = m[4a + b, t, k]; outputs past the bottom or right edge are dropped."""
+    N, OH, OW, K = out.shape
+    y = np.empty((4, K), np.float32)                    # the tile's 2x2 outputs, row by row
+    for i in range(m.shape[1]):
+        n, q = divmod(t0 + i, TH * TW)
+        th, tw = divmod(q, TW)
+        h0, w0 = 2 * th, 2 * tw
+        for k in range(K):
+            # AT M: two rows                   then (AT M) A: two columns
+            s00 = m[0, i, k] + m[4, i, k] + m[8, i, k]
+            s01 = m[1, i, k] + m[5, i, k] + m[9, i, k]
+            s02 = m[2, i, k] + m[6, i, k] + m[10, i, k]
+            s03 = m[3, i, k] + m[7, i, k] + m[11, i, k]
+            s10 = m[4, i, k] - m[8, i, k] - m[12, i, k]
+            s11 = m[5, i, k] - m[9, i, k] - m[13, i, k]
+            s12 = m[6, i, k] - m[10, i, k] - m[14, i, k]
+            s13 = m[7, i, k] - m[11, i, k] - m[15, i, k]
+            y00 = s00 + s01 + s02 + bias[k]
+            y01 = s01 - s02 - s03 + bias[k]
+            y10 = s10 + s11 + s12 + bias[k]
+            y11 = s11 - s12 - s13 + bias[k]
+            if relu:
+                y00, y01, y10, y11 = max(y00, 0.0), max(y01, 0.0), max(y10, 0.0), max(y11, 0.0)
+            y[0, k], y[1, k], y[2, k], y[3, k] = y00, y01, y10, y11
+        for p in range(2):
+            for q in range(2):
+                if h0 + p < OH and w0 + q < OW:
+                    for k in range(K):
+                        out[n, h0 + p, w0 + q, k] = y[2 * p + q, k]
+
+
+def conv2d_winograd(x, u, bias=None, padding=0, relu=False, out=None):
+    """A 3x3 stride-1 convolution by Winograd F(2x2, 3x3); u = winograd_weights(w), (16, C, K).
+
+    Same contract as conv2d(x, w, bias, 1, padding, relu, out). Tiles of 2x2 outputs
+    (counted across the batch) go in chunks that fit _SCRATCH_FLOATS: input transform
+    into v (16, T, C), 16 GEMMs v[e] @ u[e] into m (16, T, K), output transform with
+    bias and ReLU straight into `out`.
+    """
+    x = _check_nhwc(x, "x")
+    u = _as_f32(u)
+    if u.ndim != 3 or u.shape[0] != 16 or u.shape[1] != x.shape[3]:
+        raise ValueError(f"Winograd weights must be (16, C={x.shape[3]}, K), got {u.shape}")
+    _, C, K = u.shape
+    top, bottom, left, right = pad4(padding)
+    N, H, W, _ = x.shape
+    OH = conv_output_size(H, 3, 1, top, bottom)
+    OW = conv_output_size(W, 3, 1, left, right)
+    if OH < 1 or OW < 1:
+        raise ValueError(f"input {H}x{W} is smaller than kernel 3x3 with padding {(top, bottom, left, right)}")
+    bias = _zeros(K) if bias is None else _as_f32(bias)
+    if bias.shape != (K,):
+        raise ValueError(f"bias must be ({K},), got {bias.shape}")
+    out = _output(out, (N, OH, OW, K))
+    TH, TW = -(-OH // 2), -(-OW // 2)
+    tiles = N * TH * TW
+    chunk = max(1, min(tiles, _SCRATCH_FLOATS // (16 * (C + K))))
+    for t0 in range(0, tiles, chunk):
+        T = min(chunk, tiles - t0)
+        v = _scratch("wino_v", (16, T, C))
+        m = _scratch("wino_m", (16, T, K))
+        _winograd_input(x, top, left, TH, TW, t0, v)
+        np.matmul(v, u, out=m)                                         # 16 x (T, C) @ (C, K)
+        _winograd_output(m, bias, relu, TH, TW, t0, out)
+    return out
+
+
 # --- pooling ----------------------------------------------------------------------
 
 

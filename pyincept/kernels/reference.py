@@ -61,6 +61,55 @@ def conv2d(x, w, bias=None, stride=1, padding=0, relu=False, out=None):
     return _deliver(y.astype(np.float32), out)
 
 
+# --- Winograd F(2x2, 3x3) -------------------------------------------------------------
+# Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks" (2015). A 2x2 block of
+# outputs of a 3x3 convolution (stride 1) is Y = AT [ (G g GT) * (BT d B) ] A, where d is
+# the 4x4 input patch under the block, g the 3x3 filter and * the elementwise product:
+# 16 multiplications instead of 36. Summed over input channels, the 16 products become
+# 16 independent matrix products, (tiles, C) @ (C, K): 2.25x fewer multiply-adds than
+# im2col's GEMM, for three small linear transforms around it.
+WINOGRAD_BT = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float32)   # (4, 4)
+WINOGRAD_G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], np.float32)      # (4, 3)
+WINOGRAD_AT = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.float32)                                  # (2, 4)
+
+
+def winograd_weights(w):
+    """3x3 filters in the Winograd domain: (3, 3, C, K) -> U = G g GT, (4, 4, C, K)."""
+    if w.shape[:2] != (3, 3):
+        raise ValueError(f"Winograd F(2x2, 3x3) needs 3x3 filters, got {w.shape[:2]}")
+    return np.einsum("ar,rsck,bs->abck", WINOGRAD_G, w.astype(np.float32), WINOGRAD_G).astype(np.float32)
+
+
+def conv2d_winograd(x, u, bias=None, padding=0, relu=False, out=None):
+    """A 3x3 stride-1 convolution by Winograd F(2x2, 3x3); u = winograd_weights(w).
+
+    Same result as conv2d(x, w, bias, 1, padding, relu) up to float rounding.
+    """
+    top, bottom, left, right = pad4(padding)
+    N, H, W, C = x.shape
+    K = u.shape[3]
+    OH = conv_output_size(H, 3, 1, top, bottom)
+    OW = conv_output_size(W, 3, 1, left, right)
+    TH, TW = -(-OH // 2), -(-OW // 2)                              # tiles of 2x2 outputs
+    # Every tile reads the 4x4 input patch starting at (2*th, 2*tw) of the padded input;
+    # rows and columns past the padding are zeros that only reach outputs past OH, OW.
+    xp = np.zeros((N, 2 * TH + 2, 2 * TW + 2, C), np.float32)
+    xp[:, top : top + H, left : left + W] = x
+    d = np.empty((N, TH, TW, 4, 4, C), np.float32)                  # (N, TH, TW, 4, 4, C) patches
+    for i in range(4):
+        for j in range(4):
+            d[:, :, :, i, j] = xp[:, i : i + 2 * TH : 2, j : j + 2 * TW : 2]
+    v = np.einsum("ai,nhwijc,bj->nhwabc", WINOGRAD_BT, d, WINOGRAD_BT)      # BT d B
+    m = np.einsum("nhwabc,abck->nhwabk", v, u)                              # 16 GEMMs over C
+    y = np.einsum("pa,nhwabk,qb->nhpwqk", WINOGRAD_AT, m, WINOGRAD_AT)      # AT m A: (N, TH, 2, TW, 2, K)
+    y = y.reshape(N, 2 * TH, 2 * TW, K)[:, :OH, :OW]
+    if bias is not None:
+        y = y + bias
+    if relu:
+        y = np.maximum(y, 0)
+    return _deliver(y.astype(np.float32), out)
+
+
 def bias_act(x, bias, relu=True, out=None):
     """The conv epilogue on its own: max(0, x + bias) per channel (relu=False: only the bias)."""
     y = x + bias
