@@ -1,11 +1,12 @@
-"""The fast CPU kernels: Numba-compiled im2col, pooling, concatenation and epilogues.
+"""The fast CPU kernels: Numba-compiled im2col, Winograd transforms, pooling, concatenation
+and epilogues, and how a batch is spread over the cores (`map_batch`).
 
 Each kernel is a private jitted body (`_unfold`, `_pool`, ...) behind a small
 public wrapper that checks shapes and dtypes, allocates the output and calls it.
 Every public function here has a plain-NumPy twin of the same name and signature
 in `reference.py`; read that one first. The matrix products themselves go to
-NumPy's BLAS (`np.matmul`), which runs near the machine's peak; Numba handles the
-memory-bound data movement around them.
+NumPy's BLAS (`np.matmul`), which runs near the machine's peak; serial Numba kernels
+handle the memory-bound data movement around them.
 
 Shape legend
 ------------
