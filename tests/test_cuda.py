@@ -110,6 +110,27 @@ def test_without_numba_cuda_the_error_says_how_to_install_it(numba_cuda):
     assert out.count("\n") == 1, out
 
 
+def test_only_numbas_low_occupancy_warning_is_silenced():
+    """v3's 8x8 layers launch small grids on purpose: that one warning (coloured or not) goes,
+    any other performance warning stays."""
+    if not HAVE_NUMBA_CUDA:
+        pytest.skip("numba-cuda is not installed")
+    code, out, err = run_python(
+        "import warnings\n"
+        "from numba.core.errors import NumbaPerformanceWarning\n"
+        "import pyincept.kernels.cuda\n"
+        "warnings.filterwarnings('always', category=NumbaPerformanceWarning, append=True)\n"
+        "with warnings.catch_warnings(record=True) as seen:\n"
+        "    for text in ['\\x1b[1mGrid size 48 will likely result in GPU under-utilization due to low occupancy.\\x1b[0m',\n"
+        "                 'Grid size 2 will likely result in GPU under-utilization due to low occupancy.',\n"
+        "                 'np.dot() is faster on contiguous arrays']:\n"
+        "        warnings.warn(NumbaPerformanceWarning(text))\n"
+        "print([str(w.message) for w in seen])\n",
+    )
+    assert code == 0, err
+    assert out.strip() == "['np.dot() is faster on contiguous arrays']", out + err
+
+
 def test_every_kernel_compiles_for_a_gpu():
     """The simulator runs kernels as Python and never type-checks them; NVVM does, without a GPU."""
     if not HAVE_NUMBA_CUDA:

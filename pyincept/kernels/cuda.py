@@ -60,7 +60,7 @@ _INSTALL = 'pip install "pyincept[cuda]"'
 # Inception's late layers are small (8x8 maps; one image at a time), so many launches use
 # fewer than the 128 blocks numba's heuristic asks for and it warns on every such call.
 # Here that is by design, not a mistake: only that one message is silenced.
-warnings.filterwarnings("ignore", message=r"Grid size \d+ will likely result in GPU under-utilization")
+warnings.filterwarnings("ignore", message=r".*Grid size \d+ will likely result in GPU under-utilization")   # numba may colour it
 
 
 def _simulating():
