@@ -102,7 +102,9 @@ class BasicConv2d(Layer):
     def use(self, ops):
         self.ops = ops
         self.weight, self.bias = (ops.to_device(a) for a in self.folded)
-        self.winograd = ops.winograd_weights(self.folded[0]) if self.winograd_applies() else None
+        self.winograd = None
+        if self.winograd_applies():                  # F(2x2) or F(4x4), by what measured faster
+            self.winograd = ops.winograd_weights(self.folded[0], ops.winograd_tile(self.in_channels))
 
     def winograd_applies(self):
         """Winograd F(2x2, 3x3) serves 3x3 stride-1 convs, when asked for and the device has it."""

@@ -104,8 +104,9 @@ class Inception3:
         return self
 
     def set_algorithm(self, algorithm):
-        """How the 3x3 stride-1 convs run: "winograd" (F(2x2, 3x3): 2.25x fewer multiply-adds,
-        within float rounding of im2col; the CPU's default) or "im2col" (the readable path).
+        """How the 3x3 stride-1 convs run: "winograd" (F(2x2, 3x3) or F(4x4, 3x3): 2.25x or 4x
+        fewer multiply-adds, within float rounding of im2col; the CPU's default) or "im2col"
+        (the readable path).
         Devices without a Winograd kernel (CUDA) run im2col either way."""
         if algorithm not in ALGORITHMS:
             raise PyinceptError(f"unknown algorithm {algorithm!r}: use one of {', '.join(ALGORITHMS)}")

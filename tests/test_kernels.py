@@ -64,11 +64,12 @@ def test_conv2d_1x1_fast_path(N, H, W, C, K, seed):
 
 
 @SETTINGS
-@given(st.integers(1, 3), st.integers(1, 11), st.integers(1, 11), st.integers(1, 9), st.integers(1, 9),
-       st.tuples(*[st.integers(0, 2)] * 4), st.booleans(), st.booleans(), st.booleans(), seeds)
-def test_winograd_matches_im2col_reference_and_torch(N, H, W, C, K, pads, with_bias, relu, out_sliced, seed):
-    """Winograd F(2x2, 3x3), fast and reference, against torch: odd and even output sizes
-    (edge tiles half outside), per-side padding, a channel-slice output."""
+@given(st.sampled_from([2, 4]), st.integers(1, 3), st.integers(1, 11), st.integers(1, 11), st.integers(1, 9),
+       st.integers(1, 9), st.tuples(*[st.integers(0, 2)] * 4), st.booleans(), st.booleans(), st.booleans(), seeds)
+def test_winograd_matches_im2col_reference_and_torch(tile, N, H, W, C, K, pads, with_bias, relu, out_sliced, seed):
+    """Winograd F(2x2, 3x3) and F(4x4, 3x3), fast and reference, against torch: output sizes
+    that are and are not multiples of the tile (edge tiles partly outside), per-side
+    padding, a channel-slice output."""
     top, bottom, left, right = pads
     H, W = max(H, 3 - top - bottom), max(W, 3 - left - right)
     rng = np.random.default_rng(seed)
@@ -77,33 +78,41 @@ def test_winograd_matches_im2col_reference_and_torch(N, H, W, C, K, pads, with_b
     xt = F.pad(to_nchw(x), (left, right, top, bottom))
     yt = F.conv2d(xt, hwio_to_oihw(w), None if b is None else torch.from_numpy(b))
     expected = to_nhwc(F.relu(yt) if relu else yt)
-    slow = ref.conv2d_winograd(x, ref.winograd_weights(w), b, pads, relu=relu)
+    slow = ref.conv2d_winograd(x, ref.winograd_weights(w, tile), b, pads, relu=relu)
+    u = cpu.winograd_weights(w, tile)
+    assert u.shape == ((tile + 2) ** 2, C, K)
     if out_sliced:
         wide = np.full((*expected.shape[:3], K + 3), 7.0, np.float32)
-        fast = cpu.conv2d_winograd(x, cpu.winograd_weights(w), b, pads, relu=relu, out=wide[..., 1 : 1 + K])
+        fast = cpu.conv2d_winograd(x, u, b, pads, relu=relu, out=wide[..., 1 : 1 + K])
         assert np.shares_memory(fast, wide) and (wide[..., :1] == 7).all() and (wide[..., 1 + K :] == 7).all()
     else:
-        fast = cpu.conv2d_winograd(x, cpu.winograd_weights(w), b, pads, relu=relu)
+        fast = cpu.conv2d_winograd(x, u, b, pads, relu=relu)
+    # F(4x4)'s transforms have coefficients up to 8 (and 1/24): a few times F(2x2)'s rounding.
     for y in (fast, slow):
         assert y.shape == expected.shape
-        close(y, expected, atol=1e-5 * np.sqrt(9 * C))
+        close(y, expected, atol=(1e-5 if tile == 2 else 4e-5) * np.sqrt(9 * C))
 
 
-def test_winograd_in_chunks_of_tiles(monkeypatch):
+@pytest.mark.parametrize("tile", [2, 4])
+def test_winograd_in_chunks_of_tiles(monkeypatch, tile):
     """Chunks of one tile and of a few tiles spanning rows and images: same numbers as one chunk."""
     rng = np.random.default_rng(5)
     x, w, b = randn(rng, 2, 9, 7, 4), randn(rng, 3, 3, 4, 6), randn(rng, 6)
-    u = cpu.winograd_weights(w)
+    u = cpu.winograd_weights(w, tile)
     whole = cpu.conv2d_winograd(x, u, b, 1, relu=True)
-    for floats in (1, 16 * 10 * 3):
+    for floats in (1, len(u) * 10 * 3):
         monkeypatch.setattr(cpu, "_SCRATCH_FLOATS", floats)
         close(cpu.conv2d_winograd(x, u, b, 1, relu=True), whole)
-    close(whole, ref.conv2d(x, w, b, 1, 1, relu=True))
+    close(whole, ref.conv2d(x, w, b, 1, 1, relu=True), atol=4e-5)
 
 
 def test_winograd_rejects_what_it_cannot_do():
     with pytest.raises(ValueError, match="3x3 filters"):
         cpu.winograd_weights(np.zeros((1, 7, 4, 8), np.float32))
+    with pytest.raises(ValueError, match="2 or 4"):
+        cpu.winograd_weights(np.zeros((3, 3, 4, 8), np.float32), tile=3)
+    with pytest.raises(ValueError, match="16 or 36"):
+        cpu.conv2d_winograd(np.zeros((1, 5, 5, 4), np.float32), np.zeros((25, 4, 8), np.float32))
     with pytest.raises(ValueError, match="C=3"):
         cpu.conv2d_winograd(np.zeros((1, 5, 5, 3), np.float32), np.zeros((16, 4, 8), np.float32))
     with pytest.raises(ValueError, match="smaller than kernel"):

@@ -66,8 +66,9 @@ def test_im2col_and_winograd_agree_and_both_meet_the_bar(tv_inception, converted
     im2col = model(x)
     assert_within_bar(im2col, expected)
     model.set_algorithm("winograd")
-    used = [layer.name for layer in model.conv_layers() if layer.winograd is not None]
-    assert used[:3] == ["Conv2d_2a_3x3", "Conv2d_2b_3x3", "Conv2d_4a_3x3"] and len(used) == 12
+    used = {layer.name: len(layer.winograd) for layer in model.conv_layers() if layer.winograd is not None}
+    assert len(used) == 12 and list(used)[:3] == ["Conv2d_2a_3x3", "Conv2d_2b_3x3", "Conv2d_4a_3x3"]
+    assert used["Conv2d_2b_3x3"] == 16 and used["Conv2d_4a_3x3"] == 36      # F(2x2) at C=32, F(4x4) at C=80
     winograd = model(x)
     assert_within_bar(winograd, expected)
     assert np.abs(winograd - im2col).max() <= 1e-4 * np.abs(im2col).max()

@@ -26,6 +26,7 @@ from .cpu import (
     softmax,
     to_device,
     to_host,
+    winograd_tile,
     winograd_weights,
 )
 
@@ -44,6 +45,7 @@ __all__ = [
     "softmax",
     "to_device",
     "to_host",
+    "winograd_tile",
     "winograd_weights",
 ]
 

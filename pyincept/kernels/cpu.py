@@ -25,6 +25,7 @@ import numpy as np
 from numba import njit
 
 from .. import config
+from . import reference
 from .geometry import conv_output_size, pad4, pair, pool_output_size
 
 # --- threads ------------------------------------------------------------------------
@@ -276,17 +277,26 @@ def _zeros(K):
     return np.zeros(K, np.float32)
 
 
-# --- Winograd F(2x2, 3x3) -----------------------------------------------------------
-# The same convolution as conv2d for 3x3 filters at stride 1, with 2.25x fewer
-# multiply-adds: reference.conv2d_winograd is the readable version, with the math.
+# --- Winograd F(2x2, 3x3) and F(4x4, 3x3) -------------------------------------------
+# The same convolution as conv2d for 3x3 filters at stride 1, with 2.25x (F2) or 4x (F4)
+# fewer multiply-adds: reference.conv2d_winograd is the readable version, with the math.
+# Each has its own pair of transform kernels, written out coefficient by coefficient
+# (generic matrix loops measured 2x slower). Which one a layer uses: winograd_tile.
 
 
-def winograd_weights(w):
-    """3x3 filters in the Winograd domain, as the GEMMs want them: (3, 3, C, K) -> (16, C, K)."""
-    from .reference import winograd_weights as transform
+def winograd_tile(in_channels):
+    """Output tile side for a layer's Winograd, by its input channels (measured, issue 4):
+    F(4x4) wins where C is 64-256 (Conv2d_4a, the 35x35 modules: 0.4-0.8x F(2x2)'s
+    time); at C=32 (Conv2d_2a, 2b) its larger transforms cost more than its GEMMs save,
+    and at C=448 the 8x8 maps give too few tiles (1.0-1.9x)."""
+    return 4 if 64 <= in_channels <= 256 else 2
 
-    u = transform(_as_f32(w))                                         # (4, 4, C, K)
-    return np.ascontiguousarray(u.reshape(16, *u.shape[2:]))
+
+def winograd_weights(w, tile=2):
+    """3x3 filters in the Winograd domain, as the GEMMs want them: (3, 3, C, K) ->
+    (16, C, K) for tile 2, (36, C, K) for tile 4."""
+    u = reference.winograd_weights(_as_f32(w), tile)                  # (n, n, C, K)
+    return np.ascontiguousarray(u.reshape(-1, *u.shape[2:]))
 
 
 @_jit
@@ -363,19 +373,98 @@ def _winograd_output(m, bias, relu, TH, TW, t0, out):
                         out[n, h0 + p, w0 + q, k] = y[2 * p + q, k]
 
 
-def conv2d_winograd(x, u, bias=None, padding=0, relu=False, out=None):
-    """A 3x3 stride-1 convolution by Winograd F(2x2, 3x3); u = winograd_weights(w), (16, C, K).
+@_jit
+def _winograd4_input(x, top, left, TH, TW, t0, v):
+    """F(4x4, 3x3): v[6a + b, t, c] = (BT d B)[a, b] for tiles t0 .., d the 6x6 patch of channel c
+    starting at input row 4*th - top, column 4*tw - left (zero outside the image)."""
+    N, H, W, C = x.shape
+    d = np.empty((6, 6, C), np.float32)                 # the patch
+    e = np.empty((6, 6, C), np.float32)                 # BT d
+    for i in range(v.shape[1]):
+        n, q = divmod(t0 + i, TH * TW)
+        th, tw = divmod(q, TW)
+        for a in range(6):
+            ih = 4 * th - top + a
+            for b in range(6):
+                iw = 4 * tw - left + b
+                if 0 <= ih < H and 0 <= iw < W:
+                    for c in range(C):
+                        d[a, b, c] = x[n, ih, iw, c]
+                else:
+                    for c in range(C):
+                        d[a, b, c] = 0.0
+        # BT d (rows), then (BT d) B (columns), along the contiguous channels.
+        for b in range(6):
+            for c in range(C):
+                d0, d1, d2, d3, d4, d5 = d[0, b, c], d[1, b, c], d[2, b, c], d[3, b, c], d[4, b, c], d[5, b, c]
+                e[0, b, c] = 4 * d0 - 5 * d2 + d4
+                e[1, b, c] = -4 * d1 - 4 * d2 + d3 + d4
+                e[2, b, c] = 4 * d1 - 4 * d2 - d3 + d4
+                e[3, b, c] = -2 * d1 - d2 + 2 * d3 + d4
+                e[4, b, c] = 2 * d1 - d2 - 2 * d3 + d4
+                e[5, b, c] = 4 * d1 - 5 * d3 + d5
+        for a in range(6):
+            for c in range(C):
+                d0, d1, d2, d3, d4, d5 = e[a, 0, c], e[a, 1, c], e[a, 2, c], e[a, 3, c], e[a, 4, c], e[a, 5, c]
+                v[6 * a + 0, i, c] = 4 * d0 - 5 * d2 + d4
+                v[6 * a + 1, i, c] = -4 * d1 - 4 * d2 + d3 + d4
+                v[6 * a + 2, i, c] = 4 * d1 - 4 * d2 - d3 + d4
+                v[6 * a + 3, i, c] = -2 * d1 - d2 + 2 * d3 + d4
+                v[6 * a + 4, i, c] = 2 * d1 - d2 - 2 * d3 + d4
+                v[6 * a + 5, i, c] = 4 * d1 - 5 * d3 + d5
 
-    Same contract as conv2d(x, w, bias, 1, padding, relu, out). Tiles of 2x2 outputs
+
+@_jit
+def _winograd4_output(m, bias, relu, TH, TW, t0, out):
+    """F(4x4, 3x3): out[n, 4*th + p, 4*tw + q, k] = max(0, (AT M A)[p, q] + bias[k]), where
+    M[a, b] = m[6a + b, t, k]; outputs past the bottom or right edge are dropped."""
+    N, OH, OW, K = out.shape
+    s = np.empty((4, 6, K), np.float32)                 # AT M
+    y = np.empty((16, K), np.float32)                   # the tile's 4x4 outputs
+    for i in range(m.shape[1]):
+        n, q = divmod(t0 + i, TH * TW)
+        th, tw = divmod(q, TW)
+        h0, w0 = 4 * th, 4 * tw
+        for b in range(6):
+            for k in range(K):
+                m0, m1, m2, m3, m4, m5 = (m[b, i, k], m[6 + b, i, k], m[12 + b, i, k],
+                                          m[18 + b, i, k], m[24 + b, i, k], m[30 + b, i, k])
+                s[0, b, k] = m0 + m1 + m2 + m3 + m4
+                s[1, b, k] = m1 - m2 + 2 * m3 - 2 * m4
+                s[2, b, k] = m1 + m2 + 4 * m3 + 4 * m4
+                s[3, b, k] = m1 - m2 + 8 * m3 - 8 * m4 + m5
+        for p in range(4):
+            for k in range(K):
+                m0, m1, m2, m3, m4, m5 = s[p, 0, k], s[p, 1, k], s[p, 2, k], s[p, 3, k], s[p, 4, k], s[p, 5, k]
+                y0 = m0 + m1 + m2 + m3 + m4 + bias[k]
+                y1 = m1 - m2 + 2 * m3 - 2 * m4 + bias[k]
+                y2 = m1 + m2 + 4 * m3 + 4 * m4 + bias[k]
+                y3 = m1 - m2 + 8 * m3 - 8 * m4 + m5 + bias[k]
+                if relu:
+                    y0, y1, y2, y3 = max(y0, 0.0), max(y1, 0.0), max(y2, 0.0), max(y3, 0.0)
+                y[4 * p, k], y[4 * p + 1, k], y[4 * p + 2, k], y[4 * p + 3, k] = y0, y1, y2, y3
+        for p in range(4):
+            for q in range(4):
+                if h0 + p < OH and w0 + q < OW:
+                    for k in range(K):
+                        out[n, h0 + p, w0 + q, k] = y[4 * p + q, k]
+
+
+def conv2d_winograd(x, u, bias=None, padding=0, relu=False, out=None):
+    """A 3x3 stride-1 convolution by Winograd; u = winograd_weights(w, tile): (16, C, K)
+    runs F(2x2, 3x3), (36, C, K) runs F(4x4, 3x3).
+
+    Same contract as conv2d(x, w, bias, 1, padding, relu, out). Tiles of outputs
     (counted across the batch) go in chunks that fit _SCRATCH_FLOATS: input transform
-    into v (16, T, C), 16 GEMMs v[e] @ u[e] into m (16, T, K), output transform with
-    bias and ReLU straight into `out`.
+    into v (n, T, C), n GEMMs v[e] @ u[e] into m (n, T, K), output transform with bias
+    and ReLU straight into `out`.
     """
     x = _check_nhwc(x, "x")
     u = _as_f32(u)
-    if u.ndim != 3 or u.shape[0] != 16 or u.shape[1] != x.shape[3]:
-        raise ValueError(f"Winograd weights must be (16, C={x.shape[3]}, K), got {u.shape}")
-    _, C, K = u.shape
+    if u.ndim != 3 or u.shape[0] not in (16, 36) or u.shape[1] != x.shape[3]:
+        raise ValueError(f"Winograd weights must be (16 or 36, C={x.shape[3]}, K), got {u.shape}")
+    n, C, K = u.shape
+    tile = 2 if n == 16 else 4
     top, bottom, left, right = pad4(padding)
     N, H, W, _ = x.shape
     OH = conv_output_size(H, 3, 1, top, bottom)
@@ -386,16 +475,18 @@ def conv2d_winograd(x, u, bias=None, padding=0, relu=False, out=None):
     if bias.shape != (K,):
         raise ValueError(f"bias must be ({K},), got {bias.shape}")
     out = _output(out, (N, OH, OW, K))
-    TH, TW = -(-OH // 2), -(-OW // 2)
+    TH, TW = -(-OH // tile), -(-OW // tile)
     tiles = N * TH * TW
-    chunk = max(1, min(tiles, _SCRATCH_FLOATS // (16 * (C + K))))
+    transform_in, transform_out = ((_winograd_input, _winograd_output) if tile == 2 else
+                                   (_winograd4_input, _winograd4_output))
+    chunk = max(1, min(tiles, _SCRATCH_FLOATS // (n * (C + K))))
     for t0 in range(0, tiles, chunk):
         T = min(chunk, tiles - t0)
-        v = _scratch("wino_v", (16, T, C))
-        m = _scratch("wino_m", (16, T, K))
-        _winograd_input(x, top, left, TH, TW, t0, v)
-        np.matmul(v, u, out=m)                                         # 16 x (T, C) @ (C, K)
-        _winograd_output(m, bias, relu, TH, TW, t0, out)
+        v = _scratch("wino_v", (n, T, C))
+        m = _scratch("wino_m", (n, T, K))
+        transform_in(x, top, left, TH, TW, t0, v)
+        np.matmul(v, u, out=m)                                         # n x (T, C) @ (C, K)
+        transform_out(m, bias, relu, TH, TW, t0, out)
     return out
 
 
