@@ -80,7 +80,7 @@ class BasicConv2d(Layer):
         self.folded = None                # host copy (weight (R, S, C, K), bias (K,)), BN folded in
         self.weight = self.bias = None    # the same, on the device `ops` runs on
         self.algorithm = "im2col"         # or "winograd": used where winograd_applies()
-        self.winograd = None              # the weight in the Winograd domain (16, C, K), when used
+        self.winograd = None              # the weight in the Winograd domain (16 or 36, C, K), when used
 
     def parameter_shapes(self):
         """{checkpoint key: shape in pyincept layout} for this layer."""
@@ -107,7 +107,7 @@ class BasicConv2d(Layer):
             self.winograd = ops.winograd_weights(self.folded[0], ops.winograd_tile(self.in_channels))
 
     def winograd_applies(self):
-        """Winograd F(2x2, 3x3) serves 3x3 stride-1 convs, when asked for and the device has it."""
+        """Winograd serves the 3x3 stride-1 convs, when asked for and the device has it."""
         return (self.algorithm == "winograd" and self.kernel_size == (3, 3) and self.stride in (1, (1, 1))
                 and hasattr(self.ops, "conv2d_winograd"))
 

@@ -3,8 +3,8 @@ numba.cuda twins in `cuda` (imported only when asked for).
 
 Model code imports kernels from this package only, never numba itself. A kernel set
 (this package, or `cuda`) is what `backend(device)` returns: the same functions, each
-working on that device's arrays, plus `empty`, `to_device`, `to_host` and `map_batch` (how a batch is split across
-the device's threads).
+working on that device's arrays, plus `empty`, `to_device`, `to_host` and `map_batch`
+(how a batch is split across the device's threads).
 """
 
 import sys

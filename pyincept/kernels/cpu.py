@@ -281,7 +281,8 @@ def _zeros(K):
 # The same convolution as conv2d for 3x3 filters at stride 1, with 2.25x (F2) or 4x (F4)
 # fewer multiply-adds: reference.conv2d_winograd is the readable version, with the math.
 # Each has its own pair of transform kernels, written out coefficient by coefficient
-# (generic matrix loops measured 2x slower). Which one a layer uses: winograd_tile.
+# (transforms written as generic matrix loops, tried for F(2, 7) on the 1x7 and 7x1
+# convs, were too slow to beat im2col there). Which one a layer uses: winograd_tile.
 
 
 def winograd_tile(in_channels):
