@@ -17,6 +17,7 @@ Layout is NHWC everywhere: x[n, h, w, c]. Convolution weights are HWIO: w[r, s, 
 What this is not: a general tensor library. Only float32, only what Inception needs.
 """
 
+import math
 import threading
 import weakref
 from concurrent.futures import ThreadPoolExecutor
@@ -266,7 +267,7 @@ _scratch_buffers = threading.local()   # concurrent shards and forward passes ne
 def _scratch(role, shape):
     """A reusable float32 buffer of at least `shape`, one per role and thread (grown, never shrunk)."""
     buffers = _scratch_buffers.__dict__
-    size = int(np.prod(shape))
+    size = math.prod(shape)
     buf = buffers.get(role)
     if buf is None or buf.size < size:
         buf = buffers[role] = np.empty(size, np.float32)
@@ -692,7 +693,7 @@ class Arena:
         self.lock = threading.Lock()
 
     def empty(self, shape):
-        size = int(np.prod(shape))
+        size = math.prod(shape)
         if size * 4 < self.min_bytes:
             return np.empty(shape, np.float32)
         with self.lock:
