@@ -18,6 +18,7 @@ Shapes are NHWC throughout; the comments give them for a 299x299 input.
 import numpy as np
 
 from . import kernels
+from .kernels.geometry import pad4
 
 BN_EPS = 0.001  # torchvision's BasicConv2d: nn.BatchNorm2d(out_channels, eps=0.001)
 
@@ -103,12 +104,17 @@ class BasicConv2d(Layer):
         self.ops = ops
         self.weight, self.bias = (ops.to_device(a) for a in self.folded)
         self.winograd = None
-        if self.winograd_applies():                  # F(2x2) or F(4x4), by what measured faster
+        if self.winograd_applies():                  # 3x3: F(2x2) or F(4x4), by what measured faster
             self.winograd = ops.winograd_weights(self.folded[0], ops.winograd_tile(self.in_channels))
 
     def winograd_applies(self):
-        """Winograd serves the 3x3 stride-1 convs, when asked for and the device has it."""
-        return (self.algorithm == "winograd" and self.kernel_size == (3, 3) and self.stride in (1, (1, 1))
+        """Winograd serves the stride-1 3x3 convs and the 1x7 / 7x1 ones (padded only along
+        their own axis, as all of v3's are), when asked for and the device has it."""
+        top, bottom, left, right = pad4(self.padding)
+        shape_ok = (self.kernel_size == (3, 3)
+                    or (self.kernel_size == (1, 7) and not (top or bottom))
+                    or (self.kernel_size == (7, 1) and not (left or right)))
+        return (self.algorithm == "winograd" and shape_ok and self.stride in (1, (1, 1))
                 and hasattr(self.ops, "conv2d_winograd"))
 
     def set_algorithm(self, algorithm):
@@ -118,7 +124,8 @@ class BasicConv2d(Layer):
 
     def __call__(self, x, taps, out=None):
         if self.winograd is not None:
-            y = self.ops.conv2d_winograd(x, self.winograd, self.bias, self.padding, relu=True, out=out)
+            y = self.ops.conv2d_winograd(x, self.winograd, self.bias, self.padding, relu=True, out=out,
+                                         kernel_size=self.kernel_size)
         else:
             y = self.ops.conv2d(x, self.weight, self.bias, self.stride, self.padding, relu=True, out=out)
         return taps.record(self.name, y)

@@ -278,12 +278,12 @@ def _zeros(K):
     return np.zeros(K, np.float32)
 
 
-# --- Winograd F(2x2, 3x3) and F(4x4, 3x3) -------------------------------------------
-# The same convolution as conv2d for 3x3 filters at stride 1, with 2.25x (F2) or 4x (F4)
-# fewer multiply-adds: reference.conv2d_winograd is the readable version, with the math.
-# Each has its own pair of transform kernels, written out coefficient by coefficient
-# (transforms written as generic matrix loops, tried for F(2, 7) on the 1x7 and 7x1
-# convs, were too slow to beat im2col there). Which one a layer uses: winograd_tile.
+# --- Winograd: F(2x2, 3x3), F(4x4, 3x3) and F(2, 7) -------------------------------------
+# The same convolutions as conv2d at stride 1 with fewer multiply-adds: 3x3 filters 2.25x
+# (F2) or 4x (F4) fewer, 1x7 and 7x1 filters 1.75x fewer. reference.conv2d_winograd is
+# the readable version, with the math. Each has its own pair of transform kernels,
+# written out coefficient by coefficient: a first F(2, 7) with the transforms as generic
+# matrix loops was slower than im2col; written out, it takes 0.7-0.9x im2col's time.
 
 
 def winograd_tile(in_channels):
@@ -295,10 +295,10 @@ def winograd_tile(in_channels):
 
 
 def winograd_weights(w, tile=2):
-    """3x3 filters in the Winograd domain, as the GEMMs want them: (3, 3, C, K) ->
-    (16, C, K) for tile 2, (36, C, K) for tile 4."""
-    u = reference.winograd_weights(_as_f32(w), tile)                  # (n, n, C, K)
-    return np.ascontiguousarray(u.reshape(-1, *u.shape[2:]))
+    """Filters in the Winograd domain, as the GEMMs want them: 3x3 (3, 3, C, K) ->
+    (16, C, K) for tile 2, (36, C, K) for tile 4; 1x7 or 7x1 -> (8, C, K)."""
+    u = reference.winograd_weights(_as_f32(w), tile)                  # (n, n, C, K) or (8, C, K)
+    return np.ascontiguousarray(u.reshape(-1, *u.shape[-2:]))
 
 
 @_jit
@@ -452,10 +452,66 @@ def _winograd4_output(m, bias, relu, TH, TW, t0, out):
                         out[n, h0 + p, w0 + q, k] = y[4 * p + q, k]
 
 
-def conv2d_winograd(x, u, bias=None, padding=0, relu=False, out=None):
-    """A 3x3 stride-1 convolution by Winograd; u = winograd_weights(w, tile): (16, C, K)
-    runs F(2x2, 3x3), (36, C, K) runs F(4x4, 3x3).
+@_jit
+def _winograd7_input(x, along_w, pad0, T, t0, v):
+    """F(2, 7): v[a, t, c] = (BT d)[a] for tiles t0 .., d the 8 inputs of channel c under tile t.
 
+    Lines run along W (along_w, a 1x7 filter) or H (7x1); tile t is line t // T of the
+    batch, tile j = t % T of it, whose inputs start at position 2*j - pad0 (zero outside).
+    """
+    N, H, W, C = x.shape
+    lines, length = (H, W) if along_w else (W, H)
+    d = np.empty((8, C), np.float32)
+    for i in range(v.shape[1]):
+        q, j = divmod(t0 + i, T)
+        n, line = divmod(q, lines)
+        for a in range(8):
+            p = 2 * j - pad0 + a
+            if 0 <= p < length:
+                src = x[n, line, p] if along_w else x[n, p, line]           # (C,), contiguous
+                for c in range(C):
+                    d[a, c] = src[c]
+            else:
+                for c in range(C):
+                    d[a, c] = 0.0
+        for c in range(C):
+            d0, d1, d2, d3, d4, d5, d6, d7 = d[0, c], d[1, c], d[2, c], d[3, c], d[4, c], d[5, c], d[6, c], d[7, c]
+            v[0, i, c] = d0 - 5.25 * d2 + 5.25 * d4 - d6
+            v[1, i, c] = -d1 - d2 + 4.25 * d3 + 4.25 * d4 - d5 - d6
+            v[2, i, c] = d1 - d2 - 4.25 * d3 + 4.25 * d4 + d5 - d6
+            v[3, i, c] = 0.5 * d1 + 0.25 * d2 - 2.5 * d3 - 1.25 * d4 + 2.0 * d5 + d6
+            v[4, i, c] = -0.5 * d1 + 0.25 * d2 + 2.5 * d3 - 1.25 * d4 - 2.0 * d5 + d6
+            v[5, i, c] = 2.0 * d1 + 4.0 * d2 - 2.5 * d3 - 5.0 * d4 + 0.5 * d5 + d6
+            v[6, i, c] = -2.0 * d1 + 4.0 * d2 + 2.5 * d3 - 5.0 * d4 - 0.5 * d5 + d6
+            v[7, i, c] = d1 - 5.25 * d3 + 5.25 * d5 - d7
+
+
+@_jit
+def _winograd7_output(m, bias, relu, along_w, T, t0, out):
+    """F(2, 7): the tile's 2 outputs along its line, (AT M)[p] + bias, ReLU; past the end dropped."""
+    N, OH, OW, K = out.shape
+    lines, length = (OH, OW) if along_w else (OW, OH)
+    for i in range(m.shape[1]):
+        q, j = divmod(t0 + i, T)
+        n, line = divmod(q, lines)
+        o = 2 * j
+        first = out[n, line, o] if along_w else out[n, o, line]             # (K,)
+        for k in range(K):
+            y = m[0, i, k] + m[1, i, k] + m[2, i, k] + m[3, i, k] + m[4, i, k] + m[5, i, k] + m[6, i, k] + bias[k]
+            first[k] = max(y, 0.0) if relu else y
+        if o + 1 < length:
+            second = out[n, line, o + 1] if along_w else out[n, o + 1, line]
+            for k in range(K):
+                y = (m[1, i, k] - m[2, i, k] + 2.0 * m[3, i, k] - 2.0 * m[4, i, k]
+                     + 0.5 * m[5, i, k] - 0.5 * m[6, i, k] - m[7, i, k] + bias[k])
+                second[k] = max(y, 0.0) if relu else y
+
+
+def conv2d_winograd(x, u, bias=None, padding=0, relu=False, out=None, kernel_size=(3, 3)):
+    """A stride-1 convolution by Winograd; u = winograd_weights(w, tile) for w of kernel_size.
+
+    3x3: (16, C, K) runs F(2x2, 3x3), (36, C, K) runs F(4x4, 3x3). 1x7 and 7x1: (8, C, K)
+    runs F(2, 7) along the filter's axis, which is the only one it may pad.
     Same contract as conv2d(x, w, bias, 1, padding, relu, out). Tiles of outputs
     (counted across the batch) go in chunks that fit _SCRATCH_FLOATS: input transform
     into v (n, T, C), n GEMMs v[e] @ u[e] into m (n, T, K), output transform with bias
@@ -463,32 +519,49 @@ def conv2d_winograd(x, u, bias=None, padding=0, relu=False, out=None):
     """
     x = _check_nhwc(x, "x")
     u = _as_f32(u)
-    if u.ndim != 3 or u.shape[0] not in (16, 36) or u.shape[1] != x.shape[3]:
-        raise ValueError(f"Winograd weights must be (16 or 36, C={x.shape[3]}, K), got {u.shape}")
+    R, S = pair(kernel_size)
+    sizes = {(3, 3): (16, 36), (1, 7): (8,), (7, 1): (8,)}
+    if (R, S) not in sizes:
+        raise ValueError(f"Winograd here serves 3x3, 1x7 and 7x1 filters, got {(R, S)}")
+    if u.ndim != 3 or u.shape[0] not in sizes[R, S] or u.shape[1] != x.shape[3]:
+        raise ValueError(f"Winograd weights for {R}x{S} must be ({' or '.join(map(str, sizes[R, S]))}, "
+                         f"C={x.shape[3]}, K), got {u.shape}")
     n, C, K = u.shape
-    tile = 2 if n == 16 else 4
     top, bottom, left, right = pad4(padding)
+    if ((R, S) == (1, 7) and (top or bottom)) or ((R, S) == (7, 1) and (left or right)):
+        raise ValueError(f"a {R}x{S} Winograd filter pads only along its own axis, got {(top, bottom, left, right)}")
     N, H, W, _ = x.shape
-    OH = conv_output_size(H, 3, 1, top, bottom)
-    OW = conv_output_size(W, 3, 1, left, right)
+    OH = conv_output_size(H, R, 1, top, bottom)
+    OW = conv_output_size(W, S, 1, left, right)
     if OH < 1 or OW < 1:
-        raise ValueError(f"input {H}x{W} is smaller than kernel 3x3 with padding {(top, bottom, left, right)}")
+        raise ValueError(f"input {H}x{W} is smaller than kernel {R}x{S} with padding {(top, bottom, left, right)}")
     bias = _zeros(K) if bias is None else _as_f32(bias)
     if bias.shape != (K,):
         raise ValueError(f"bias must be ({K},), got {bias.shape}")
     out = _output(out, (N, OH, OW, K))
-    TH, TW = -(-OH // tile), -(-OW // tile)
-    tiles = N * TH * TW
-    transform_in, transform_out = ((_winograd_input, _winograd_output) if tile == 2 else
-                                   (_winograd4_input, _winograd4_output))
+    if n == 8:                                                         # F(2, 7), 2 outputs per tile
+        along_w = (R, S) == (1, 7)
+        T = -(-(OW if along_w else OH) // 2)                           # tiles per line
+        tiles = N * (H if along_w else W) * T
+        pad0 = left if along_w else top
+        transform_in = lambda t0, v: _winograd7_input(x, along_w, pad0, T, t0, v)            # noqa: E731
+        transform_out = lambda t0, m: _winograd7_output(m, bias, relu, along_w, T, t0, out)  # noqa: E731
+    else:                                                              # F(m x m, 3x3)
+        tile = 2 if n == 16 else 4
+        TH, TW = -(-OH // tile), -(-OW // tile)
+        tiles = N * TH * TW
+        kernel_in, kernel_out = ((_winograd_input, _winograd_output) if tile == 2 else
+                                 (_winograd4_input, _winograd4_output))
+        transform_in = lambda t0, v: kernel_in(x, top, left, TH, TW, t0, v)                  # noqa: E731
+        transform_out = lambda t0, m: kernel_out(m, bias, relu, TH, TW, t0, out)             # noqa: E731
     chunk = max(1, min(tiles, _SCRATCH_FLOATS // (n * (C + K))))
     for t0 in range(0, tiles, chunk):
-        T = min(chunk, tiles - t0)
-        v = _scratch("wino_v", (n, T, C))
-        m = _scratch("wino_m", (n, T, K))
-        transform_in(x, top, left, TH, TW, t0, v)
+        T_chunk = min(chunk, tiles - t0)
+        v = _scratch("wino_v", (n, T_chunk, C))
+        m = _scratch("wino_m", (n, T_chunk, K))
+        transform_in(t0, v)
         np.matmul(v, u, out=m)                                         # n x (T, C) @ (C, K)
-        transform_out(m, bias, relu, TH, TW, t0, out)
+        transform_out(t0, m)
     return out
 
 
