@@ -382,9 +382,9 @@ def determinism_section(res):
     return ["## Determinism (pyincept)", "",
             f"- Each of {d['batch']} images alone vs inside one batch of {d['batch']}: max |Δ logit| = "
             f"{d['alone_vs_batch_max_abs']:.2e}, {d['alone_vs_batch_max_rel']:.2e} of the largest logit "
-            f"(top-1 equal: {yes(d['top1_agree'])}). Not bit-for-bit: alone, an image's GEMMs run on every "
-            "BLAS thread; inside a batch, on one thread of a micro-batch shard, with differently shaped "
-            "matrices, and OpenBLAS sums them in a different order.",
+            f"(top-1 equal: {yes(d['top1_agree'])}). Not bit-for-bit: alone, an image's layers split their "
+            "pixels between the threads; inside a batch, one micro-batch shard runs them whole, and GEMMs "
+            "of differently shaped matrices sum in a different order.",
             f"- The same batch twice: bit-for-bit identical: {yes(d['batch_rerun_identical'])}; "
             f"the same single image twice: {yes(d['single_rerun_identical'])}.", ""]
 

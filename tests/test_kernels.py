@@ -353,3 +353,41 @@ def test_map_batch_covers_the_batch_in_order(monkeypatch, threads, N):
     assert covered == list(range(N))
     assert all(0 < s.stop - s.start <= 2 for s in slices)
     assert len({ident for _, ident in parts}) <= threads
+
+
+def test_one_image_alone_splits_each_layer_across_two_threads(monkeypatch):
+    """map_batch with one image: conv2d, conv2d_winograd and the pools hand half of their
+    pixels, tiles or rows to a second thread; the numbers are the unsplit ones."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(8)
+    x, b = randn(rng, 1, 17, 19, 8), randn(rng, 6)
+    w3, w7, w5 = randn(rng, 3, 3, 8, 6), randn(rng, 1, 7, 8, 6), randn(rng, 5, 5, 8, 6)
+    u3, u4, u7 = cpu.winograd_weights(w3, 2), cpu.winograd_weights(w3, 4), cpu.winograd_weights(w7)
+
+    def layers(x):
+        return [cpu.conv2d(x, w5, b, 1, 2, relu=True), cpu.conv2d(x, w3, b, 2, 0),
+                cpu.conv2d_winograd(x, u3, b, 1, relu=True), cpu.conv2d_winograd(x, u4, b, 1),
+                cpu.conv2d_winograd(x, u7, b, (0, 3), relu=True, kernel_size=(1, 7)),
+                cpu.max_pool2d(x, 3, 2), cpu.avg_pool2d(x, 3, 1, 1)]
+
+    whole = layers(x)
+    submitted = []
+    helper = ThreadPoolExecutor(1)
+
+    class Counting:
+        def submit(self, *args):
+            submitted.append(args[1:])
+            return helper.submit(*args)
+
+    monkeypatch.setattr(cpu, "_pool_of_threads", lambda: Counting())
+    previous = cpu.get_num_threads()
+    cpu.set_num_threads(2)
+    try:
+        split = cpu.map_batch(lambda s: layers(x[s]), 1)[0]
+    finally:
+        cpu.set_num_threads(previous)
+        helper.shutdown()
+    assert len(submitted) == len(whole)                     # every layer gave half away
+    for a, b_ in zip(split, whole):
+        close(a, b_, atol=1e-5)

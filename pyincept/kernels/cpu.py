@@ -30,15 +30,15 @@ from . import reference
 from .geometry import conv_output_size, pad4, pair, pool_output_size
 
 # --- threads ------------------------------------------------------------------------
-# Every Numba kernel here is serial, and the only thread pool is NumPy's BLAS. Measured
-# on a 2-core machine (issue 4): OpenBLAS's idle threads spin for a while after every
-# GEMM, so a Numba parallel kernel launched between two GEMMs ran at half speed (the
+# Every Numba kernel here is serial, and BLAS runs single-threaded inside a forward pass.
+# Measured on a 2-core machine (issue 4): OpenBLAS's idle threads spin for a while after
+# every GEMM, so a Numba parallel kernel launched between two GEMMs ran at half speed (the
 # bias+ReLU epilogues took 12.5 ms per image in parallel, 5.4 ms serially), and waking
-# Numba's pool cost ~70 us a call. So:
-#   batch 1:  one thread of Python drives the network; the GEMMs use all n BLAS threads;
-#   batch >1: `map_batch` splits the batch into n shards that run concurrently, one per
-#             thread, each with single-threaded BLAS: every core runs its own images,
-#             unfold, GEMM, epilogue and pooling alike, and nothing spins.
+# Numba's pool cost ~70 us a call. So the threads are pyincept's own:
+#   batch > 1: `map_batch` splits the batch into n shards that run concurrently, one per
+#              thread: every core runs its own images, unfold, GEMM, epilogue and
+#              pooling alike;
+#   batch 1:   each layer splits its own output pixels, tiles or rows (`_side_by_side`).
 
 _threads = 1
 _blas = []                  # threadpoolctl controllers of every BLAS library loaded
@@ -46,7 +46,8 @@ _executor = None            # the shard threads (created on first use)
 
 
 def set_num_threads(n):
-    """Threads for a forward pass: BLAS threads at batch 1, concurrent shards above; returns n."""
+    """Threads for a forward pass (shards of a batch, halves of a lone image's layers), and
+    for BLAS when called outside one (the kernels on their own, retrain's NumPy); returns n."""
     global _threads, _blas, _executor
     from threadpoolctl import ThreadpoolController
 
@@ -70,21 +71,26 @@ def map_batch(fn, N):
 
     The batch is cut into micro-batches of at most config.MICRO_BATCH images (activation
     memory grows with the micro-batch, not the batch) dealt out to `_threads` shards,
-    one Python thread each, running concurrently with single-threaded BLAS. Every image
-    goes through the same kernels whatever the shard, so results do not depend on the
-    thread count beyond float rounding in the GEMMs.
+    one Python thread each, running concurrently with single-threaded BLAS. A batch of
+    one image runs here, its layers splitting their work in two (`_side_by_side`).
+    Every image goes through the same kernels whatever the shard, so results do not
+    depend on the thread count beyond float rounding in the GEMMs.
     """
-    global _executor
     size = max(1, min(config.MICRO_BATCH, -(-N // _threads)))
     slices = [slice(i, min(N, i + size)) for i in range(0, N, size)]
     shards = min(_threads, len(slices))
-    if shards == 1:
+    if shards == 1 and _threads == 1:
         return [fn(s) for s in slices]
-    if _executor is None:
-        _executor = ThreadPoolExecutor(_threads, thread_name_prefix="pyincept")
+    if shards == 1:                                               # one image: each layer splits its work
+        with _single_threaded_blas():
+            _local.splitting = True
+            try:
+                return [fn(s) for s in slices]
+            finally:
+                _local.splitting = False
     groups = [slices[i::shards] for i in range(shards)]          # shard i: micro-batches i, i+shards, ...
     with _single_threaded_blas():
-        done = list(_executor.map(lambda group: [fn(s) for s in group], groups))
+        done = list(_pool_of_threads().map(lambda group: [fn(s) for s in group], groups))
     results = [None] * len(slices)
     for i, group_results in enumerate(done):
         results[i::shards] = group_results
@@ -110,6 +116,37 @@ class _single_threaded_blas:
             if _single_threaded_blas._depth == 0:
                 for lib in _blas:
                     lib.set_num_threads(_threads)
+
+
+_local = threading.local()        # .splitting: this thread runs one image alone, BLAS at 1 thread
+_SIDE_BY_SIDE_MIN = 8             # pixels, tiles or rows: below this a split is not worth a thread hand-off
+
+
+def _side_by_side(work, count):
+    """work(0, count), as work(0, half) here and work(half, count) on a second thread,
+    while map_batch runs one image alone (`_local.splitting`).
+
+    At batch 1 there are no images to run side by side, so each layer splits its own
+    work: its output pixels (unfold, GEMM and epilogue of each half), Winograd tiles or
+    pool rows, each half with single-threaded BLAS. NumPy's GEMMs and the Numba kernels
+    release the GIL, so the halves run at once, and no idle BLAS thread spins beside
+    them. Anywhere else (inside a shard, or a kernel called on its own, whose GEMMs have
+    every BLAS thread) the work runs whole.
+    """
+    if not getattr(_local, "splitting", False) or count < _SIDE_BY_SIDE_MIN:
+        work(0, count)
+        return
+    half = count // 2
+    other = _pool_of_threads().submit(work, half, count)
+    work(0, half)
+    other.result()
+
+
+def _pool_of_threads():
+    global _executor
+    if _executor is None:
+        _executor = ThreadPoolExecutor(_threads, thread_name_prefix="pyincept")
+    return _executor
 
 
 set_num_threads(config.num_threads())   # PYINCEPT_NUM_THREADS, else every core
@@ -242,19 +279,24 @@ def conv2d(x, w, bias=None, stride=1, padding=0, relu=False, out=None):
     x2d = x.reshape(M, C) if pointwise else None
 
     tile = max(1, min(M, _SCRATCH_FLOATS // D))
-    for p0 in range(0, M, tile):
-        m = min(tile, M - p0)
-        if pointwise:
-            cols = x2d[p0 : p0 + m]                                    # (m, C): no unfolding
-        else:
-            cols = _scratch("cols", (m, D))                            # (m, R*S*C)
-            _unfold(x, R, S, sh, sw, top, left, OH, OW, p0, cols)
-        dest = out2d[p0 : p0 + m]
-        acc = dest if dest.flags.c_contiguous else _scratch("acc", (m, K))
-        np.matmul(cols, wmat, out=acc)                                 # (m, K)
-        _finish_in_place(acc, bias, relu)
-        if acc is not dest:
-            np.copyto(dest, acc)                                       # into the channel slice
+
+    def pixels(first, last):
+        """Unfold, GEMM and epilogue for output pixels first .. last-1, a tile at a time."""
+        for p0 in range(first, last, tile):
+            m = min(tile, last - p0)
+            if pointwise:
+                cols = x2d[p0 : p0 + m]                                # (m, C): no unfolding
+            else:
+                cols = _scratch("cols", (m, D))                        # (m, R*S*C)
+                _unfold(x, R, S, sh, sw, top, left, OH, OW, p0, cols)
+            dest = out2d[p0 : p0 + m]
+            acc = dest if dest.flags.c_contiguous else _scratch("acc", (m, K))
+            np.matmul(cols, wmat, out=acc)                             # (m, K)
+            _finish_in_place(acc, bias, relu)
+            if acc is not dest:
+                np.copyto(dest, acc)                                   # into the channel slice
+
+    _side_by_side(pixels, M)
     return out
 
 
@@ -555,13 +597,18 @@ def conv2d_winograd(x, u, bias=None, padding=0, relu=False, out=None, kernel_siz
         transform_in = lambda t0, v: kernel_in(x, top, left, TH, TW, t0, v)                  # noqa: E731
         transform_out = lambda t0, m: kernel_out(m, bias, relu, TH, TW, t0, out)             # noqa: E731
     chunk = max(1, min(tiles, _SCRATCH_FLOATS // (n * (C + K))))
-    for t0 in range(0, tiles, chunk):
-        T_chunk = min(chunk, tiles - t0)
-        v = _scratch("wino_v", (n, T_chunk, C))
-        m = _scratch("wino_m", (n, T_chunk, K))
-        transform_in(t0, v)
-        np.matmul(v, u, out=m)                                         # n x (T, C) @ (C, K)
-        transform_out(t0, m)
+
+    def tiles_of(first, last):
+        """Transform, n GEMMs and transform back for tiles first .. last-1, a chunk at a time."""
+        for t0 in range(first, last, chunk):
+            T_chunk = min(chunk, last - t0)
+            v = _scratch("wino_v", (n, T_chunk, C))
+            m = _scratch("wino_m", (n, T_chunk, K))
+            transform_in(t0, v)
+            np.matmul(v, u, out=m)                                     # n x (T, C) @ (C, K)
+            transform_out(t0, m)
+
+    _side_by_side(tiles_of, tiles)
     return out
 
 
@@ -569,7 +616,7 @@ def conv2d_winograd(x, u, bias=None, padding=0, relu=False, out=None, kernel_siz
 
 
 @_jit
-def _pool(x, R, S, sh, sw, ph, pw, is_max, count_include_pad, out):
+def _pool(x, R, S, sh, sw, ph, pw, is_max, count_include_pad, out, j0, j1):
     """Max or average pooling of x (N,H,W,C) into out (N,OH,OW,C); PyTorch's window rules.
 
     The innermost loop runs over channels, which are contiguous in NHWC: each window
@@ -577,7 +624,7 @@ def _pool(x, R, S, sh, sw, ph, pw, is_max, count_include_pad, out):
     """
     N, H, W, C = x.shape
     _, OH, OW, _ = out.shape
-    for job in range(N * OH):
+    for job in range(j0, j1):                           # output rows j0 .. j1-1, across the batch
         n = job // OH
         oh = job % OH
         h0 = oh * sh - ph
@@ -631,7 +678,7 @@ def _pool_wrapper(x, kernel_size, stride, padding, ceil_mode, is_max, count_incl
     if OH < 1 or OW < 1:
         raise ValueError(f"input {H}x{W} is smaller than pool window {R}x{S}")
     out = _output(out, (N, OH, OW, C))
-    _pool(x, R, S, sh, sw, ph, pw, is_max, count_include_pad, out)
+    _side_by_side(lambda j0, j1: _pool(x, R, S, sh, sw, ph, pw, is_max, count_include_pad, out, j0, j1), N * OH)
     return out
 
 
