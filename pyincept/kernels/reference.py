@@ -109,13 +109,14 @@ def winograd_weights(w, tile=2):
     1x7 or 7x1 (1, 7, C, K) / (7, 1, C, K) -> U = G g of F(2, 7), (8, C, K)."""
     if tuple(w.shape[:2]) in ((1, 7), (7, 1)):
         taps = w.reshape(7, *w.shape[2:]).astype(np.float64)                 # (7, C, K)
-        return np.einsum("tr,rck->tck", WINOGRAD_7["G"], taps).astype(np.float32)
+        return np.tensordot(WINOGRAD_7["G"], taps, axes=(1, 0)).astype(np.float32)          # G g
     if w.shape[:2] != (3, 3):
         raise ValueError(f"Winograd here needs 3x3, 1x7 or 7x1 filters, got {w.shape[:2]}")
     if tile not in WINOGRAD:
         raise ValueError(f"Winograd tiles are 2 or 4 outputs wide, got {tile}")
     G = WINOGRAD[tile]["G"]
-    return np.einsum("ar,rsck,bs->abck", G, w.astype(np.float64), G).astype(np.float32)
+    gw = np.tensordot(G, w.astype(np.float64), axes=(1, 0))                       # G g: (n, 3, C, K)
+    return np.moveaxis(np.tensordot(gw, G, axes=(1, 1)), -1, 1).astype(np.float32)   # (G g) GT: (n, n, C, K)
 
 
 def conv2d_winograd(x, u, bias=None, padding=0, relu=False, out=None, kernel_size=(3, 3)):
