@@ -23,9 +23,10 @@ JIT_OPTIONS = {"cache": True, "nogil": True, "fastmath": False, "error_model": "
 
 # --- Batches ----------------------------------------------------------------------
 # The CPU runs a batch in micro-batches of at most this many images, spread over its
-# threads. Activation memory grows with the micro-batch, not the batch; the GEMMs of the
-# 8x8 modules still have 4 * 64 = 256 rows, enough for BLAS to run at full speed.
-MICRO_BATCH = 4
+# threads. Activation memory grows with the micro-batch, not the batch. Measured at
+# batch 32 on 2 cores: 2 gives a peak RSS of 540-551 MiB at 17.6-17.9 img/s (batch 8);
+# 4 gave 606-699 MiB (glibc's per-thread arenas make it vary) at 18.2 img/s.
+MICRO_BATCH = 2
 
 # --- CUDA (optional: pip install "pyincept[cuda]") --------------------------------
 # Flags for every @cuda.jit in pyincept.kernels.cuda. cache=True keeps compiled GPU
