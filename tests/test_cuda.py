@@ -125,7 +125,8 @@ def test_only_numbas_low_occupancy_warning_is_silenced():
         "                 'Grid size 2 will likely result in GPU under-utilization due to low occupancy.',\n"
         "                 'np.dot() is faster on contiguous arrays']:\n"
         "        warnings.warn(NumbaPerformanceWarning(text))\n"
-        "print([str(w.message) for w in seen])\n",
+        "import re\n"
+        "print([re.sub(r'\\x1b\\[[0-9;]*m', '', str(w.message)) for w in seen])\n",   # numba may colour its text
     )
     assert code == 0, err
     assert out.strip() == "['np.dot() is faster on contiguous arrays']", out + err
