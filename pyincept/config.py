@@ -5,7 +5,7 @@ Model code reads nothing from the environment itself; it asks this module.
 Environment variables
 ---------------------
 PYINCEPT_NUM_THREADS   threads for a forward pass: a batch's images run side by side,
-                       a lone image's layers split in parts (default: all cores;
+                       a lone image's layers split in two (default: all cores;
                        from Python: pyincept.set_num_threads(n))
 PYINCEPT_CACHE         folder for downloaded and converted weights
                        (default: the platform's user cache folder, e.g. ~/.cache/pyincept)
