@@ -27,7 +27,7 @@ from numba import njit
 
 from .. import config
 from . import reference
-from .geometry import conv_output_size, pad4, pair, pool_output_size
+from .geometry import conv_output_hw, pad4, pair, pool_output_size
 
 # --- threads ------------------------------------------------------------------------
 # Every Numba kernel here is serial, and BLAS runs single-threaded inside a forward pass.
@@ -266,13 +266,8 @@ def conv2d(x, w, bias=None, stride=1, padding=0, relu=False, out=None):
     sh, sw = pair(stride)
     top, bottom, left, right = pad4(padding)
     N, H, W, _ = x.shape
-    OH = conv_output_size(H, R, sh, top, bottom)
-    OW = conv_output_size(W, S, sw, left, right)
-    if OH < 1 or OW < 1:
-        raise ValueError(f"input {H}x{W} is smaller than kernel {R}x{S} with padding {(top, bottom, left, right)}")
-    bias = _zeros(K) if bias is None else _as_f32(bias)
-    if bias.shape != (K,):
-        raise ValueError(f"bias must be ({K},), got {bias.shape}")
+    OH, OW = conv_output_hw(H, W, (R, S), (sh, sw), (top, bottom, left, right))
+    bias = _bias_vector(bias, K)
     out = _output(out, (N, OH, OW, K))
     D = R * S * C
     wmat = w.reshape(D, K)                                             # (D = R*S*C, K)
@@ -321,6 +316,14 @@ def _scratch(role, shape):
 
 def _zeros(K):
     return np.zeros(K, np.float32)
+
+
+def _bias_vector(bias, K):
+    """A conv's bias as float32 (K,): zeros when there is none."""
+    bias = _zeros(K) if bias is None else _as_f32(bias)
+    if bias.shape != (K,):
+        raise ValueError(f"bias must be ({K},), got {bias.shape}")
+    return bias
 
 
 # --- Winograd: F(2x2, 3x3), F(4x4, 3x3) and F(2, 7) -------------------------------------
@@ -581,13 +584,8 @@ def conv2d_winograd(x, u, bias=None, padding=0, relu=False, out=None, kernel_siz
     if ((R, S) == (1, 7) and (top or bottom)) or ((R, S) == (7, 1) and (left or right)):
         raise ValueError(f"a {R}x{S} Winograd filter pads only along its own axis, got {(top, bottom, left, right)}")
     N, H, W, _ = x.shape
-    OH = conv_output_size(H, R, 1, top, bottom)
-    OW = conv_output_size(W, S, 1, left, right)
-    if OH < 1 or OW < 1:
-        raise ValueError(f"input {H}x{W} is smaller than kernel {R}x{S} with padding {(top, bottom, left, right)}")
-    bias = _zeros(K) if bias is None else _as_f32(bias)
-    if bias.shape != (K,):
-        raise ValueError(f"bias must be ({K},), got {bias.shape}")
+    OH, OW = conv_output_hw(H, W, (R, S), 1, (top, bottom, left, right))
+    bias = _bias_vector(bias, K)
     out = _output(out, (N, OH, OW, K))
     if n == 8:                                                         # F(2, 7), 2 outputs per tile
         along_w = (R, S) == (1, 7)

@@ -37,7 +37,7 @@ import numpy as np
 
 from .. import config
 from ..errors import PyinceptError
-from .geometry import conv_output_size, pad4, pair, pool_output_size
+from .geometry import conv_output_hw, pad4, pair, pool_output_size
 
 DEVICE = "cuda"
 
@@ -260,10 +260,7 @@ def conv2d(x, w, bias=None, stride=1, padding=0, relu=False, out=None):
     sh, sw = pair(stride)
     top, bottom, left, right = pad4(padding)
     N, H, W, _ = x.shape
-    OH = conv_output_size(H, R, sh, top, bottom)
-    OW = conv_output_size(W, S, sw, left, right)
-    if OH < 1 or OW < 1:
-        raise ValueError(f"input {H}x{W} is smaller than kernel {R}x{S} with padding {(top, bottom, left, right)}")
+    OH, OW = conv_output_hw(H, W, (R, S), (sh, sw), (top, bottom, left, right))
     bias = _zeros(K) if bias is None else _as_device(bias)
     if bias.shape != (K,):
         raise ValueError(f"bias must be ({K},), got {bias.shape}")

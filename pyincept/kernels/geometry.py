@@ -36,6 +36,18 @@ def conv_output_size(size, kernel, stride, pad_before, pad_after):
     return (size + pad_before + pad_after - kernel) // stride + 1
 
 
+def conv_output_hw(H, W, kernel, stride, pads):
+    """(OH, OW) of a convolution over an H x W input; pads = (top, bottom, left, right).
+    A ValueError, in the words every backend uses, when no kernel position fits."""
+    (R, S), (sh, sw) = pair(kernel), pair(stride)
+    top, bottom, left, right = pads
+    OH = conv_output_size(H, R, sh, top, bottom)
+    OW = conv_output_size(W, S, sw, left, right)
+    if OH < 1 or OW < 1:
+        raise ValueError(f"input {H}x{W} is smaller than kernel {R}x{S} with padding {tuple(pads)}")
+    return OH, OW
+
+
 def pool_output_size(size, kernel, stride, pad, ceil_mode):
     """PyTorch's pooling size: floor or ceil, but the last window must start inside
     the input or its left padding (otherwise it would see only padding)."""
