@@ -116,6 +116,11 @@ def table(header, rows):
     return "\n".join(lines)
 
 
+def section(title, intro, head, rows):
+    """A report section: its heading, a paragraph on what it measures, its table."""
+    return [f"## {title}", "", intro, "", table(head, rows), ""]
+
+
 def num(x, digits=1):
     return None if x is None else f"{x:,.{digits}f}"
 
@@ -273,11 +278,11 @@ def latency_section(res):
                      times_x(ratio(s["median"], _median(res, "ort", 1))),
                      times_x(ratio(s["median"], _median(res, "torch", 1)))] + usage_cells(res, name, 1) +
                     [" / ".join(f"{a:.1f}" for a in res["loadavg"].get(name, []))])
-    return ["## Latency, batch 1", "",
+    return section("Latency, batch 1",
             "One image at a time, 299x299. Lower is better; ratios are this engine's median over the other's. "
             + USAGE_NOTE + " `1-min load after`: the load average when each round's process ended (the engine's own "
-            "threads account for about the thread count of it).", "",
-            table(head, rows), ""]
+            "threads account for about the thread count of it).",
+            head, rows)
 
 
 def _median(res, name, batch):
@@ -303,9 +308,9 @@ def throughput_section(res):
                          num(b / s["median"]), num(g), num(ratio(g, ceiling) and 100 * ratio(g, ceiling), 0),
                          times_x(ratio(throughput(res, name, b), throughput(res, "ort", b))),
                          times_x(ratio(throughput(res, name, b), throughput(res, "torch", b)))] + usage_cells(res, name, b))
-    return ["## Throughput", "",
+    return section("Throughput",
             "Images per second at a fixed batch. Higher is better; ratios are this engine's img/s over the other's.",
-            "", table(head, rows), ""]
+            head, rows)
 
 
 def memory_section(res):
@@ -319,10 +324,11 @@ def memory_section(res):
                      num(r["peak_rss_mib"] - r["after_load_mib"], 0), num(r["seconds"], 2),
                      times_x(ratio(r["peak_rss_mib"], peak_rss(res, "ort"))),
                      times_x(ratio(r["peak_rss_mib"], peak_rss(res, "torch")))])
-    return ["## Peak memory", "",
+    return section("Peak memory",
             f"Each engine alone in a fresh process: load, one warm-up and one timed pass at batch {b}; "
             "peak = `ru_maxrss` (the process's high-water resident set, interpreter and libraries included). "
-            "Lower is better.", "", table(head, rows), ""]
+            "Lower is better.",
+            head, rows)
 
 
 def startup_section(res):
@@ -333,11 +339,12 @@ def startup_section(res):
             "peak RSS MiB"]
     rows = [[key, num(r["import_s"], 3), num(r["load_s"], 3), num(r["first_forward_s"], 3), num(r["total_s"], 3),
              num(r["wall_s"], 3), num(r["peak_rss_mib"], 0)] for key, r in cs.items()]
-    return ["## Start-up (pyincept)", "",
+    return section("Start-up (pyincept)",
             "A fresh process: `import pyincept`, `inception_v3(weights.npz)`, one batch-1 forward. "
             "`total` is timed inside the process from before the import; `process wall` adds the interpreter's own "
             "start and exit. Warm: the second of two runs sharing a Numba cache. Cold: an empty `NUMBA_CACHE_DIR`, so "
-            "every kernel compiles.", "", table(head, rows), ""]
+            "every kernel compiles.",
+            head, rows)
 
 
 def gemm_ceiling(res):
@@ -352,14 +359,14 @@ def gemm_section(res):
     head = ["GEMM", "M", "K", "N", "numpy median ms", "numpy GFLOP/s"] + (["torch.matmul GFLOP/s"] if with_torch else [])
     rows = [[r["name"], r["M"], r["K"], r["N"], ms(r["median"], 2), num(r["gflops"])] +
             ([num(r.get("torch_gflops"))] if with_torch else []) for r in res["gemm"]]
-    return ["## GEMM ceiling", "",
+    return section("GEMM ceiling",
             f"`np.matmul` on float32 (numpy's OpenBLAS sgemm, the GEMM pyincept calls, {res['plan']['threads']} threads) "
             "on Inception v3's own GEMM shapes at batch 1. The best v3 shape is the ceiling used for "
             f"`% of GEMM ceiling` above: **{num(gemm_ceiling(res))} GFLOP/s**. It is numpy's ceiling, not the "
             "machine's: an engine with its own GEMM or convolution kernels (onnxruntime's MLAS, torch's oneDNN) "
             "can pass 100%."
             + (" `torch.matmul` shows what another BLAS gets on the same shapes." if with_torch else ""),
-            "", table(head, rows), ""]
+            head, rows)
 
 
 def accuracy_section(res):
@@ -369,9 +376,10 @@ def accuracy_section(res):
     head = ["engine", "max abs logit", "max abs Δ vs pyincept", "Δ ÷ max abs logit", "top-1 equal"]
     rows = [[res["engines"][n]["label"], num(a["max_abs_logit"], 3), f"{a['max_abs_delta']:.2e}", f"{a['relative']:.2e}",
              "yes" if a["top1_equal"] else "no"] for n, a in acc.items()]
-    return ["## Accuracy", "",
+    return section("Accuracy",
             "The same 2 images through every engine; logits compared with pyincept's. The bar: "
-            "Δ ≤ 1e-3 of the largest logit.", "", table(head, rows), ""]
+            "Δ ≤ 1e-3 of the largest logit.",
+            head, rows)
 
 
 def determinism_section(res):
@@ -401,10 +409,11 @@ def stages_section(res):
              num(100 * s["macs"] / all_macs), num(gflops(s["macs"], t))] for s, t in stages]
     rows.append(["**sum of stages**", "", ms(total, 2), "100.0", num(all_macs / 1e9, 3), "100.0", num(gflops(all_macs, total))])
     whole = statistics.median(L["whole_times"])
-    return ["## Where pyincept's time goes (batch 1)", "",
+    return section("Where pyincept's time goes (batch 1)",
             f"Each stage of `model.stages` timed on its own, called one by one as `Inception3.run` calls them "
             f"(AuxLogits not run), median of {len(L['whole_times'])}; `model(x)` end to end: {ms(whole)} ms. "
-            "MACs from `pyincept.summary.layer_table`.", "", table(head, rows), ""]
+            "MACs from `pyincept.summary.layer_table`.",
+            head, rows)
 
 
 def scale_section(res):
