@@ -109,7 +109,7 @@ def test_winograd_in_chunks_of_tiles(monkeypatch, tile):
     u = cpu.winograd_weights(w, tile)
     whole = cpu.conv2d_winograd(x, u, b, 1, relu=True)
     for floats in (1, len(u) * 10 * 3):
-        monkeypatch.setattr(cpu, "_SCRATCH_FLOATS", floats)
+        monkeypatch.setattr(cpu, "_WINOGRAD_FLOATS", floats)
         close(cpu.conv2d_winograd(x, u, b, 1, relu=True), whole)
     close(whole, ref.conv2d(x, w, b, 1, 1, relu=True), atol=4e-5)
 
