@@ -187,6 +187,38 @@ def test_avg_pool2d_matches_reference_and_torch(geometry, seed):
     close(ref.avg_pool2d(x, kernel, stride, pad, ceil_mode, count_include_pad), expected, atol=1e-6)
 
 
+@SETTINGS
+@given(pool_geometry(), seeds, st.integers(0, 5), st.integers(0, 5), st.integers(0, 3))
+def test_pools_read_views_as_their_contiguous_copies(geometry, seed, before, after, offset):
+    """A channel slice of a wider array (a module's branch columns), also inside a flat
+    buffer as the arena hands them out, is pooled through its parent; any other view
+    (every other row) through a copy. Same numbers as on the contiguous copy."""
+    N, H, W, C, kernel, stride, pad, ceil_mode, count_include_pad = geometry
+    rng = np.random.default_rng(seed)
+    width = before + C + after
+    flat = randn(rng, offset + N * H * W * width + 3)                 # a buffer with room around the array
+    views = [flat[offset : offset + N * H * W * width].reshape(N, H, W, width)[..., before : before + C],
+             randn(rng, N, 2 * H, W, C)[:, ::2]]
+    parent, c0 = cpu._channel_window(views[0])
+    if np.shares_memory(parent, flat):                                # read in place: exactly x's memory
+        window = parent[..., c0 : c0 + C]
+        assert parent.flags.c_contiguous and window.ctypes.data == views[0].ctypes.data
+        assert window.strides == views[0].strides or N * H * W * C == 1
+    for x in views:
+        copy = np.ascontiguousarray(x)
+        np.testing.assert_array_equal(cpu.max_pool2d(x, kernel, stride, pad, ceil_mode),
+                                      cpu.max_pool2d(copy, kernel, stride, pad, ceil_mode))
+        mean = cpu.avg_pool2d(x, kernel, stride, pad, ceil_mode, count_include_pad)
+        np.testing.assert_array_equal(mean, cpu.avg_pool2d(copy, kernel, stride, pad, ceil_mode, count_include_pad))
+        close(mean, ref.avg_pool2d(copy, kernel, stride, pad, ceil_mode, count_include_pad), atol=1e-6)
+
+
+def test_a_modules_pool_branch_columns_are_pooled_in_place():
+    raw = randn(np.random.default_rng(3), 2, 17, 17, 768)             # Mixed_6b's fused 1x1 output
+    parent, c0 = cpu._channel_window(raw[..., 576:])
+    assert parent.base is raw and parent.shape == raw.shape and c0 == 576
+
+
 def test_pool_stride_defaults_to_kernel_and_rejects_wide_padding():
     x = randn(np.random.default_rng(2), 1, 9, 9, 2)
     expected = to_nhwc(F.max_pool2d(to_nchw(x), 3))

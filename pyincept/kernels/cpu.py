@@ -627,21 +627,25 @@ def conv2d_winograd(x, u, bias=None, padding=0, relu=False, out=None, kernel_siz
 
 
 @_jit
-def _pool(x, R, S, sh, sw, ph, pw, is_max, count_include_pad, out, j0, j1):
-    """Max or average pooling of x (N,H,W,C) into out (N,OH,OW,C); PyTorch's window rules.
+def _pool(x, c0, R, S, sh, sw, ph, pw, is_max, count_include_pad, out, j0, j1):
+    """Max or average pooling of channels c0 .. c0+C-1 of x (N,H,W,*) into out (N,OH,OW,C);
+    PyTorch's window rules.
 
     The innermost loop runs over channels, which are contiguous in NHWC: each window
-    pixel updates a whole channel vector at once.
+    pixel updates a whole channel vector at once. x is a whole C-contiguous array (a
+    module's channel slice is passed as its parent and c0), so LLVM knows the channels
+    sit side by side and vectorises the sums: Mixed_6b's pool branch ran 2.6x faster
+    than on the slice itself.
     """
-    N, H, W, C = x.shape
-    _, OH, OW, _ = out.shape
+    N, H, W, _ = x.shape
+    _, OH, OW, C = out.shape
+    acc = np.empty(C, np.float32)
     for job in range(j0, j1):                           # output rows j0 .. j1-1, across the batch
         n = job // OH
         oh = job % OH
         h0 = oh * sh - ph
         h1 = min(h0 + R, H + ph)
         a0, a1 = max(h0, 0), min(h1, H)
-        acc = np.empty(C, np.float32)
         for ow in range(OW):
             w0 = ow * sw - pw
             w1 = min(w0 + S, W + pw)
@@ -650,16 +654,18 @@ def _pool(x, R, S, sh, sw, ph, pw, is_max, count_include_pad, out, j0, j1):
                 acc[:] = -np.inf
                 for ih in range(a0, a1):
                     for iw in range(b0, b1):
+                        src = x[n, ih, iw, c0 : c0 + C]       # indexed from 0: no negative-index checks
                         for c in range(C):
-                            v = x[n, ih, iw, c]
-                            if v > acc[c] or v != v:      # a NaN wins and stays, as in torch
+                            v = src[c]
+                            if v > acc[c] or v != v:          # a NaN wins and stays, as in torch
                                 acc[c] = v
             else:
                 acc[:] = 0.0
                 for ih in range(a0, a1):
                     for iw in range(b0, b1):
+                        src = x[n, ih, iw, c0 : c0 + C]
                         for c in range(C):
-                            acc[c] += x[n, ih, iw, c]
+                            acc[c] += src[c]
                 divisor = (h1 - h0) * (w1 - w0) if count_include_pad else (a1 - a0) * (b1 - b0)
                 for c in range(C):
                     acc[c] /= divisor
@@ -689,8 +695,33 @@ def _pool_wrapper(x, kernel_size, stride, padding, ceil_mode, is_max, count_incl
     if OH < 1 or OW < 1:
         raise ValueError(f"input {H}x{W} is smaller than pool window {R}x{S}")
     out = _output(out, (N, OH, OW, C))
-    _side_by_side(lambda j0, j1: _pool(x, R, S, sh, sw, ph, pw, is_max, count_include_pad, out, j0, j1), N * OH)
+    parent, c0 = _channel_window(x)
+    _side_by_side(lambda j0, j1: _pool(parent, c0, R, S, sh, sw, ph, pw, is_max, count_include_pad, out, j0, j1),
+                  N * OH)
     return out
+
+
+def _channel_window(x):
+    """(parent, c0) with parent[..., c0 : c0 + C] being x itself (same memory) and parent
+    C-contiguous: x when it is contiguous; for a channel slice of a contiguous array (a
+    module's branch columns) a (N, H, W, row) view over the same buffer; else a copy.
+    Any c0 that keeps the view inside the buffer will do: only x's channels are read."""
+    if x.flags.c_contiguous:
+        return x, 0
+    N, H, W, C = x.shape
+    item = x.itemsize
+    row = x.strides[2] // item                                         # floats from one pixel to the next
+    root = x
+    while isinstance(root.base, np.ndarray):
+        root = root.base
+    offset = x.ctypes.data - root.ctypes.data                         # bytes from the buffer's start to x
+    if (x.strides[3] == item and x.strides[2] == row * item and x.strides[1] == W * row * item
+            and x.strides[0] == H * W * row * item and root.flags.c_contiguous and offset >= 0):
+        parent_bytes = N * H * W * row * item
+        c0 = max(0, -(-(offset + parent_bytes - root.nbytes) // item))   # start early enough to end in the buffer
+        if c0 + C <= row and c0 * item <= offset:
+            return np.ndarray((N, H, W, row), x.dtype, buffer=root, offset=offset - c0 * item), c0
+    return np.ascontiguousarray(x), 0
 
 
 @_jit
