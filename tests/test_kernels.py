@@ -64,11 +64,11 @@ def test_conv2d_1x1_fast_path(N, H, W, C, K, seed):
 
 
 @SETTINGS
-@given(st.sampled_from([((3, 3), 2), ((3, 3), 4), ((1, 7), 2), ((7, 1), 2)]), st.integers(1, 3), st.integers(1, 11),
+@given(st.sampled_from([((3, 3), 2), ((3, 3), 4), ((5, 5), 2), ((1, 7), 2), ((7, 1), 2)]), st.integers(1, 3), st.integers(1, 11),
        st.integers(1, 11), st.integers(1, 9), st.integers(1, 9), st.tuples(*[st.integers(0, 3)] * 4), st.booleans(),
        st.booleans(), st.booleans(), seeds)
 def test_winograd_matches_im2col_reference_and_torch(kind, N, H, W, C, K, pads, with_bias, relu, out_sliced, seed):
-    """Winograd F(2x2, 3x3), F(4x4, 3x3) and F(2, 7) (1x7, 7x1), fast and reference, against
+    """Winograd F(2x2, 3x3), F(4x4, 3x3), F(2x2, 5x5) and F(2, 7) (1x7, 7x1), fast and reference, against
     torch: output sizes that are and are not multiples of the tile (edge tiles partly
     outside), per-side padding (a 1D filter's only along its axis), a channel-slice output."""
     (R, S), tile = kind
@@ -87,44 +87,49 @@ def test_winograd_matches_im2col_reference_and_torch(kind, N, H, W, C, K, pads, 
     expected = to_nhwc(F.relu(yt) if relu else yt)
     slow = ref.conv2d_winograd(x, ref.winograd_weights(w, tile), b, pads, relu=relu, kernel_size=(R, S))
     u = cpu.winograd_weights(w, tile)
-    assert u.shape == ((tile + 2) ** 2 if R == S else 8, C, K)
+    assert u.shape == ((tile + R - 1) ** 2 if R == S else 8, C, K)
     if out_sliced:
         wide = np.full((*expected.shape[:3], K + 3), 7.0, np.float32)
         fast = cpu.conv2d_winograd(x, u, b, pads, relu=relu, out=wide[..., 1 : 1 + K], kernel_size=(R, S))
         assert np.shares_memory(fast, wide) and (wide[..., :1] == 7).all() and (wide[..., 1 + K :] == 7).all()
     else:
         fast = cpu.conv2d_winograd(x, u, b, pads, relu=relu, kernel_size=(R, S))
-    # F(4x4, 3x3) and F(2, 7) have coefficients up to 8 and 5.25 (and 1/24, 1/90): a few
+    # F(4x4, 3x3), F(2x2, 5x5) and F(2, 7) have coefficients up to 8 and 5.25 (and 1/24, 1/90): a few
     # times F(2x2)'s rounding.
     for y in (fast, slow):
         assert y.shape == expected.shape
         close(y, expected, atol=(1e-5 if (R, S, tile) == (3, 3, 2) else 4e-5) * np.sqrt(R * S * C))
 
 
-@pytest.mark.parametrize("tile", [2, 4])
-def test_winograd_in_chunks_of_tiles(monkeypatch, tile):
+@pytest.mark.parametrize("r,tile", [(3, 2), (3, 4), (5, 2)])
+def test_winograd_in_chunks_of_tiles(monkeypatch, r, tile):
     """Chunks of one tile and of a few tiles spanning rows and images: same numbers as one chunk."""
     rng = np.random.default_rng(5)
-    x, w, b = randn(rng, 2, 9, 7, 4), randn(rng, 3, 3, 4, 6), randn(rng, 6)
+    x, w, b = randn(rng, 2, 9, 7, 4), randn(rng, r, r, 4, 6), randn(rng, 6)
     u = cpu.winograd_weights(w, tile)
-    whole = cpu.conv2d_winograd(x, u, b, 1, relu=True)
+    pad = r // 2
+    whole = cpu.conv2d_winograd(x, u, b, pad, relu=True, kernel_size=(r, r))
     for floats in (1, len(u) * 10 * 3):
         monkeypatch.setattr(cpu, "_WINOGRAD_FLOATS", floats)
-        close(cpu.conv2d_winograd(x, u, b, 1, relu=True), whole)
-    close(whole, ref.conv2d(x, w, b, 1, 1, relu=True), atol=4e-5)
+        close(cpu.conv2d_winograd(x, u, b, pad, relu=True, kernel_size=(r, r)), whole)
+    close(whole, ref.conv2d(x, w, b, 1, pad, relu=True), atol=4e-5)
 
 
 def test_winograd_rejects_what_it_cannot_do():
-    with pytest.raises(ValueError, match="3x3, 1x7 or 7x1 filters"):
+    with pytest.raises(ValueError, match="3x3, 5x5, 1x7 or 7x1 filters"):
         cpu.winograd_weights(np.zeros((1, 5, 4, 8), np.float32))
     with pytest.raises(ValueError, match="2 or 4"):
         cpu.winograd_weights(np.zeros((3, 3, 4, 8), np.float32), tile=3)
+    with pytest.raises(ValueError, match="5x5 Winograd tiles are 2"):
+        cpu.winograd_weights(np.zeros((5, 5, 4, 8), np.float32), tile=4)
+    with pytest.raises(ValueError, match=r"5x5 must be \(36, C=4"):
+        cpu.conv2d_winograd(np.zeros((1, 9, 9, 4), np.float32), np.zeros((16, 4, 8), np.float32), kernel_size=(5, 5))
     with pytest.raises(ValueError, match="16 or 36"):
         cpu.conv2d_winograd(np.zeros((1, 5, 5, 4), np.float32), np.zeros((25, 4, 8), np.float32))
     with pytest.raises(ValueError, match="only along its own axis"):
         cpu.conv2d_winograd(np.zeros((1, 9, 9, 4), np.float32), np.zeros((8, 4, 2), np.float32), padding=(1, 3),
                             kernel_size=(1, 7))
-    with pytest.raises(ValueError, match="3x3, 1x7 and 7x1"):
+    with pytest.raises(ValueError, match="3x3, 5x5, 1x7 and 7x1"):
         cpu.conv2d_winograd(np.zeros((1, 9, 9, 4), np.float32), np.zeros((6, 4, 2), np.float32), kernel_size=(1, 5))
     with pytest.raises(ValueError, match="C=3"):
         cpu.conv2d_winograd(np.zeros((1, 5, 5, 3), np.float32), np.zeros((16, 4, 8), np.float32))

@@ -70,8 +70,10 @@ def test_im2col_and_winograd_agree_and_both_meet_the_bar(tv_inception, converted
     assert list(used)[:3] == ["Conv2d_2a_3x3", "Conv2d_2b_3x3", "Conv2d_4a_3x3"]
     assert used["Conv2d_2b_3x3"] == 16 and used["Conv2d_4a_3x3"] == 36      # F(2x2) at C=32, F(4x4) at C=80
     assert used["Mixed_6b.branch7x7_2"] == used["Mixed_6e.branch7x7dbl_5"] == 8   # F(2, 7)
-    # Every stride-1 3x3 (12) and every 1x7 / 7x1 (6 in each of Mixed_6b-e, 2 in Mixed_7a).
-    assert len(used) == 12 + 6 * 4 + 2
+    assert used["Mixed_5b.branch5x5_2"] == used["Mixed_5d.branch5x5_2"] == 36     # F(2x2, 5x5)
+    # Every stride-1 3x3 (12), every 1x7 / 7x1 (6 in each of Mixed_6b-e, 2 in Mixed_7a) and
+    # the padded 5x5s (Mixed_5b-d; not AuxLogits.conv1, one output pixel from a 5x5 map).
+    assert len(used) == 12 + 6 * 4 + 2 + 3 and "AuxLogits.conv1" not in used
     winograd = model(x)
     assert_within_bar(winograd, expected)
     assert np.abs(winograd - im2col).max() <= 1e-4 * np.abs(im2col).max()

@@ -339,17 +339,20 @@ def _bias_vector(bias, K):
 # matrix loops was slower than im2col; written out, it takes 0.7-0.9x im2col's time.
 
 
-def winograd_tile(in_channels):
-    """Output tile side for a layer's Winograd, by its input channels (measured, issue 4):
-    F(4x4) wins where C is 64-256 (Conv2d_4a, the 35x35 modules: 0.4-0.8x F(2x2)'s
-    time); at C=32 (Conv2d_2a, 2b) its larger transforms cost more than its GEMMs save,
-    and at C=448 the 8x8 maps give too few tiles (1.0-1.9x)."""
+def winograd_tile(in_channels, kernel_size=(3, 3)):
+    """Output tile side for a layer's Winograd. 5x5, 1x7 and 7x1 filters have one: 2.
+    A 3x3 one's goes by its input channels (measured, issue 4): F(4x4) wins where C is
+    64-256 (Conv2d_4a, the 35x35 modules: 0.4-0.8x F(2x2)'s time); at C=32 (Conv2d_2a,
+    2b) its larger transforms cost more than its GEMMs save, and at C=448 the 8x8 maps
+    give too few tiles (1.0-1.9x)."""
+    if tuple(kernel_size) != (3, 3):
+        return 2
     return 4 if 64 <= in_channels <= 256 else 2
 
 
 def winograd_weights(w, tile=2):
     """Filters in the Winograd domain, as the GEMMs want them: 3x3 (3, 3, C, K) ->
-    (16, C, K) for tile 2, (36, C, K) for tile 4; 1x7 or 7x1 -> (8, C, K)."""
+    (16, C, K) for tile 2, (36, C, K) for tile 4; 5x5 -> (36, C, K); 1x7 or 7x1 -> (8, C, K)."""
     u = reference.winograd_weights(_as_f32(w), tile)                  # (n, n, C, K) or (8, C, K)
     return np.ascontiguousarray(u.reshape(-1, *u.shape[-2:]))
 
@@ -450,15 +453,16 @@ def _winograd_output(m, bias, relu, TH, TW, t0, out):
 
 
 @_jit
-def _winograd4_input(x, top, left, TH, TW, t0, v):
-    """F(4x4, 3x3): v[6a + b, t, c] = (BT d B)[a, b] for tiles t0 .., d the 6x6 patch of channel c
-    starting at input row 4*th - top, column 4*tw - left (zero outside the image)."""
+def _winograd4_input(x, step, top, left, TH, TW, t0, v):
+    """F(4x4, 3x3) (step 4) and F(2x2, 5x5) (step 2), which share their 6x6 patches and BT:
+    v[6a + b, t, c] = (BT d B)[a, b] for tiles t0 .., d the 6x6 patch of channel c starting
+    at input row step*th - top, column step*tw - left (zero outside the image)."""
     C = x.shape[3]
     d = np.empty((6, 6, C), np.float32)                 # the patch
     e = np.empty((6, 6, C), np.float32)                 # BT d
     for i in range(v.shape[1]):
         n, th, tw = _tile_at(t0 + i, TH, TW)
-        _load_patch(x, n, 4 * th - top, 4 * tw - left, 6, d)
+        _load_patch(x, n, step * th - top, step * tw - left, 6, d)
         # BT d (rows), then (BT d) B (columns), along the contiguous channels.
         for b in range(6):
             for c in range(C):
@@ -508,6 +512,32 @@ def _winograd4_output(m, bias, relu, TH, TW, t0, out):
                     y0, y1, y2, y3 = max(y0, 0.0), max(y1, 0.0), max(y2, 0.0), max(y3, 0.0)
                 y[4 * p, k], y[4 * p + 1, k], y[4 * p + 2, k], y[4 * p + 3, k] = y0, y1, y2, y3
         _store_tile(y, 4, n, 4 * th, 4 * tw, out)
+
+
+@_jit
+def _winograd5_output(m, bias, relu, TH, TW, t0, out):
+    """F(2x2, 5x5): out[n, 2*th + p, 2*tw + q, k] = max(0, (AT M A)[p, q] + bias[k]), where
+    M[a, b] = m[6a + b, t, k]; outputs past the bottom or right edge are dropped."""
+    K = out.shape[3]
+    s = np.empty((2, 6, K), np.float32)                 # AT M
+    y = np.empty((4, K), np.float32)                    # the tile's 2x2 outputs
+    for i in range(m.shape[1]):
+        n, th, tw = _tile_at(t0 + i, TH, TW)
+        for b in range(6):
+            for k in range(K):
+                m0, m1, m2, m3, m4, m5 = (m[b, i, k], m[6 + b, i, k], m[12 + b, i, k],
+                                          m[18 + b, i, k], m[24 + b, i, k], m[30 + b, i, k])
+                s[0, b, k] = m0 + m1 + m2 + m3 + m4
+                s[1, b, k] = m1 - m2 + 2 * m3 - 2 * m4 + m5
+        for p in range(2):
+            for k in range(K):
+                m0, m1, m2, m3, m4, m5 = s[p, 0, k], s[p, 1, k], s[p, 2, k], s[p, 3, k], s[p, 4, k], s[p, 5, k]
+                y0 = m0 + m1 + m2 + m3 + m4 + bias[k]
+                y1 = m1 - m2 + 2 * m3 - 2 * m4 + m5 + bias[k]
+                if relu:
+                    y0, y1 = max(y0, 0.0), max(y1, 0.0)
+                y[2 * p, k], y[2 * p + 1, k] = y0, y1
+        _store_tile(y, 2, n, 2 * th, 2 * tw, out)
 
 
 @_jit
@@ -568,8 +598,9 @@ def _winograd7_output(m, bias, relu, along_w, T, t0, out):
 def conv2d_winograd(x, u, bias=None, padding=0, relu=False, out=None, kernel_size=(3, 3)):
     """A stride-1 convolution by Winograd; u = winograd_weights(w, tile) for w of kernel_size.
 
-    3x3: (16, C, K) runs F(2x2, 3x3), (36, C, K) runs F(4x4, 3x3). 1x7 and 7x1: (8, C, K)
-    runs F(2, 7) along the filter's axis, which is the only one it may pad.
+    3x3: (16, C, K) runs F(2x2, 3x3), (36, C, K) runs F(4x4, 3x3). 5x5: (36, C, K) runs
+    F(2x2, 5x5). 1x7 and 7x1: (8, C, K) runs F(2, 7) along the filter's axis, which is the
+    only one it may pad.
     Same contract as conv2d(x, w, bias, 1, padding, relu, out). Tiles of outputs
     (counted across the batch) go in chunks that fit _WINOGRAD_FLOATS: input transform
     into v (n, T, C), n GEMMs v[e] @ u[e] into m (n, T, K), output transform with bias
@@ -578,9 +609,9 @@ def conv2d_winograd(x, u, bias=None, padding=0, relu=False, out=None, kernel_siz
     x = _check_nhwc(x, "x")
     u = _as_f32(u)
     R, S = pair(kernel_size)
-    sizes = {(3, 3): (16, 36), (1, 7): (8,), (7, 1): (8,)}
+    sizes = {(3, 3): (16, 36), (5, 5): (36,), (1, 7): (8,), (7, 1): (8,)}
     if (R, S) not in sizes:
-        raise ValueError(f"Winograd here serves 3x3, 1x7 and 7x1 filters, got {(R, S)}")
+        raise ValueError(f"Winograd here serves 3x3, 5x5, 1x7 and 7x1 filters, got {(R, S)}")
     if u.ndim != 3 or u.shape[0] not in sizes[R, S] or u.shape[1] != x.shape[3]:
         raise ValueError(f"Winograd weights for {R}x{S} must be ({' or '.join(map(str, sizes[R, S]))}, "
                          f"C={x.shape[3]}, K), got {u.shape}")
@@ -599,13 +630,15 @@ def conv2d_winograd(x, u, bias=None, padding=0, relu=False, out=None, kernel_siz
         pad0 = left if along_w else top
         transform_in = lambda t0, v: _winograd7_input(x, along_w, pad0, T, t0, v)            # noqa: E731
         transform_out = lambda t0, m: _winograd7_output(m, bias, relu, along_w, T, t0, out)  # noqa: E731
-    else:                                                              # F(m x m, 3x3)
-        tile = 2 if n == 16 else 4
+    else:                                                              # F(m x m, 3x3) or F(2x2, 5x5)
+        tile = 4 if (R, n) == (3, 36) else 2
         TH, TW = -(-OH // tile), -(-OW // tile)
         tiles = N * TH * TW
-        kernel_in, kernel_out = ((_winograd_input, _winograd_output) if tile == 2 else
-                                 (_winograd4_input, _winograd4_output))
-        transform_in = lambda t0, v: kernel_in(x, top, left, TH, TW, t0, v)                  # noqa: E731
+        if n == 16:                                                    # F(2x2, 3x3): 4x4 patches
+            transform_in = lambda t0, v: _winograd_input(x, top, left, TH, TW, t0, v)       # noqa: E731
+        else:                                                          # 6x6 patches, every tile-th pixel
+            transform_in = lambda t0, v: _winograd4_input(x, tile, top, left, TH, TW, t0, v)  # noqa: E731
+        kernel_out = {16: _winograd_output, 36: _winograd4_output if R == 3 else _winograd5_output}[n]
         transform_out = lambda t0, m: kernel_out(m, bias, relu, TH, TW, t0, out)             # noqa: E731
     chunk = max(1, min(tiles, _WINOGRAD_FLOATS // (n * (C + K))))
 
