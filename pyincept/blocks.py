@@ -110,14 +110,14 @@ class BasicConv2d(Layer):
 
     def winograd_applies(self):
         """Winograd serves the stride-1 3x3 convs, the 5x5 ones padded by 2 (Mixed_5b-d),
-        and the 1x7 / 7x1 ones (padded only along their own axis, as all of v3's are), when
-        asked for and the device has it. AuxLogits' unpadded 5x5 conv makes one output
+        and the 1x3 / 3x1 and 1x7 / 7x1 ones (padded only along their own axis, as all of
+        v3's are), when asked for and the device has it. AuxLogits' unpadded 5x5 conv makes one output
         pixel from a 5x5 map, where F(2x2, 5x5) would do 1.4x the multiply-adds."""
         top, bottom, left, right = pad4(self.padding)
         shape_ok = (self.kernel_size == (3, 3)
                     or (self.kernel_size == (5, 5) and (top, bottom, left, right) == (2, 2, 2, 2))
-                    or (self.kernel_size == (1, 7) and not (top or bottom))
-                    or (self.kernel_size == (7, 1) and not (left or right)))
+                    or (self.kernel_size in ((1, 3), (1, 7)) and not (top or bottom))
+                    or (self.kernel_size in ((3, 1), (7, 1)) and not (left or right)))
         return (self.algorithm == "winograd" and shape_ok and self.stride in (1, (1, 1))
                 and hasattr(self.ops, "conv2d_winograd"))
 

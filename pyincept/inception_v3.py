@@ -104,7 +104,7 @@ class Inception3:
         return self
 
     def set_algorithm(self, algorithm):
-        """How the stride-1 3x3, 1x7 and 7x1 convs run: "winograd" (F(2x2, 3x3) or F(4x4, 3x3),
+        """How the stride-1 3x3, 5x5, 1x3, 3x1, 1x7 and 7x1 convs run: "winograd" (F(2x2, 3x3) or F(4x4, 3x3),
         F(2, 7): 2.25x, 4x, 1.75x fewer multiply-adds, within float rounding of im2col; the
         CPU's default) or "im2col" (the readable path).
         Devices without a Winograd kernel (CUDA) run im2col either way."""
@@ -256,7 +256,8 @@ def inception_v3(weights=None, seed=DEFAULT_SEED, device="cpu", fuse=True, algor
     weight file (`.npz`, made by `pyincept convert` or `pyincept weights fetch`).
     device: "cpu", or "cuda" (needs an NVIDIA GPU and the `cuda` extra).
     fuse: share one GEMM between each module's 1x1 convs (exact up to float rounding).
-    algorithm: "winograd" or "im2col" for the stride-1 3x3, 1x7 and 7x1 convs (Inception3.set_algorithm).
+    algorithm: "winograd" or "im2col" for the stride-1 3x3, 5x5, 1x3, 3x1, 1x7 and 7x1 convs
+        (Inception3.set_algorithm).
     """
     model = Inception3(fuse=fuse, algorithm=algorithm)
     if weights is None:

@@ -1,7 +1,7 @@
 """Every kernel three ways: the Numba kernel, its NumPy reference twin, and torch.nn.functional.
 
 Geometries come from tests/strategies.py: batch sizes, channels, odd and non-square
-sizes, v3's 1x7/7x1/5x5 kernels, strides, per-side padding, every pool setting.
+sizes, v3's 1x3/3x1/1x7/7x1/5x5 kernels, strides, per-side padding, every pool setting.
 """
 
 import numpy as np
@@ -64,18 +64,20 @@ def test_conv2d_1x1_fast_path(N, H, W, C, K, seed):
 
 
 @SETTINGS
-@given(st.sampled_from([((3, 3), 2), ((3, 3), 4), ((5, 5), 2), ((1, 7), 2), ((7, 1), 2)]), st.integers(1, 3), st.integers(1, 11),
+@given(st.sampled_from([((3, 3), 2), ((3, 3), 4), ((5, 5), 2), ((1, 3), 4), ((3, 1), 4), ((1, 7), 2), ((7, 1), 2)]),
+       st.integers(1, 3), st.integers(1, 11),
        st.integers(1, 11), st.integers(1, 9), st.integers(1, 9), st.tuples(*[st.integers(0, 3)] * 4), st.booleans(),
        st.booleans(), st.booleans(), seeds)
 def test_winograd_matches_im2col_reference_and_torch(kind, N, H, W, C, K, pads, with_bias, relu, out_sliced, seed):
-    """Winograd F(2x2, 3x3), F(4x4, 3x3), F(2x2, 5x5) and F(2, 7) (1x7, 7x1), fast and reference, against
+    """Winograd F(2x2, 3x3), F(4x4, 3x3), F(2x2, 5x5), F(4, 3) (1x3, 3x1) and F(2, 7) (1x7, 7x1),
+    fast and reference, against
     torch: output sizes that are and are not multiples of the tile (edge tiles partly
     outside), per-side padding (a 1D filter's only along its axis), a channel-slice output."""
     (R, S), tile = kind
     top, bottom, left, right = pads
-    if (R, S) == (1, 7):
+    if R == 1:
         top = bottom = 0
-    if (R, S) == (7, 1):
+    if S == 1:
         left = right = 0
     pads = (top, bottom, left, right)
     H, W = max(H, R - top - bottom), max(W, S - left - right)
@@ -87,14 +89,14 @@ def test_winograd_matches_im2col_reference_and_torch(kind, N, H, W, C, K, pads, 
     expected = to_nhwc(F.relu(yt) if relu else yt)
     slow = ref.conv2d_winograd(x, ref.winograd_weights(w, tile), b, pads, relu=relu, kernel_size=(R, S))
     u = cpu.winograd_weights(w, tile)
-    assert u.shape == ((tile + R - 1) ** 2 if R == S else 8, C, K)
+    assert u.shape == ((tile + R - 1) ** 2 if R == S else tile + R + S - 2, C, K)
     if out_sliced:
         wide = np.full((*expected.shape[:3], K + 3), 7.0, np.float32)
         fast = cpu.conv2d_winograd(x, u, b, pads, relu=relu, out=wide[..., 1 : 1 + K], kernel_size=(R, S))
         assert np.shares_memory(fast, wide) and (wide[..., :1] == 7).all() and (wide[..., 1 + K :] == 7).all()
     else:
         fast = cpu.conv2d_winograd(x, u, b, pads, relu=relu, kernel_size=(R, S))
-    # F(4x4, 3x3), F(2x2, 5x5) and F(2, 7) have coefficients up to 8 and 5.25 (and 1/24, 1/90): a few
+    # F(4x4, 3x3), F(2x2, 5x5), F(4, 3) and F(2, 7) have coefficients up to 8 and 5.25 (and 1/24, 1/90): a few
     # times F(2x2)'s rounding.
     for y in (fast, slow):
         assert y.shape == expected.shape
@@ -116,7 +118,7 @@ def test_winograd_in_chunks_of_tiles(monkeypatch, r, tile):
 
 
 def test_winograd_rejects_what_it_cannot_do():
-    with pytest.raises(ValueError, match="3x3, 5x5, 1x7 or 7x1 filters"):
+    with pytest.raises(ValueError, match="3x3, 5x5, 1x3, 3x1, 1x7 or 7x1 filters"):
         cpu.winograd_weights(np.zeros((1, 5, 4, 8), np.float32))
     with pytest.raises(ValueError, match="2 or 4"):
         cpu.winograd_weights(np.zeros((3, 3, 4, 8), np.float32), tile=3)
@@ -129,7 +131,10 @@ def test_winograd_rejects_what_it_cannot_do():
     with pytest.raises(ValueError, match="only along its own axis"):
         cpu.conv2d_winograd(np.zeros((1, 9, 9, 4), np.float32), np.zeros((8, 4, 2), np.float32), padding=(1, 3),
                             kernel_size=(1, 7))
-    with pytest.raises(ValueError, match="3x3, 5x5, 1x7 and 7x1"):
+    with pytest.raises(ValueError, match="only along its own axis"):
+        cpu.conv2d_winograd(np.zeros((1, 9, 9, 4), np.float32), np.zeros((6, 4, 2), np.float32), padding=1,
+                            kernel_size=(3, 1))
+    with pytest.raises(ValueError, match="3x3, 5x5, 1x3, 3x1, 1x7 and 7x1"):
         cpu.conv2d_winograd(np.zeros((1, 9, 9, 4), np.float32), np.zeros((6, 4, 2), np.float32), kernel_size=(1, 5))
     with pytest.raises(ValueError, match="C=3"):
         cpu.conv2d_winograd(np.zeros((1, 5, 5, 3), np.float32), np.zeros((16, 4, 8), np.float32))

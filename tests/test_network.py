@@ -71,9 +71,11 @@ def test_im2col_and_winograd_agree_and_both_meet_the_bar(tv_inception, converted
     assert used["Conv2d_2b_3x3"] == 16 and used["Conv2d_4a_3x3"] == 36      # F(2x2) at C=32, F(4x4) at C=80
     assert used["Mixed_6b.branch7x7_2"] == used["Mixed_6e.branch7x7dbl_5"] == 8   # F(2, 7)
     assert used["Mixed_5b.branch5x5_2"] == used["Mixed_5d.branch5x5_2"] == 36     # F(2x2, 5x5)
-    # Every stride-1 3x3 (12), every 1x7 / 7x1 (6 in each of Mixed_6b-e, 2 in Mixed_7a) and
-    # the padded 5x5s (Mixed_5b-d; not AuxLogits.conv1, one output pixel from a 5x5 map).
-    assert len(used) == 12 + 6 * 4 + 2 + 3 and "AuxLogits.conv1" not in used
+    assert used["Mixed_7b.branch3x3_2a"] == used["Mixed_7c.branch3x3dbl_3b"] == 6  # F(4, 3)
+    # Every stride-1 3x3 (12), every 1x7 / 7x1 (6 in each of Mixed_6b-e, 2 in Mixed_7a),
+    # the padded 5x5s (Mixed_5b-d; not AuxLogits.conv1, one output pixel from a 5x5 map)
+    # and every 1x3 / 3x1 (4 in each of Mixed_7b-c).
+    assert len(used) == 12 + 6 * 4 + 2 + 3 + 4 * 2 and "AuxLogits.conv1" not in used
     winograd = model(x)
     assert_within_bar(winograd, expected)
     assert np.abs(winograd - im2col).max() <= 1e-4 * np.abs(im2col).max()

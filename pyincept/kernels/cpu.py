@@ -331,28 +331,31 @@ def _bias_vector(bias, K):
     return bias
 
 
-# --- Winograd: F(2x2, 3x3), F(4x4, 3x3) and F(2, 7) -------------------------------------
+# --- Winograd: F(2x2, 3x3), F(4x4, 3x3), F(2x2, 5x5), F(4, 3) and F(2, 7) ----------------
 # The same convolutions as conv2d at stride 1 with fewer multiply-adds: 3x3 filters 2.25x
-# (F2) or 4x (F4) fewer, 1x7 and 7x1 filters 1.75x fewer. reference.conv2d_winograd is
-# the readable version, with the math. Each has its own pair of transform kernels,
-# written out coefficient by coefficient: a first F(2, 7) with the transforms as generic
-# matrix loops was slower than im2col; written out, it takes 0.7-0.9x im2col's time.
+# (F2) or 4x (F4) fewer, 5x5 2.8x, 1x3 and 3x1 2x, 1x7 and 7x1 1.75x fewer.
+# reference.conv2d_winograd is the readable version, with the math. Each has its own pair
+# of transform kernels, written out coefficient by coefficient: a first F(2, 7) with the
+# transforms as generic matrix loops was slower than im2col; written out, it takes
+# 0.7-0.9x im2col's time.
 
 
 def winograd_tile(in_channels, kernel_size=(3, 3)):
-    """Output tile side for a layer's Winograd. 5x5, 1x7 and 7x1 filters have one: 2.
+    """Output tile side for a layer's Winograd. 5x5, 1x7 and 7x1 filters have one: 2;
+    1x3 and 3x1: 4.
     A 3x3 one's goes by its input channels (measured, issue 4): F(4x4) wins where C is
     64-256 (Conv2d_4a, the 35x35 modules: 0.4-0.8x F(2x2)'s time); at C=32 (Conv2d_2a,
     2b) its larger transforms cost more than its GEMMs save, and at C=448 the 8x8 maps
     give too few tiles (1.0-1.9x)."""
     if tuple(kernel_size) != (3, 3):
-        return 2
+        return 4 if 3 in kernel_size else 2
     return 4 if 64 <= in_channels <= 256 else 2
 
 
 def winograd_weights(w, tile=2):
     """Filters in the Winograd domain, as the GEMMs want them: 3x3 (3, 3, C, K) ->
-    (16, C, K) for tile 2, (36, C, K) for tile 4; 5x5 -> (36, C, K); 1x7 or 7x1 -> (8, C, K)."""
+    (16, C, K) for tile 2, (36, C, K) for tile 4; 5x5 -> (36, C, K); 1x3 or 3x1 -> (6, C, K);
+    1x7 or 7x1 -> (8, C, K)."""
     u = reference.winograd_weights(_as_f32(w), tile)                  # (n, n, C, K) or (8, C, K)
     return np.ascontiguousarray(u.reshape(-1, *u.shape[-2:]))
 
@@ -540,6 +543,36 @@ def _winograd5_output(m, bias, relu, TH, TW, t0, out):
         _store_tile(y, 2, n, 2 * th, 2 * tw, out)
 
 
+@_jit_inline
+def _load_line(x, along_w, n, line, p0, d):
+    """d[a, :] = the pixel at position p0 + a of line `line` of image n, for a < len(d): along
+    W (x[n, line, p0 + a]) or along H (x[n, p0 + a, line]); zero outside the image."""
+    N, H, W, C = x.shape
+    length = W if along_w else H
+    for a in range(d.shape[0]):
+        p = p0 + a
+        if 0 <= p < length:
+            src = x[n, line, p] if along_w else x[n, p, line]               # (C,), contiguous
+            for c in range(C):
+                d[a, c] = src[c]
+        else:
+            for c in range(C):
+                d[a, c] = 0.0
+
+
+@_jit_inline
+def _store_line(y, along_w, n, line, o0, out):
+    """The other way: out's pixel o0 + a of the line = y[a, :]; those past the end are dropped."""
+    N, OH, OW, K = out.shape
+    length = OW if along_w else OH
+    for a in range(y.shape[0]):
+        o = o0 + a
+        if o < length:
+            dest = out[n, line, o] if along_w else out[n, o, line]
+            for k in range(K):
+                dest[k] = y[a, k]
+
+
 @_jit
 def _winograd7_input(x, along_w, pad0, T, t0, v):
     """F(2, 7): v[a, t, c] = (BT d)[a] for tiles t0 .., d the 8 inputs of channel c under tile t.
@@ -548,20 +581,12 @@ def _winograd7_input(x, along_w, pad0, T, t0, v):
     batch, tile j = t % T of it, whose inputs start at position 2*j - pad0 (zero outside).
     """
     N, H, W, C = x.shape
-    lines, length = (H, W) if along_w else (W, H)
+    lines = H if along_w else W
     d = np.empty((8, C), np.float32)
     for i in range(v.shape[1]):
         q, j = divmod(t0 + i, T)
         n, line = divmod(q, lines)
-        for a in range(8):
-            p = 2 * j - pad0 + a
-            if 0 <= p < length:
-                src = x[n, line, p] if along_w else x[n, p, line]           # (C,), contiguous
-                for c in range(C):
-                    d[a, c] = src[c]
-            else:
-                for c in range(C):
-                    d[a, c] = 0.0
+        _load_line(x, along_w, n, line, 2 * j - pad0, d)
         for c in range(C):
             d0, d1, d2, d3, d4, d5, d6, d7 = d[0, c], d[1, c], d[2, c], d[3, c], d[4, c], d[5, c], d[6, c], d[7, c]
             v[0, i, c] = d0 - 5.25 * d2 + 5.25 * d4 - d6
@@ -578,29 +603,69 @@ def _winograd7_input(x, along_w, pad0, T, t0, v):
 def _winograd7_output(m, bias, relu, along_w, T, t0, out):
     """F(2, 7): the tile's 2 outputs along its line, (AT M)[p] + bias, ReLU; past the end dropped."""
     N, OH, OW, K = out.shape
-    lines, length = (OH, OW) if along_w else (OW, OH)
+    lines = OH if along_w else OW
+    y = np.empty((2, K), np.float32)
     for i in range(m.shape[1]):
         q, j = divmod(t0 + i, T)
         n, line = divmod(q, lines)
-        o = 2 * j
-        first = out[n, line, o] if along_w else out[n, o, line]             # (K,)
         for k in range(K):
-            y = m[0, i, k] + m[1, i, k] + m[2, i, k] + m[3, i, k] + m[4, i, k] + m[5, i, k] + m[6, i, k] + bias[k]
-            first[k] = max(y, 0.0) if relu else y
-        if o + 1 < length:
-            second = out[n, line, o + 1] if along_w else out[n, o + 1, line]
-            for k in range(K):
-                y = (m[1, i, k] - m[2, i, k] + 2.0 * m[3, i, k] - 2.0 * m[4, i, k]
-                     + 0.5 * m[5, i, k] - 0.5 * m[6, i, k] - m[7, i, k] + bias[k])
-                second[k] = max(y, 0.0) if relu else y
+            y0 = m[0, i, k] + m[1, i, k] + m[2, i, k] + m[3, i, k] + m[4, i, k] + m[5, i, k] + m[6, i, k] + bias[k]
+            y1 = (m[1, i, k] - m[2, i, k] + 2.0 * m[3, i, k] - 2.0 * m[4, i, k]
+                  + 0.5 * m[5, i, k] - 0.5 * m[6, i, k] - m[7, i, k] + bias[k])
+            if relu:
+                y0, y1 = max(y0, 0.0), max(y1, 0.0)
+            y[0, k], y[1, k] = y0, y1
+        _store_line(y, along_w, n, line, 2 * j, out)
+
+
+@_jit
+def _winograd3_input(x, along_w, pad0, T, t0, v):
+    """F(4, 3) for 1x3 and 3x1 filters: v[a, t, c] = (BT d)[a], d the 6 inputs of channel c
+    under tile t, which starts at position 4*j - pad0 of its line (as _winograd7_input)."""
+    N, H, W, C = x.shape
+    lines = H if along_w else W
+    d = np.empty((6, C), np.float32)
+    for i in range(v.shape[1]):
+        q, j = divmod(t0 + i, T)
+        n, line = divmod(q, lines)
+        _load_line(x, along_w, n, line, 4 * j - pad0, d)
+        for c in range(C):
+            d0, d1, d2, d3, d4, d5 = d[0, c], d[1, c], d[2, c], d[3, c], d[4, c], d[5, c]
+            v[0, i, c] = 4 * d0 - 5 * d2 + d4
+            v[1, i, c] = -4 * d1 - 4 * d2 + d3 + d4
+            v[2, i, c] = 4 * d1 - 4 * d2 - d3 + d4
+            v[3, i, c] = -2 * d1 - d2 + 2 * d3 + d4
+            v[4, i, c] = 2 * d1 - d2 - 2 * d3 + d4
+            v[5, i, c] = 4 * d1 - 5 * d3 + d5
+
+
+@_jit
+def _winograd3_output(m, bias, relu, along_w, T, t0, out):
+    """F(4, 3): the tile's 4 outputs along its line, (AT M)[p] + bias, ReLU; past the end dropped."""
+    N, OH, OW, K = out.shape
+    lines = OH if along_w else OW
+    y = np.empty((4, K), np.float32)
+    for i in range(m.shape[1]):
+        q, j = divmod(t0 + i, T)
+        n, line = divmod(q, lines)
+        for k in range(K):
+            m0, m1, m2, m3, m4, m5 = m[0, i, k], m[1, i, k], m[2, i, k], m[3, i, k], m[4, i, k], m[5, i, k]
+            y0 = m0 + m1 + m2 + m3 + m4 + bias[k]
+            y1 = m1 - m2 + 2 * m3 - 2 * m4 + bias[k]
+            y2 = m1 + m2 + 4 * m3 + 4 * m4 + bias[k]
+            y3 = m1 - m2 + 8 * m3 - 8 * m4 + m5 + bias[k]
+            if relu:
+                y0, y1, y2, y3 = max(y0, 0.0), max(y1, 0.0), max(y2, 0.0), max(y3, 0.0)
+            y[0, k], y[1, k], y[2, k], y[3, k] = y0, y1, y2, y3
+        _store_line(y, along_w, n, line, 4 * j, out)
 
 
 def conv2d_winograd(x, u, bias=None, padding=0, relu=False, out=None, kernel_size=(3, 3)):
     """A stride-1 convolution by Winograd; u = winograd_weights(w, tile) for w of kernel_size.
 
     3x3: (16, C, K) runs F(2x2, 3x3), (36, C, K) runs F(4x4, 3x3). 5x5: (36, C, K) runs
-    F(2x2, 5x5). 1x7 and 7x1: (8, C, K) runs F(2, 7) along the filter's axis, which is the
-    only one it may pad.
+    F(2x2, 5x5). 1x3 and 3x1: (6, C, K) runs F(4, 3), and 1x7 and 7x1: (8, C, K) runs
+    F(2, 7), along the filter's axis, which is the only one these may pad.
     Same contract as conv2d(x, w, bias, 1, padding, relu, out). Tiles of outputs
     (counted across the batch) go in chunks that fit _WINOGRAD_FLOATS: input transform
     into v (n, T, C), n GEMMs v[e] @ u[e] into m (n, T, K), output transform with bias
@@ -609,27 +674,29 @@ def conv2d_winograd(x, u, bias=None, padding=0, relu=False, out=None, kernel_siz
     x = _check_nhwc(x, "x")
     u = _as_f32(u)
     R, S = pair(kernel_size)
-    sizes = {(3, 3): (16, 36), (5, 5): (36,), (1, 7): (8,), (7, 1): (8,)}
+    sizes = {(3, 3): (16, 36), (5, 5): (36,), (1, 3): (6,), (3, 1): (6,), (1, 7): (8,), (7, 1): (8,)}
     if (R, S) not in sizes:
-        raise ValueError(f"Winograd here serves 3x3, 5x5, 1x7 and 7x1 filters, got {(R, S)}")
+        raise ValueError(f"Winograd here serves 3x3, 5x5, 1x3, 3x1, 1x7 and 7x1 filters, got {(R, S)}")
     if u.ndim != 3 or u.shape[0] not in sizes[R, S] or u.shape[1] != x.shape[3]:
         raise ValueError(f"Winograd weights for {R}x{S} must be ({' or '.join(map(str, sizes[R, S]))}, "
                          f"C={x.shape[3]}, K), got {u.shape}")
     n, C, K = u.shape
     top, bottom, left, right = pad4(padding)
-    if ((R, S) == (1, 7) and (top or bottom)) or ((R, S) == (7, 1) and (left or right)):
+    if (R == 1 and S > 1 and (top or bottom)) or (S == 1 and R > 1 and (left or right)):
         raise ValueError(f"a {R}x{S} Winograd filter pads only along its own axis, got {(top, bottom, left, right)}")
     N, H, W, _ = x.shape
     OH, OW = conv_output_hw(H, W, (R, S), 1, (top, bottom, left, right))
     bias = _bias_vector(bias, K)
     out = _output(out, (N, OH, OW, K))
-    if n == 8:                                                         # F(2, 7), 2 outputs per tile
-        along_w = (R, S) == (1, 7)
-        T = -(-(OW if along_w else OH) // 2)                           # tiles per line
+    if 1 in (R, S):                                                    # along one axis: F(4, 3) or F(2, 7)
+        along_w = R == 1
+        kernel_in, kernel_out, step = ((_winograd3_input, _winograd3_output, 4) if n == 6 else
+                                       (_winograd7_input, _winograd7_output, 2))
+        T = -(-(OW if along_w else OH) // step)                        # tiles per line
         tiles = N * (H if along_w else W) * T
         pad0 = left if along_w else top
-        transform_in = lambda t0, v: _winograd7_input(x, along_w, pad0, T, t0, v)            # noqa: E731
-        transform_out = lambda t0, m: _winograd7_output(m, bias, relu, along_w, T, t0, out)  # noqa: E731
+        transform_in = lambda t0, v: kernel_in(x, along_w, pad0, T, t0, v)                  # noqa: E731
+        transform_out = lambda t0, m: kernel_out(m, bias, relu, along_w, T, t0, out)        # noqa: E731
     else:                                                              # F(m x m, 3x3) or F(2x2, 5x5)
         tile = 4 if (R, n) == (3, 36) else 2
         TH, TW = -(-OH // tile), -(-OW // tile)

@@ -110,7 +110,11 @@ WINOGRAD_5 = {
                    [0, 0, 0, 0, 1]], np.float64),
     "AT": np.array([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 1]], np.float64),
 }
-WINOGRAD_KERNELS = ((3, 3), (5, 5), (1, 7), (7, 1))
+WINOGRAD_KERNELS = ((3, 3), (5, 5), (1, 3), (3, 1), (1, 7), (7, 1))
+# The one-axis filters run along their axis: 1x3 and 3x1 (Mixed_7b-c) by F(4, 3), the
+# matrices of F(4x4, 3x3) used on one side only (6 products for 4 outputs, 2x fewer);
+# 1x7 and 7x1 by F(2, 7). Each entry: (table, outputs per tile, filter length).
+WINOGRAD_1D = {3: (WINOGRAD[4], 4, 3), 7: (WINOGRAD_7, 2, 7)}
 
 
 def _square_table(r, m):
@@ -128,12 +132,13 @@ def winograd_weights(w, tile=2):
     """Filters in the Winograd domain, computed in float64, stored float32:
     3x3 (3, 3, C, K) -> U = G g GT of F(tile x tile, 3x3), (tile + 2, tile + 2, C, K);
     5x5 (5, 5, C, K) -> U of F(2x2, 5x5), (6, 6, C, K);
-    1x7 or 7x1 (1, 7, C, K) / (7, 1, C, K) -> U = G g of F(2, 7), (8, C, K)."""
-    if tuple(w.shape[:2]) in ((1, 7), (7, 1)):
-        taps = w.reshape(7, *w.shape[2:]).astype(np.float64)                 # (7, C, K)
-        return np.tensordot(WINOGRAD_7["G"], taps, axes=(1, 0)).astype(np.float32)          # G g
-    if tuple(w.shape[:2]) not in ((3, 3), (5, 5)):
-        raise ValueError(f"Winograd here needs 3x3, 5x5, 1x7 or 7x1 filters, got {w.shape[:2]}")
+    1x3 or 3x1 -> U = G g of F(4, 3), (6, C, K); 1x7 or 7x1 -> U = G g of F(2, 7), (8, C, K)."""
+    if tuple(w.shape[:2]) not in WINOGRAD_KERNELS:
+        raise ValueError(f"Winograd here needs 3x3, 5x5, 1x3, 3x1, 1x7 or 7x1 filters, got {w.shape[:2]}")
+    if 1 in w.shape[:2]:                                                      # a one-axis filter
+        r = max(w.shape[:2])
+        taps = w.reshape(r, *w.shape[2:]).astype(np.float64)                 # (r, C, K)
+        return np.tensordot(WINOGRAD_1D[r][0]["G"], taps, axes=(1, 0)).astype(np.float32)   # G g
     G = _square_table(w.shape[0], tile)["G"]
     gw = np.tensordot(G, w.astype(np.float64), axes=(1, 0))                       # G g: (n, r, C, K)
     return np.moveaxis(np.tensordot(gw, G, axes=(1, 1)), -1, 1).astype(np.float32)   # (G g) GT: (n, n, C, K)
@@ -141,13 +146,14 @@ def winograd_weights(w, tile=2):
 
 def conv2d_winograd(x, u, bias=None, padding=0, relu=False, out=None, kernel_size=(3, 3)):
     """A stride-1 convolution by Winograd; u = winograd_weights(w, m) for w of kernel_size:
-    3x3 by F(m x m, 3x3), 5x5 by F(2x2, 5x5), 1x7 and 7x1 by F(2, 7) along their axis
-    (padding only there).
+    3x3 by F(m x m, 3x3), 5x5 by F(2x2, 5x5), 1x3 and 3x1 by F(4, 3), 1x7 and 7x1 by
+    F(2, 7), the last four along their axis (padding only there).
 
     Same result as conv2d(x, w, bias, 1, padding, relu) up to float rounding.
     """
-    if tuple(kernel_size) in ((1, 7), (7, 1)):
-        return _conv2d_winograd_7(x, u, bias, padding, relu, out, along_w=tuple(kernel_size) == (1, 7))
+    R, S = kernel_size
+    if 1 in (R, S):
+        return _conv2d_winograd_1d(x, u, bias, padding, relu, out, max(R, S), along_w=R == 1)
     top, bottom, left, right = pad4(padding)
     N, H, W, C = x.shape
     r = kernel_size[0]                                             # 3 or 5
@@ -176,24 +182,26 @@ def conv2d_winograd(x, u, bias=None, padding=0, relu=False, out=None, kernel_siz
     return _deliver(y.astype(np.float32), out)
 
 
-def _conv2d_winograd_7(x, u, bias, padding, relu, out, along_w):
-    """F(2, 7) along W (1x7) or H (7x1); the other axis is a plain batch of lines."""
+def _conv2d_winograd_1d(x, u, bias, padding, relu, out, r, along_w):
+    """F(m, r) along W (1xr) or H (rx1); the other axis is a plain batch of lines."""
+    table, m, _ = WINOGRAD_1D[r]
+    n = m + r - 1                                                 # inputs under a tile
     top, bottom, left, right = pad4(padding)
-    if not along_w:                                               # the 7x1 case is the 1x7 case, transposed
+    if not along_w:                                               # the rx1 case is the 1xr case, transposed
         x = x.transpose(0, 2, 1, 3)
         top, bottom, left, right = left, right, top, bottom
     if top or bottom:
-        raise ValueError("a 1x7 or 7x1 Winograd filter pads only along its own axis")
+        raise ValueError(f"a 1x{r} or {r}x1 Winograd filter pads only along its own axis")
     N, L, W, C = x.shape                                          # L lines of W pixels
-    OW = conv_output_size(W, 7, 1, left, right)
-    T = -(-OW // 2)                                               # tiles of 2 outputs per line
-    xp = np.zeros((N, L, 2 * T + 6, C), np.float32)
+    OW = conv_output_size(W, r, 1, left, right)
+    T = -(-OW // m)                                               # tiles of m outputs per line
+    xp = np.zeros((N, L, m * T + r - 1, C), np.float32)
     xp[:, :, left : left + W] = x
-    d = np.stack([xp[:, :, j : j + 2 * T : 2] for j in range(8)], axis=3)          # (N, L, T, 8, C)
-    v = np.einsum("aj,nltjc->nltac", WINOGRAD_7["BT"], d)                         # BT d
-    p = np.einsum("nltac,ack->nltak", v, u)                                       # 8 GEMMs over C
-    y = np.einsum("pa,nltak->nltpk", WINOGRAD_7["AT"], p)                         # AT p: (N, L, T, 2, K)
-    y = y.reshape(N, L, 2 * T, -1)[:, :, :OW]
+    d = np.stack([xp[:, :, j : j + m * T : m] for j in range(n)], axis=3)          # (N, L, T, n, C)
+    v = np.einsum("aj,nltjc->nltac", table["BT"], d)                              # BT d
+    p = np.einsum("nltac,ack->nltak", v, u)                                       # n GEMMs over C
+    y = np.einsum("pa,nltak->nltpk", table["AT"], p)                              # AT p: (N, L, T, m, K)
+    y = y.reshape(N, L, m * T, -1)[:, :, :OW]
     if not along_w:
         y = y.transpose(0, 2, 1, 3)
     if bias is not None:
