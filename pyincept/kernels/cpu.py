@@ -166,17 +166,28 @@ def _unfold(x, R, S, sh, sw, top, left, OH, OW, p0, cols):
 
     Pixel p is image n = p // (OH*OW), output row oh, column ow, so a tile may span
     images. cols[i, (r*S + s)*C + c] = x[n, oh*sh - top + r, ow*sw - left + s, c], zero
-    outside the image: padding is never materialised. (Copying each window row as one
-    run of S*C values measured 2-6x slower: the plain loops run at memory speed.)
+    outside the image: padding is never materialised. A window wholly inside the image
+    copies each of its R rows as one run of S*C contiguous values (Conv2d_1a, C=3: 2x
+    faster than pixel by pixel); a window over the edge goes pixel by pixel.
     """
     N, H, W, C = x.shape
+    SC = S * C
+    rows = x.reshape(N, H, W * C)                       # an image row as one run of values
     for i in range(cols.shape[0]):
         n, q = divmod(p0 + i, OH * OW)
         oh, ow = divmod(q, OW)
+        ih0, iw0 = oh * sh - top, ow * sw - left
+        if ih0 >= 0 and ih0 + R <= H and iw0 >= 0 and iw0 + S <= W:
+            for r in range(R):
+                src = rows[n, ih0 + r, iw0 * C : iw0 * C + SC]
+                dst = cols[i, r * SC : r * SC + SC]
+                for j in range(SC):
+                    dst[j] = src[j]
+            continue
         for r in range(R):
-            ih = oh * sh - top + r
+            ih = ih0 + r
             for s in range(S):
-                iw = ow * sw - left + s
+                iw = iw0 + s
                 base = (r * S + s) * C
                 if 0 <= ih < H and 0 <= iw < W:
                     for c in range(C):
