@@ -142,6 +142,19 @@ def _side_by_side(work, count):
     other.result()
 
 
+def _by_columns(rows, K, scratch_floats):
+    """Whether a GEMM of `rows` rows and K output channels, with `scratch_floats` of
+    unfolded or transformed input, should split its output channels rather than its rows
+    between the two threads of a lone image. Where the weights far outweigh the input
+    (K > 4 rows: the 8x8 layers of Mixed_7b-c), each thread then reads half of them
+    instead of all: at batch 1 those layers are bound by streaming their weights from
+    memory. The input is unfolded or transformed once, by this thread. Measured (issue
+    4): Mixed_7b-c 3.3 ms faster; at K > rows, the 35x35 and 17x17 Winograd layers lost
+    more to the unsplit transforms than they gained (1.2 ms slower in all)."""
+    return (getattr(_local, "splitting", False) and K > 4 * rows and K >= _SIDE_BY_SIDE_MIN
+            and scratch_floats <= _SCRATCH_FLOATS)
+
+
 def _pool_of_threads():
     global _executor
     if _executor is None:
@@ -288,6 +301,20 @@ def conv2d(x, w, bias=None, stride=1, padding=0, relu=False, out=None):
     x2d = x.reshape(M, C) if pointwise else None
 
     tile = max(1, min(M, _SCRATCH_FLOATS // D))
+
+    if _by_columns(M, K, 0 if pointwise else M * D):
+        cols = x2d if pointwise else _scratch("cols", (M, D))          # (M, R*S*C), unfolded once
+        if not pointwise:
+            _unfold(x, R, S, sh, sw, top, left, OH, OW, 0, cols)
+
+        def columns(k0, k1):
+            """GEMM and epilogue for output channels k0 .. k1-1 (a strided slice of out)."""
+            acc = out2d[:, k0:k1]
+            np.matmul(cols, wmat[:, k0:k1], out=acc)                   # (M, k1-k0)
+            _finish(acc, bias[k0:k1], relu, acc)
+
+        _side_by_side(columns, K)
+        return out
 
     def pixels(first, last):
         """Unfold, GEMM and epilogue for output pixels first .. last-1, a tile at a time."""
@@ -719,6 +746,14 @@ def conv2d_winograd(x, u, bias=None, padding=0, relu=False, out=None, kernel_siz
         kernel_out = {16: _winograd_output, 36: _winograd4_output if R == 3 else _winograd5_output}[n]
         transform_out = lambda t0, m: kernel_out(m, bias, relu, TH, TW, t0, out)             # noqa: E731
     chunk = max(1, min(tiles, _WINOGRAD_FLOATS // (n * (C + K))))
+
+    if _by_columns(tiles, K, n * tiles * (C + K)):
+        v = _scratch("wino_v", (n, tiles, C))
+        m = _scratch("wino_m", (n, tiles, K))
+        transform_in(0, v)                                             # every tile, here
+        _side_by_side(lambda k0, k1: np.matmul(v, u[:, :, k0:k1], out=m[:, :, k0:k1]), K)
+        transform_out(0, m)
+        return out
 
     def tiles_of(first, last):
         """Transform, n GEMMs and transform back for tiles first .. last-1, a chunk at a time."""
