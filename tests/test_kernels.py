@@ -4,6 +4,9 @@ Geometries come from tests/strategies.py: batch sizes, channels, odd and non-squ
 sizes, v3's 1x3/3x1/1x7/7x1/5x5 kernels, strides, per-side padding, every pool setting.
 """
 
+import os
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -397,11 +400,37 @@ def test_map_batch_covers_the_batch_in_order(monkeypatch, threads, N):
     assert len({ident for _, ident in parts}) <= threads
 
 
+def alone(run):
+    """run() as map_batch runs a lone image on two threads: its layers split their work."""
+    previous = cpu.get_num_threads()
+    cpu.set_num_threads(2)
+    try:
+        return cpu.map_batch(lambda s: run(), 1)[0]
+    finally:
+        cpu.set_num_threads(previous)
+
+
+def counting_helper(monkeypatch):
+    """The (first, last) of every half handed to the helper thread, as a list that fills in."""
+    real, started = cpu._split_helper(), []
+
+    class Counting:
+        lock = real.lock
+
+        def start(self, work, first, last):
+            started.append((first, last))
+            real.start(work, first, last)
+
+        def wait(self):
+            real.wait()
+
+    monkeypatch.setattr(cpu, "_split_helper", lambda: Counting())
+    return started
+
+
 def test_one_image_alone_splits_each_layer_across_two_threads(monkeypatch):
     """map_batch with one image: conv2d, conv2d_winograd and the pools hand half of their
     pixels, tiles or rows to a second thread; the numbers are the unsplit ones."""
-    from concurrent.futures import ThreadPoolExecutor
-
     rng = np.random.default_rng(8)
     x, b = randn(rng, 1, 17, 19, 8), randn(rng, 6)
     w3, w7, w5 = randn(rng, 3, 3, 8, 6), randn(rng, 1, 7, 8, 6), randn(rng, 5, 5, 8, 6)
@@ -414,22 +443,8 @@ def test_one_image_alone_splits_each_layer_across_two_threads(monkeypatch):
                 cpu.max_pool2d(x, 3, 2), cpu.avg_pool2d(x, 3, 1, 1)]
 
     whole = layers(x)
-    submitted = []
-    helper = ThreadPoolExecutor(1)
-
-    class Counting:
-        def submit(self, *args):
-            submitted.append(args[1:])
-            return helper.submit(*args)
-
-    monkeypatch.setattr(cpu, "_pool_of_threads", lambda: Counting())
-    previous = cpu.get_num_threads()
-    cpu.set_num_threads(2)
-    try:
-        split = cpu.map_batch(lambda s: layers(x[s]), 1)[0]
-    finally:
-        cpu.set_num_threads(previous)
-        helper.shutdown()
+    submitted = counting_helper(monkeypatch)
+    split = alone(lambda: layers(x))
     assert len(submitted) == len(whole)                     # every layer gave half away
     for a, b_ in zip(split, whole):
         close(a, b_, atol=1e-5)
@@ -438,8 +453,6 @@ def test_one_image_alone_splits_each_layer_across_two_threads(monkeypatch):
 def test_one_image_splits_a_weight_heavy_layer_by_output_channels(monkeypatch):
     """Where K > 4x the GEMM's rows (v3's 8x8 layers), the second thread takes the upper
     half of the output channels instead: 1x1, im2col and Winograd, into a channel slice too."""
-    from concurrent.futures import ThreadPoolExecutor
-
     rng = np.random.default_rng(9)
     K = 66
     x, b = randn(rng, 1, 3, 4, 8), randn(rng, K)
@@ -454,23 +467,67 @@ def test_one_image_splits_a_weight_heavy_layer_by_output_channels(monkeypatch):
                 cpu.conv2d_winograd(x, u3, b, 1, relu=True),
                 cpu.conv2d_winograd(x, u13, b, (0, 1), relu=True, kernel_size=(1, 3))], wide
 
-    submitted = []
-    helper = ThreadPoolExecutor(1)
-
-    class Counting:
-        def submit(self, *args):
-            submitted.append(args[1:])
-            return helper.submit(*args)
-
-    monkeypatch.setattr(cpu, "_pool_of_threads", lambda: Counting())
-    previous = cpu.get_num_threads()
-    cpu.set_num_threads(2)
-    try:
-        split, wide = cpu.map_batch(lambda s: layers(x[s]), 1)[0]
-    finally:
-        cpu.set_num_threads(previous)
-        helper.shutdown()
+    submitted = counting_helper(monkeypatch)
+    split, wide = alone(lambda: layers(x))
     assert submitted == [(K // 2, K)] * 4                  # the upper half of the channels, each time
     assert (wide[..., 0] == 7).all() and (wide[..., -1] == 7).all()
     for a, e in zip(split, expected):
         close(a, e, atol=2e-5)
+
+
+def test_the_helper_thread_wakes_from_sleep_and_hands_back_errors(monkeypatch):
+    """After spinning SPINS reads the helper sleeps, and a later half still runs; an
+    exception in the helper's half reaches the caller, and the helper goes on serving."""
+    monkeypatch.setattr(cpu._Helper, "SPINS", 10)
+    helper, ran = cpu._Helper(), []
+    for _ in range(3):
+        time.sleep(0.02)                                  # long enough for the helper to fall asleep
+        assert helper.flags[helper.HELPER_ASLEEP] == 1
+        helper.start(lambda a, b: (time.sleep(0.01), ran.append((a, b))), 1, 2)
+        helper.wait()                                     # the caller falls asleep too, waiting
+    assert ran == [(1, 2)] * 3
+
+    def fails(a, b):
+        raise ZeroDivisionError("in the helper's half")
+
+    helper.start(fails, 0, 1)
+    with pytest.raises(ZeroDivisionError, match="helper's half"):
+        helper.wait()
+    helper.start(lambda a, b: ran.append((a, b)), 5, 6)
+    helper.wait()
+    assert ran[-1] == (5, 6)
+
+
+def test_two_lone_images_at_once_share_the_helper_safely():
+    """Two threads each running a lone image: one splits through the helper, the other runs
+    whole while it is busy; both get the right numbers."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(10)
+    xs = [randn(rng, 1, 35, 35, 16) for _ in range(2)]
+    w, b = randn(rng, 3, 3, 16, 24), randn(rng, 24)
+    expected = [ref.conv2d(x, w, b, 1, 1, relu=True) for x in xs]
+    with ThreadPoolExecutor(2) as callers:
+        results = list(callers.map(lambda x: alone(lambda: [cpu.conv2d(x, w, b, 1, 1, relu=True) for _ in range(20)]),
+                                   xs))
+    for ys, e in zip(results, expected):
+        for y in ys:
+            close(y, e)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_gets_its_own_helper_thread():
+    """The parent's helper thread does not exist in a forked child: the child makes its own
+    instead of waiting forever for the parent's."""
+    import multiprocessing
+
+    rng = np.random.default_rng(11)
+    x, w = randn(rng, 1, 35, 35, 8), randn(rng, 3, 3, 8, 8)
+    alone(lambda: cpu.conv2d(x, w, padding=1))           # the parent's helper exists now
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        y = pool.apply_async(_conv_alone, (x, w)).get(timeout=60)
+    close(y, ref.conv2d(x, w, padding=1))
+
+
+def _conv_alone(x, w):
+    return alone(lambda: cpu.conv2d(x, w, padding=1))
