@@ -324,6 +324,11 @@ def test_bias_act_on_a_channel_slice(N, H, W, K, relu, seed):
     np.testing.assert_array_equal(out[..., 3:], expected)
     np.testing.assert_array_equal(ref.bias_act(x, b, relu=relu), expected)
     assert (out[..., :3] == 0).all()
+    np.testing.assert_array_equal(cpu.bias_act(x, b, relu=relu), expected)          # into a new array
+    tall = np.zeros((N, 2 * H, W, K), np.float32)
+    cpu.bias_act(x, b, relu=relu, out=tall[:, ::2])                                 # into any other view
+    np.testing.assert_array_equal(tall[:, ::2], expected)
+    assert (tall[:, 1::2] == 0).all()
 
 
 @pytest.mark.parametrize("scratch_floats", [1, 64, 19 * 9 * 6 * 2])

@@ -338,25 +338,26 @@ def _unfold(x, R, S, sh, sw, top, left, OH, OW, p0, cols):
 
 
 @_jit
-def _finish(acc, bias, relu, out):
-    """The conv epilogue: out[i, k] = max(0, acc[i, k] + bias[k]), both (M, K).
-
-    out may be a strided channel slice of a larger buffer: that is how a branch writes
-    straight into its module's concatenated output.
-    """
-    m, K = acc.shape
-    for i in range(m):
+def _finish_rows(src, s0, bias, relu, dst, d0, first, last):
+    """The conv epilogue on rows first .. last-1: dst[i, d0 + k] = max(0, src[i, s0 + k] + bias[k])
+    for k < K = len(bias). src and dst are whole C-contiguous (M, *) arrays, or one array:
+    a branch's columns are passed as their parent and first column (`_channel_window`),
+    which is how a branch writes straight into its module's concatenated output. With
+    the layout known LLVM vectorises the loop: 5x faster than on the strided slices."""
+    K = bias.shape[0]
+    for i in range(first, last):
+        a = src[i, s0 : s0 + K]                         # indexed from 0: no negative-index checks
+        b = dst[i, d0 : d0 + K]
         for k in range(K):
-            v = acc[i, k] + bias[k]
+            v = a[k] + bias[k]
             if relu and v < 0.0:
                 v = 0.0
-            out[i, k] = v
+            b[k] = v
 
 
 @_jit
 def _finish_in_place(acc, bias, relu):
-    """`_finish(acc, bias, relu, acc)` for a C-contiguous acc. With one array and a known
-    layout LLVM vectorises the loop: 5x faster than `_finish` into a strided slice."""
+    """`_finish_rows` of all of a C-contiguous acc onto itself."""
     m, K = acc.shape
     for i in range(m):
         for k in range(K):
@@ -373,7 +374,14 @@ def bias_act(x, bias, relu=True, out=None):
     if bias.shape != (x.shape[3],):
         raise ValueError(f"bias must be ({x.shape[3]},), got {bias.shape}")
     out = _output(out, x.shape)
-    _epilogue(_pixels(x), bias, relu, _pixels(out))
+    src, s0 = _channel_window(x)
+    dst, d0 = _channel_window(out)
+    if not np.may_share_memory(dst, out):                              # not a view of out's buffer: write a copy back
+        y = bias_act(x, bias, relu)
+        np.copyto(out, y)
+        return out
+    src, dst = _pixels(src), _pixels(dst)                              # (M, *) both
+    _side_by_side(lambda first, last: _finish_rows(src, s0, bias, relu, dst, d0, first, last), len(src))
     return out
 
 
@@ -382,16 +390,6 @@ def _pixels(a):
     view = a.view()
     view.shape = (a.shape[0] * a.shape[1] * a.shape[2], a.shape[3])   # raises rather than copy
     return view
-
-
-def _epilogue(acc, bias, relu, out):
-    """out = max(0, acc + bias), both (M, K); in place and vectorised where it can be."""
-    if out.flags.c_contiguous:
-        if acc is not out:
-            np.copyto(out, acc)
-        _finish_in_place(out, bias, relu)
-    else:
-        _finish(acc, bias, relu, out)
 
 
 def conv2d(x, w, bias=None, stride=1, padding=0, relu=False, out=None):
@@ -434,11 +432,13 @@ def conv2d(x, w, bias=None, stride=1, padding=0, relu=False, out=None):
         if not pointwise:
             _unfold(x, R, S, sh, sw, top, left, OH, OW, 0, cols)
 
+        parent, c0 = _channel_window(out)
+        whole = _pixels(parent)                                        # out2d is whole[:, c0 : c0 + K]
+
         def columns(k0, k1):
             """GEMM and epilogue for output channels k0 .. k1-1 (a strided slice of out)."""
-            acc = out2d[:, k0:k1]
-            np.matmul(cols, wmat[:, k0:k1], out=acc)                   # (M, k1-k0)
-            _finish(acc, bias[k0:k1], relu, acc)
+            np.matmul(cols, wmat[:, k0:k1], out=out2d[:, k0:k1])       # (M, k1-k0)
+            _finish_rows(whole, c0 + k0, bias[k0:k1], relu, whole, c0 + k0, 0, M)
 
         _side_by_side(columns, K)
         return out
@@ -999,14 +999,19 @@ def _channel_window(x):
 
 @_jit
 def _global_avg_pool(x, out):
+    """Pixel by pixel, each adding its channel vector into float64 sums (contiguous, so
+    vectorised; channel by channel, the reads strode across the image)."""
     N, H, W, C = x.shape
+    total = np.empty(C, np.float64)
     for n in range(N):
+        total[:] = 0.0
+        for h in range(H):
+            for w in range(W):
+                src = x[n, h, w]
+                for c in range(C):
+                    total[c] += src[c]
         for c in range(C):
-            total = 0.0
-            for h in range(H):
-                for w in range(W):
-                    total += x[n, h, w, c]
-            out[n, 0, 0, c] = total / (H * W)
+            out[n, 0, 0, c] = total[c] / (H * W)
 
 
 def global_avg_pool2d(x):
@@ -1059,7 +1064,7 @@ def linear(x, w, bias=None):
         raise ValueError(f"linear: x {x.shape} and w {w.shape} do not chain as (N, I) @ (I, O)")
     bias = np.zeros(w.shape[1], np.float32) if bias is None else _as_f32(bias)
     acc = np.matmul(x, w)
-    _epilogue(acc, bias, False, acc)                           # in place
+    _finish_in_place(acc, bias, False)
     return acc
 
 
