@@ -449,32 +449,42 @@ def test_one_image_alone_splits_each_layer_across_two_threads(monkeypatch):
 
     whole = layers(x)
     submitted = counting_helper(monkeypatch)
+    monkeypatch.setattr(cpu, "_SPLIT_MIN_OPS", 0)
     split = alone(lambda: layers(x))
     assert len(submitted) == len(whole)                     # every layer gave half away
+    for a, b_ in zip(split, whole):
+        close(a, b_, atol=1e-5)
+    monkeypatch.setattr(cpu, "_SPLIT_MIN_OPS", x.size * 9 + 1)
+    submitted.clear()
+    split = alone(lambda: layers(x))
+    assert len(submitted) == len(whole) - 2                 # the pools are too small to split now
     for a, b_ in zip(split, whole):
         close(a, b_, atol=1e-5)
 
 
 def test_one_image_splits_a_weight_heavy_layer_by_output_channels(monkeypatch):
     """Where K > 4x the GEMM's rows (v3's 8x8 layers), the second thread takes the upper
-    half of the output channels instead: 1x1, im2col and Winograd, into a channel slice too."""
+    half of the output channels instead: 1x1, im2col and Winograd, into a channel slice
+    too, and the fc layer."""
     rng = np.random.default_rng(9)
     K = 66
     x, b = randn(rng, 1, 3, 4, 8), randn(rng, K)
     w1, w3, w13 = randn(rng, 1, 1, 8, K), randn(rng, 3, 3, 8, K), randn(rng, 1, 3, 8, K)
     u3, u13 = cpu.winograd_weights(w3, 2), cpu.winograd_weights(w13, 4)
+    wfc = randn(rng, 96, K)
     expected = [ref.conv2d(x, w1, b, relu=True), ref.conv2d(x, w3, b, 1, 1), ref.conv2d(x, w3, b, 1, 1, relu=True),
-                ref.conv2d(x, w13, b, 1, (0, 1), relu=True)]
+                ref.conv2d(x, w13, b, 1, (0, 1), relu=True), ref.linear(x.reshape(1, 96), wfc, b)]
 
     def layers(x):
         wide = np.full((1, 3, 4, K + 2), 7.0, np.float32)
         return [cpu.conv2d(x, w1, b, relu=True, out=wide[..., 1 : K + 1]), cpu.conv2d(x, w3, b, 1, 1),
                 cpu.conv2d_winograd(x, u3, b, 1, relu=True),
-                cpu.conv2d_winograd(x, u13, b, (0, 1), relu=True, kernel_size=(1, 3))], wide
+                cpu.conv2d_winograd(x, u13, b, (0, 1), relu=True, kernel_size=(1, 3)),
+                cpu.linear(x.reshape(1, 96), wfc, b)], wide
 
     submitted = counting_helper(monkeypatch)
     split, wide = alone(lambda: layers(x))
-    assert submitted == [(K // 2, K)] * 4                  # the upper half of the channels, each time
+    assert submitted == [(K // 2, K)] * 5                  # the upper half of the channels, each time
     assert (wide[..., 0] == 7).all() and (wide[..., -1] == 7).all()
     for a, e in zip(split, expected):
         close(a, e, atol=2e-5)

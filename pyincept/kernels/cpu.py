@@ -124,9 +124,13 @@ class _single_threaded_blas:
 
 _local = threading.local()        # .splitting: this thread runs one image alone, BLAS at 1 thread
 _SIDE_BY_SIDE_MIN = 8             # pixels, tiles or rows: below this a split is not worth a thread hand-off
+# Elementwise work (pool window reads, epilogue values) below this runs whole: a 17x17x192
+# average pool (500K reads) takes ~75 us, a hand-over up to ~30 us when the threads
+# contend for the GIL. 0.3M-4M all measured within the noise (1 ms) of splitting everything.
+_SPLIT_MIN_OPS = 300_000
 
 
-def _side_by_side(work, count):
+def _side_by_side(work, count, ops=None):
     """work(0, count), as work(0, half) here and work(half, count) on a second thread,
     while map_batch runs one image alone (`_local.splitting`).
 
@@ -135,9 +139,11 @@ def _side_by_side(work, count):
     pool rows, each half with single-threaded BLAS. NumPy's GEMMs and the Numba kernels
     release the GIL, so the halves run at once, and no idle BLAS thread spins beside
     them. Anywhere else (inside a shard, or a kernel called on its own, whose GEMMs have
-    every BLAS thread) the work runs whole.
+    every BLAS thread) the work runs whole, as does elementwise work of fewer than
+    _SPLIT_MIN_OPS `ops`.
     """
-    if not getattr(_local, "splitting", False) or count < _SIDE_BY_SIDE_MIN:
+    if (not getattr(_local, "splitting", False) or count < _SIDE_BY_SIDE_MIN
+            or (ops is not None and ops < _SPLIT_MIN_OPS)):
         work(0, count)
         return
     helper = _split_helper()
@@ -296,6 +302,13 @@ _jit = njit(**config.JIT_OPTIONS)
 # they measured up to 25% slower on the Winograd transforms).
 _jit_inline = njit(**config.JIT_OPTIONS, inline="always")
 
+# Constants of the kernels' arithmetic as float32: in Numba a float64 literal or an
+# integer times a float32 value computes in float64, at half the vector width and with
+# conversions (and `v = 0.0` makes v float64 throughout); in float32 the F(4x4) input
+# transform ran 2x faster (issue 4).
+F0, F0_25, F0_5, F1_25, F2, F2_5, F4, F4_25, F5, F5_25, F8 = (
+    np.float32(c) for c in (0, 0.25, 0.5, 1.25, 2, 2.5, 4, 4.25, 5, 5.25, 8))
+
 
 # --- convolution ------------------------------------------------------------------
 
@@ -351,7 +364,7 @@ def _finish_rows(src, s0, bias, relu, dst, d0, first, last):
         for k in range(K):
             v = a[k] + bias[k]
             if relu and v < 0.0:
-                v = 0.0
+                v = F0
             b[k] = v
 
 
@@ -363,7 +376,7 @@ def _finish_in_place(acc, bias, relu):
         for k in range(K):
             v = acc[i, k] + bias[k]
             if relu and v < 0.0:
-                v = 0.0
+                v = F0
             acc[i, k] = v
 
 
@@ -381,7 +394,8 @@ def bias_act(x, bias, relu=True, out=None):
         np.copyto(out, y)
         return out
     src, dst = _pixels(src), _pixels(dst)                              # (M, *) both
-    _side_by_side(lambda first, last: _finish_rows(src, s0, bias, relu, dst, d0, first, last), len(src))
+    _side_by_side(lambda first, last: _finish_rows(src, s0, bias, relu, dst, d0, first, last), len(src),
+                  ops=out.size)
     return out
 
 
@@ -416,6 +430,7 @@ def conv2d(x, w, bias=None, stride=1, padding=0, relu=False, out=None):
     top, bottom, left, right = pad4(padding)
     N, H, W, _ = x.shape
     OH, OW = conv_output_hw(H, W, (R, S), (sh, sw), (top, bottom, left, right))
+    finish = bias is not None or relu                                  # else the GEMM is all (a fused 1x1's raw columns)
     bias = _bias_vector(bias, K)
     out = _output(out, (N, OH, OW, K))
     D = R * S * C
@@ -438,7 +453,8 @@ def conv2d(x, w, bias=None, stride=1, padding=0, relu=False, out=None):
         def columns(k0, k1):
             """GEMM and epilogue for output channels k0 .. k1-1 (a strided slice of out)."""
             np.matmul(cols, wmat[:, k0:k1], out=out2d[:, k0:k1])       # (M, k1-k0)
-            _finish_rows(whole, c0 + k0, bias[k0:k1], relu, whole, c0 + k0, 0, M)
+            if finish:
+                _finish_rows(whole, c0 + k0, bias[k0:k1], relu, whole, c0 + k0, 0, M)
 
         _side_by_side(columns, K)
         return out
@@ -455,7 +471,8 @@ def conv2d(x, w, bias=None, stride=1, padding=0, relu=False, out=None):
             dest = out2d[p0 : p0 + m]
             acc = dest if dest.flags.c_contiguous else _scratch("acc", (m, K))
             np.matmul(cols, wmat, out=acc)                             # (m, K)
-            _finish_in_place(acc, bias, relu)
+            if finish:
+                _finish_in_place(acc, bias, relu)
             if acc is not dest:
                 np.copyto(dest, acc)                                   # into the channel slice
 
@@ -615,7 +632,7 @@ def _winograd_output(m, bias, relu, TH, TW, t0, out):
             y10 = s10 + s11 + s12 + bias[k]
             y11 = s11 - s12 - s13 + bias[k]
             if relu:
-                y00, y01, y10, y11 = max(y00, 0.0), max(y01, 0.0), max(y10, 0.0), max(y11, 0.0)
+                y00, y01, y10, y11 = max(y00, F0), max(y01, F0), max(y10, F0), max(y11, F0)
             y[0, k], y[1, k], y[2, k], y[3, k] = y00, y01, y10, y11
         _store_tile(y, 2, n, 2 * th, 2 * tw, out)
 
@@ -635,21 +652,21 @@ def _winograd4_input(x, step, top, left, TH, TW, t0, v):
         for b in range(6):
             for c in range(C):
                 d0, d1, d2, d3, d4, d5 = d[0, b, c], d[1, b, c], d[2, b, c], d[3, b, c], d[4, b, c], d[5, b, c]
-                e[0, b, c] = 4 * d0 - 5 * d2 + d4
-                e[1, b, c] = -4 * d1 - 4 * d2 + d3 + d4
-                e[2, b, c] = 4 * d1 - 4 * d2 - d3 + d4
-                e[3, b, c] = -2 * d1 - d2 + 2 * d3 + d4
-                e[4, b, c] = 2 * d1 - d2 - 2 * d3 + d4
-                e[5, b, c] = 4 * d1 - 5 * d3 + d5
+                e[0, b, c] = F4 * d0 - F5 * d2 + d4
+                e[1, b, c] = -F4 * d1 - F4 * d2 + d3 + d4
+                e[2, b, c] = F4 * d1 - F4 * d2 - d3 + d4
+                e[3, b, c] = -F2 * d1 - d2 + F2 * d3 + d4
+                e[4, b, c] = F2 * d1 - d2 - F2 * d3 + d4
+                e[5, b, c] = F4 * d1 - F5 * d3 + d5
         for a in range(6):
             for c in range(C):
                 d0, d1, d2, d3, d4, d5 = e[a, 0, c], e[a, 1, c], e[a, 2, c], e[a, 3, c], e[a, 4, c], e[a, 5, c]
-                v[6 * a + 0, i, c] = 4 * d0 - 5 * d2 + d4
-                v[6 * a + 1, i, c] = -4 * d1 - 4 * d2 + d3 + d4
-                v[6 * a + 2, i, c] = 4 * d1 - 4 * d2 - d3 + d4
-                v[6 * a + 3, i, c] = -2 * d1 - d2 + 2 * d3 + d4
-                v[6 * a + 4, i, c] = 2 * d1 - d2 - 2 * d3 + d4
-                v[6 * a + 5, i, c] = 4 * d1 - 5 * d3 + d5
+                v[6 * a + 0, i, c] = F4 * d0 - F5 * d2 + d4
+                v[6 * a + 1, i, c] = -F4 * d1 - F4 * d2 + d3 + d4
+                v[6 * a + 2, i, c] = F4 * d1 - F4 * d2 - d3 + d4
+                v[6 * a + 3, i, c] = -F2 * d1 - d2 + F2 * d3 + d4
+                v[6 * a + 4, i, c] = F2 * d1 - d2 - F2 * d3 + d4
+                v[6 * a + 5, i, c] = F4 * d1 - F5 * d3 + d5
 
 
 @_jit
@@ -666,18 +683,18 @@ def _winograd4_output(m, bias, relu, TH, TW, t0, out):
                 m0, m1, m2, m3, m4, m5 = (m[b, i, k], m[6 + b, i, k], m[12 + b, i, k],
                                           m[18 + b, i, k], m[24 + b, i, k], m[30 + b, i, k])
                 s[0, b, k] = m0 + m1 + m2 + m3 + m4
-                s[1, b, k] = m1 - m2 + 2 * m3 - 2 * m4
-                s[2, b, k] = m1 + m2 + 4 * m3 + 4 * m4
-                s[3, b, k] = m1 - m2 + 8 * m3 - 8 * m4 + m5
+                s[1, b, k] = m1 - m2 + F2 * m3 - F2 * m4
+                s[2, b, k] = m1 + m2 + F4 * m3 + F4 * m4
+                s[3, b, k] = m1 - m2 + F8 * m3 - F8 * m4 + m5
         for p in range(4):
             for k in range(K):
                 m0, m1, m2, m3, m4, m5 = s[p, 0, k], s[p, 1, k], s[p, 2, k], s[p, 3, k], s[p, 4, k], s[p, 5, k]
                 y0 = m0 + m1 + m2 + m3 + m4 + bias[k]
-                y1 = m1 - m2 + 2 * m3 - 2 * m4 + bias[k]
-                y2 = m1 + m2 + 4 * m3 + 4 * m4 + bias[k]
-                y3 = m1 - m2 + 8 * m3 - 8 * m4 + m5 + bias[k]
+                y1 = m1 - m2 + F2 * m3 - F2 * m4 + bias[k]
+                y2 = m1 + m2 + F4 * m3 + F4 * m4 + bias[k]
+                y3 = m1 - m2 + F8 * m3 - F8 * m4 + m5 + bias[k]
                 if relu:
-                    y0, y1, y2, y3 = max(y0, 0.0), max(y1, 0.0), max(y2, 0.0), max(y3, 0.0)
+                    y0, y1, y2, y3 = max(y0, F0), max(y1, F0), max(y2, F0), max(y3, F0)
                 y[4 * p, k], y[4 * p + 1, k], y[4 * p + 2, k], y[4 * p + 3, k] = y0, y1, y2, y3
         _store_tile(y, 4, n, 4 * th, 4 * tw, out)
 
@@ -696,14 +713,14 @@ def _winograd5_output(m, bias, relu, TH, TW, t0, out):
                 m0, m1, m2, m3, m4, m5 = (m[b, i, k], m[6 + b, i, k], m[12 + b, i, k],
                                           m[18 + b, i, k], m[24 + b, i, k], m[30 + b, i, k])
                 s[0, b, k] = m0 + m1 + m2 + m3 + m4
-                s[1, b, k] = m1 - m2 + 2 * m3 - 2 * m4 + m5
+                s[1, b, k] = m1 - m2 + F2 * m3 - F2 * m4 + m5
         for p in range(2):
             for k in range(K):
                 m0, m1, m2, m3, m4, m5 = s[p, 0, k], s[p, 1, k], s[p, 2, k], s[p, 3, k], s[p, 4, k], s[p, 5, k]
                 y0 = m0 + m1 + m2 + m3 + m4 + bias[k]
-                y1 = m1 - m2 + 2 * m3 - 2 * m4 + m5 + bias[k]
+                y1 = m1 - m2 + F2 * m3 - F2 * m4 + m5 + bias[k]
                 if relu:
-                    y0, y1 = max(y0, 0.0), max(y1, 0.0)
+                    y0, y1 = max(y0, F0), max(y1, F0)
                 y[2 * p, k], y[2 * p + 1, k] = y0, y1
         _store_tile(y, 2, n, 2 * th, 2 * tw, out)
 
@@ -754,14 +771,14 @@ def _winograd7_input(x, along_w, pad0, T, t0, v):
         _load_line(x, along_w, n, line, 2 * j - pad0, d)
         for c in range(C):
             d0, d1, d2, d3, d4, d5, d6, d7 = d[0, c], d[1, c], d[2, c], d[3, c], d[4, c], d[5, c], d[6, c], d[7, c]
-            v[0, i, c] = d0 - 5.25 * d2 + 5.25 * d4 - d6
-            v[1, i, c] = -d1 - d2 + 4.25 * d3 + 4.25 * d4 - d5 - d6
-            v[2, i, c] = d1 - d2 - 4.25 * d3 + 4.25 * d4 + d5 - d6
-            v[3, i, c] = 0.5 * d1 + 0.25 * d2 - 2.5 * d3 - 1.25 * d4 + 2.0 * d5 + d6
-            v[4, i, c] = -0.5 * d1 + 0.25 * d2 + 2.5 * d3 - 1.25 * d4 - 2.0 * d5 + d6
-            v[5, i, c] = 2.0 * d1 + 4.0 * d2 - 2.5 * d3 - 5.0 * d4 + 0.5 * d5 + d6
-            v[6, i, c] = -2.0 * d1 + 4.0 * d2 + 2.5 * d3 - 5.0 * d4 - 0.5 * d5 + d6
-            v[7, i, c] = d1 - 5.25 * d3 + 5.25 * d5 - d7
+            v[0, i, c] = d0 - F5_25 * d2 + F5_25 * d4 - d6
+            v[1, i, c] = -d1 - d2 + F4_25 * d3 + F4_25 * d4 - d5 - d6
+            v[2, i, c] = d1 - d2 - F4_25 * d3 + F4_25 * d4 + d5 - d6
+            v[3, i, c] = F0_5 * d1 + F0_25 * d2 - F2_5 * d3 - F1_25 * d4 + F2 * d5 + d6
+            v[4, i, c] = -F0_5 * d1 + F0_25 * d2 + F2_5 * d3 - F1_25 * d4 - F2 * d5 + d6
+            v[5, i, c] = F2 * d1 + F4 * d2 - F2_5 * d3 - F5 * d4 + F0_5 * d5 + d6
+            v[6, i, c] = -F2 * d1 + F4 * d2 + F2_5 * d3 - F5 * d4 - F0_5 * d5 + d6
+            v[7, i, c] = d1 - F5_25 * d3 + F5_25 * d5 - d7
 
 
 @_jit
@@ -775,10 +792,10 @@ def _winograd7_output(m, bias, relu, along_w, T, t0, out):
         n, line = divmod(q, lines)
         for k in range(K):
             y0 = m[0, i, k] + m[1, i, k] + m[2, i, k] + m[3, i, k] + m[4, i, k] + m[5, i, k] + m[6, i, k] + bias[k]
-            y1 = (m[1, i, k] - m[2, i, k] + 2.0 * m[3, i, k] - 2.0 * m[4, i, k]
-                  + 0.5 * m[5, i, k] - 0.5 * m[6, i, k] - m[7, i, k] + bias[k])
+            y1 = (m[1, i, k] - m[2, i, k] + F2 * m[3, i, k] - F2 * m[4, i, k]
+                  + F0_5 * m[5, i, k] - F0_5 * m[6, i, k] - m[7, i, k] + bias[k])
             if relu:
-                y0, y1 = max(y0, 0.0), max(y1, 0.0)
+                y0, y1 = max(y0, F0), max(y1, F0)
             y[0, k], y[1, k] = y0, y1
         _store_line(y, along_w, n, line, 2 * j, out)
 
@@ -796,12 +813,12 @@ def _winograd3_input(x, along_w, pad0, T, t0, v):
         _load_line(x, along_w, n, line, 4 * j - pad0, d)
         for c in range(C):
             d0, d1, d2, d3, d4, d5 = d[0, c], d[1, c], d[2, c], d[3, c], d[4, c], d[5, c]
-            v[0, i, c] = 4 * d0 - 5 * d2 + d4
-            v[1, i, c] = -4 * d1 - 4 * d2 + d3 + d4
-            v[2, i, c] = 4 * d1 - 4 * d2 - d3 + d4
-            v[3, i, c] = -2 * d1 - d2 + 2 * d3 + d4
-            v[4, i, c] = 2 * d1 - d2 - 2 * d3 + d4
-            v[5, i, c] = 4 * d1 - 5 * d3 + d5
+            v[0, i, c] = F4 * d0 - F5 * d2 + d4
+            v[1, i, c] = -F4 * d1 - F4 * d2 + d3 + d4
+            v[2, i, c] = F4 * d1 - F4 * d2 - d3 + d4
+            v[3, i, c] = -F2 * d1 - d2 + F2 * d3 + d4
+            v[4, i, c] = F2 * d1 - d2 - F2 * d3 + d4
+            v[5, i, c] = F4 * d1 - F5 * d3 + d5
 
 
 @_jit
@@ -816,11 +833,11 @@ def _winograd3_output(m, bias, relu, along_w, T, t0, out):
         for k in range(K):
             m0, m1, m2, m3, m4, m5 = m[0, i, k], m[1, i, k], m[2, i, k], m[3, i, k], m[4, i, k], m[5, i, k]
             y0 = m0 + m1 + m2 + m3 + m4 + bias[k]
-            y1 = m1 - m2 + 2 * m3 - 2 * m4 + bias[k]
-            y2 = m1 + m2 + 4 * m3 + 4 * m4 + bias[k]
-            y3 = m1 - m2 + 8 * m3 - 8 * m4 + m5 + bias[k]
+            y1 = m1 - m2 + F2 * m3 - F2 * m4 + bias[k]
+            y2 = m1 + m2 + F4 * m3 + F4 * m4 + bias[k]
+            y3 = m1 - m2 + F8 * m3 - F8 * m4 + m5 + bias[k]
             if relu:
-                y0, y1, y2, y3 = max(y0, 0.0), max(y1, 0.0), max(y2, 0.0), max(y3, 0.0)
+                y0, y1, y2, y3 = max(y0, F0), max(y1, F0), max(y2, F0), max(y3, F0)
             y[0, k], y[1, k], y[2, k], y[3, k] = y0, y1, y2, y3
         _store_line(y, along_w, n, line, 4 * j, out)
 
@@ -970,7 +987,7 @@ def _pool_wrapper(x, kernel_size, stride, padding, ceil_mode, is_max, count_incl
     out = _output(out, (N, OH, OW, C))
     parent, c0 = _channel_window(x)
     _side_by_side(lambda j0, j1: _pool(parent, c0, R, S, sh, sw, ph, pw, is_max, count_include_pad, out, j0, j1),
-                  N * OH)
+                  N * OH, ops=out.size * R * S)
     return out
 
 
@@ -1062,9 +1079,13 @@ def linear(x, w, bias=None):
     x, w = _as_f32(x), _as_f32(w)
     if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[0]:
         raise ValueError(f"linear: x {x.shape} and w {w.shape} do not chain as (N, I) @ (I, O)")
-    bias = np.zeros(w.shape[1], np.float32) if bias is None else _as_f32(bias)
-    acc = np.matmul(x, w)
-    _finish_in_place(acc, bias, False)
+    N, O = x.shape[0], w.shape[1]
+    acc = np.empty((N, O), np.float32)
+    # A lone image's fc is a (1, I) @ (I, O) product bound by reading w: each thread
+    # reads its own half of the columns.
+    _side_by_side(lambda k0, k1: np.matmul(x, w[:, k0:k1], out=acc[:, k0:k1]), O)
+    if bias is not None:
+        _finish_in_place(acc, _as_f32(bias), False)
     return acc
 
 
