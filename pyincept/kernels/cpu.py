@@ -551,6 +551,34 @@ def _tile_at(t, TH, TW):
 
 
 @_jit_inline
+def _line_at(t, T, lines):
+    """Tile t of a batch of lines cut into T tiles each: (image, line, tile along the line)."""
+    q, j = divmod(t, T)
+    n, line = divmod(q, lines)
+    return n, line, j
+
+
+@_jit_inline
+def _bt6(d0, d1, d2, d3, d4, d5):
+    """BT d over the 6 points 0, +-1, +-2, infinity: F(4x4, 3x3), F(2x2, 5x5) and F(4, 3)."""
+    return (F4 * d0 - F5 * d2 + d4, -F4 * d1 - F4 * d2 + d3 + d4, F4 * d1 - F4 * d2 - d3 + d4,
+            -F2 * d1 - d2 + F2 * d3 + d4, F2 * d1 - d2 - F2 * d3 + d4, F4 * d1 - F5 * d3 + d5)
+
+
+@_jit_inline
+def _at4(m0, m1, m2, m3, m4, m5):
+    """AT m back to 4 outputs from the same 6 points: F(4x4, 3x3) and F(4, 3)."""
+    return (m0 + m1 + m2 + m3 + m4, m1 - m2 + F2 * m3 - F2 * m4, m1 + m2 + F4 * m3 + F4 * m4,
+            m1 - m2 + F8 * m3 - F8 * m4 + m5)
+
+
+@_jit_inline
+def _at2(m0, m1, m2, m3, m4, m5):
+    """AT m back to 2 outputs from the same 6 points: F(2x2, 5x5)."""
+    return m0 + m1 + m2 + m3 + m4, m1 - m2 + F2 * m3 - F2 * m4 + m5
+
+
+@_jit_inline
 def _load_patch(x, n, h0, w0, side, d):
     """d[a, b, :] = x[n, h0 + a, w0 + b, :] for a side x side patch d (side, side, C); zero
     outside the image."""
@@ -652,22 +680,13 @@ def _winograd4_input(x, step, top, left, TH, TW, t0, v):
         # BT d (rows), then (BT d) B (columns), along the contiguous channels.
         for b in range(6):
             for c in range(C):
-                d0, d1, d2, d3, d4, d5 = d[0, b, c], d[1, b, c], d[2, b, c], d[3, b, c], d[4, b, c], d[5, b, c]
-                e[0, b, c] = F4 * d0 - F5 * d2 + d4
-                e[1, b, c] = -F4 * d1 - F4 * d2 + d3 + d4
-                e[2, b, c] = F4 * d1 - F4 * d2 - d3 + d4
-                e[3, b, c] = -F2 * d1 - d2 + F2 * d3 + d4
-                e[4, b, c] = F2 * d1 - d2 - F2 * d3 + d4
-                e[5, b, c] = F4 * d1 - F5 * d3 + d5
+                e[0, b, c], e[1, b, c], e[2, b, c], e[3, b, c], e[4, b, c], e[5, b, c] = _bt6(
+                    d[0, b, c], d[1, b, c], d[2, b, c], d[3, b, c], d[4, b, c], d[5, b, c])
         for a in range(6):
             for c in range(C):
-                d0, d1, d2, d3, d4, d5 = e[a, 0, c], e[a, 1, c], e[a, 2, c], e[a, 3, c], e[a, 4, c], e[a, 5, c]
-                v[6 * a + 0, i, c] = F4 * d0 - F5 * d2 + d4
-                v[6 * a + 1, i, c] = -F4 * d1 - F4 * d2 + d3 + d4
-                v[6 * a + 2, i, c] = F4 * d1 - F4 * d2 - d3 + d4
-                v[6 * a + 3, i, c] = -F2 * d1 - d2 + F2 * d3 + d4
-                v[6 * a + 4, i, c] = F2 * d1 - d2 - F2 * d3 + d4
-                v[6 * a + 5, i, c] = F4 * d1 - F5 * d3 + d5
+                (v[6 * a, i, c], v[6 * a + 1, i, c], v[6 * a + 2, i, c],
+                 v[6 * a + 3, i, c], v[6 * a + 4, i, c], v[6 * a + 5, i, c]) = _bt6(
+                    e[a, 0, c], e[a, 1, c], e[a, 2, c], e[a, 3, c], e[a, 4, c], e[a, 5, c])
 
 
 @_jit
@@ -687,19 +706,12 @@ def _winograd4_output(m, bias, relu, TH, TW, t0, out):
             m0, m1, m2, m3, m4, m5 = m[b, i], m[6 + b, i], m[12 + b, i], m[18 + b, i], m[24 + b, i], m[30 + b, i]
             s0, s1, s2, s3 = s[0, b], s[1, b], s[2, b], s[3, b]
             for k in range(K):
-                a0, a1, a2, a3, a4, a5 = m0[k], m1[k], m2[k], m3[k], m4[k], m5[k]
-                s0[k] = a0 + a1 + a2 + a3 + a4
-                s1[k] = a1 - a2 + F2 * a3 - F2 * a4
-                s2[k] = a1 + a2 + F4 * a3 + F4 * a4
-                s3[k] = a1 - a2 + F8 * a3 - F8 * a4 + a5
+                s0[k], s1[k], s2[k], s3[k] = _at4(m0[k], m1[k], m2[k], m3[k], m4[k], m5[k])
         for p in range(4):
             r0, r1, r2, r3, r4, r5 = s[p, 0], s[p, 1], s[p, 2], s[p, 3], s[p, 4], s[p, 5]
             for k in range(K):
-                a0, a1, a2, a3, a4, a5 = r0[k], r1[k], r2[k], r3[k], r4[k], r5[k]
-                y0 = a0 + a1 + a2 + a3 + a4 + bias[k]
-                y1 = a1 - a2 + F2 * a3 - F2 * a4 + bias[k]
-                y2 = a1 + a2 + F4 * a3 + F4 * a4 + bias[k]
-                y3 = a1 - a2 + F8 * a3 - F8 * a4 + a5 + bias[k]
+                y0, y1, y2, y3 = _at4(r0[k], r1[k], r2[k], r3[k], r4[k], r5[k])
+                y0, y1, y2, y3 = y0 + bias[k], y1 + bias[k], y2 + bias[k], y3 + bias[k]
                 if relu:
                     y0, y1, y2, y3 = max(y0, F0), max(y1, F0), max(y2, F0), max(y3, F0)
                 y[0, k], y[1, k], y[2, k], y[3, k] = y0, y1, y2, y3
@@ -719,15 +731,12 @@ def _winograd5_output(m, bias, relu, TH, TW, t0, out):
             m0, m1, m2, m3, m4, m5 = m[b, i], m[6 + b, i], m[12 + b, i], m[18 + b, i], m[24 + b, i], m[30 + b, i]
             s0, s1 = s[0, b], s[1, b]
             for k in range(K):
-                a0, a1, a2, a3, a4, a5 = m0[k], m1[k], m2[k], m3[k], m4[k], m5[k]
-                s0[k] = a0 + a1 + a2 + a3 + a4
-                s1[k] = a1 - a2 + F2 * a3 - F2 * a4 + a5
+                s0[k], s1[k] = _at2(m0[k], m1[k], m2[k], m3[k], m4[k], m5[k])
         for p in range(2):
             r0, r1, r2, r3, r4, r5 = s[p, 0], s[p, 1], s[p, 2], s[p, 3], s[p, 4], s[p, 5]
             for k in range(K):
-                a0, a1, a2, a3, a4, a5 = r0[k], r1[k], r2[k], r3[k], r4[k], r5[k]
-                y0 = a0 + a1 + a2 + a3 + a4 + bias[k]
-                y1 = a1 - a2 + F2 * a3 - F2 * a4 + a5 + bias[k]
+                y0, y1 = _at2(r0[k], r1[k], r2[k], r3[k], r4[k], r5[k])
+                y0, y1 = y0 + bias[k], y1 + bias[k]
                 if relu:
                     y0, y1 = max(y0, F0), max(y1, F0)
                 y[0, k], y[1, k] = y0, y1
@@ -775,8 +784,7 @@ def _winograd7_input(x, along_w, pad0, T, t0, v):
     lines = H if along_w else W
     d = np.empty((8, C), np.float32)
     for i in range(v.shape[1]):
-        q, j = divmod(t0 + i, T)
-        n, line = divmod(q, lines)
+        n, line, j = _line_at(t0 + i, T, lines)
         _load_line(x, along_w, n, line, 2 * j - pad0, d)
         for c in range(C):
             d0, d1, d2, d3, d4, d5, d6, d7 = d[0, c], d[1, c], d[2, c], d[3, c], d[4, c], d[5, c], d[6, c], d[7, c]
@@ -797,8 +805,7 @@ def _winograd7_output(m, bias, relu, along_w, T, t0, out):
     lines = OH if along_w else OW
     y = np.empty((2, K), np.float32)
     for i in range(m.shape[1]):
-        q, j = divmod(t0 + i, T)
-        n, line = divmod(q, lines)
+        n, line, j = _line_at(t0 + i, T, lines)
         for k in range(K):
             y0 = m[0, i, k] + m[1, i, k] + m[2, i, k] + m[3, i, k] + m[4, i, k] + m[5, i, k] + m[6, i, k] + bias[k]
             y1 = (m[1, i, k] - m[2, i, k] + F2 * m[3, i, k] - F2 * m[4, i, k]
@@ -817,17 +824,11 @@ def _winograd3_input(x, along_w, pad0, T, t0, v):
     lines = H if along_w else W
     d = np.empty((6, C), np.float32)
     for i in range(v.shape[1]):
-        q, j = divmod(t0 + i, T)
-        n, line = divmod(q, lines)
+        n, line, j = _line_at(t0 + i, T, lines)
         _load_line(x, along_w, n, line, 4 * j - pad0, d)
         for c in range(C):
-            d0, d1, d2, d3, d4, d5 = d[0, c], d[1, c], d[2, c], d[3, c], d[4, c], d[5, c]
-            v[0, i, c] = F4 * d0 - F5 * d2 + d4
-            v[1, i, c] = -F4 * d1 - F4 * d2 + d3 + d4
-            v[2, i, c] = F4 * d1 - F4 * d2 - d3 + d4
-            v[3, i, c] = -F2 * d1 - d2 + F2 * d3 + d4
-            v[4, i, c] = F2 * d1 - d2 - F2 * d3 + d4
-            v[5, i, c] = F4 * d1 - F5 * d3 + d5
+            v[0, i, c], v[1, i, c], v[2, i, c], v[3, i, c], v[4, i, c], v[5, i, c] = _bt6(
+                d[0, c], d[1, c], d[2, c], d[3, c], d[4, c], d[5, c])
 
 
 @_jit
@@ -837,14 +838,10 @@ def _winograd3_output(m, bias, relu, along_w, T, t0, out):
     lines = OH if along_w else OW
     y = np.empty((4, K), np.float32)
     for i in range(m.shape[1]):
-        q, j = divmod(t0 + i, T)
-        n, line = divmod(q, lines)
+        n, line, j = _line_at(t0 + i, T, lines)
         for k in range(K):
-            m0, m1, m2, m3, m4, m5 = m[0, i, k], m[1, i, k], m[2, i, k], m[3, i, k], m[4, i, k], m[5, i, k]
-            y0 = m0 + m1 + m2 + m3 + m4 + bias[k]
-            y1 = m1 - m2 + F2 * m3 - F2 * m4 + bias[k]
-            y2 = m1 + m2 + F4 * m3 + F4 * m4 + bias[k]
-            y3 = m1 - m2 + F8 * m3 - F8 * m4 + m5 + bias[k]
+            y0, y1, y2, y3 = _at4(m[0, i, k], m[1, i, k], m[2, i, k], m[3, i, k], m[4, i, k], m[5, i, k])
+            y0, y1, y2, y3 = y0 + bias[k], y1 + bias[k], y2 + bias[k], y3 + bias[k]
             if relu:
                 y0, y1, y2, y3 = max(y0, F0), max(y1, F0), max(y2, F0), max(y3, F0)
             y[0, k], y[1, k], y[2, k], y[3, k] = y0, y1, y2, y3
