@@ -81,7 +81,7 @@ class BasicConv2d(Layer):
         self.folded = None                # host copy (weight (R, S, C, K), bias (K,)), BN folded in
         self.weight = self.bias = None    # the same, on the device `ops` runs on
         self.algorithm = "im2col"         # or "winograd": used where winograd_applies()
-        self.winograd = None              # the weight in the Winograd domain (16 or 36, C, K), when used
+        self.winograd = None              # the weight in the Winograd domain (6, 8, 16 or 36, C, K), when used
 
     def parameter_shapes(self):
         """{checkpoint key: shape in pyincept layout} for this layer."""
@@ -111,8 +111,8 @@ class BasicConv2d(Layer):
     def winograd_applies(self):
         """Winograd serves the stride-1 3x3 convs, the 5x5 ones padded by 2 (Mixed_5b-d),
         and the 1x3 / 3x1 and 1x7 / 7x1 ones (padded only along their own axis, as all of
-        v3's are), when asked for and the device has it. AuxLogits' unpadded 5x5 conv makes one output
-        pixel from a 5x5 map, where F(2x2, 5x5) would do 1.4x the multiply-adds."""
+        v3's are), when asked for and the device has it. AuxLogits' unpadded 5x5 conv makes
+        one output pixel from a 5x5 map, where F(2x2, 5x5) would do 1.4x the multiply-adds."""
         top, bottom, left, right = pad4(self.padding)
         shape_ok = (self.kernel_size == (3, 3)
                     or (self.kernel_size == (5, 5) and (top, bottom, left, right) == (2, 2, 2, 2))
