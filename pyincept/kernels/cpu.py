@@ -579,6 +579,13 @@ def _at2(m0, m1, m2, m3, m4, m5):
 
 
 @_jit_inline
+def _act(v, b, relu):
+    """An output transform's epilogue for one value: v + bias, then ReLU if asked."""
+    v = v + b
+    return max(v, F0) if relu else v
+
+
+@_jit_inline
 def _load_patch(x, n, h0, w0, side, d):
     """d[a, b, :] = x[n, h0 + a, w0 + b, :] for a side x side patch d (side, side, C); zero
     outside the image."""
@@ -655,13 +662,9 @@ def _winograd_output(m, bias, relu, TH, TW, t0, out):
             s11 = m[5, i, k] - m[9, i, k] - m[13, i, k]
             s12 = m[6, i, k] - m[10, i, k] - m[14, i, k]
             s13 = m[7, i, k] - m[11, i, k] - m[15, i, k]
-            y00 = s00 + s01 + s02 + bias[k]
-            y01 = s01 - s02 - s03 + bias[k]
-            y10 = s10 + s11 + s12 + bias[k]
-            y11 = s11 - s12 - s13 + bias[k]
-            if relu:
-                y00, y01, y10, y11 = max(y00, F0), max(y01, F0), max(y10, F0), max(y11, F0)
-            y[0, 0, k], y[0, 1, k], y[1, 0, k], y[1, 1, k] = y00, y01, y10, y11
+            b = bias[k]
+            y[0, 0, k], y[0, 1, k] = _act(s00 + s01 + s02, b, relu), _act(s01 - s02 - s03, b, relu)
+            y[1, 0, k], y[1, 1, k] = _act(s10 + s11 + s12, b, relu), _act(s11 - s12 - s13, b, relu)
         _store_row(y[0], n, 2 * th, 2 * tw, out)
         _store_row(y[1], n, 2 * th + 1, 2 * tw, out)
 
@@ -711,10 +714,9 @@ def _winograd4_output(m, bias, relu, TH, TW, t0, out):
             r0, r1, r2, r3, r4, r5 = s[p, 0], s[p, 1], s[p, 2], s[p, 3], s[p, 4], s[p, 5]
             for k in range(K):
                 y0, y1, y2, y3 = _at4(r0[k], r1[k], r2[k], r3[k], r4[k], r5[k])
-                y0, y1, y2, y3 = y0 + bias[k], y1 + bias[k], y2 + bias[k], y3 + bias[k]
-                if relu:
-                    y0, y1, y2, y3 = max(y0, F0), max(y1, F0), max(y2, F0), max(y3, F0)
-                y[0, k], y[1, k], y[2, k], y[3, k] = y0, y1, y2, y3
+                b = bias[k]
+                y[0, k], y[1, k] = _act(y0, b, relu), _act(y1, b, relu)
+                y[2, k], y[3, k] = _act(y2, b, relu), _act(y3, b, relu)
             _store_row(y, n, 4 * th + p, 4 * tw, out)
 
 
@@ -736,10 +738,7 @@ def _winograd5_output(m, bias, relu, TH, TW, t0, out):
             r0, r1, r2, r3, r4, r5 = s[p, 0], s[p, 1], s[p, 2], s[p, 3], s[p, 4], s[p, 5]
             for k in range(K):
                 y0, y1 = _at2(r0[k], r1[k], r2[k], r3[k], r4[k], r5[k])
-                y0, y1 = y0 + bias[k], y1 + bias[k]
-                if relu:
-                    y0, y1 = max(y0, F0), max(y1, F0)
-                y[0, k], y[1, k] = y0, y1
+                y[0, k], y[1, k] = _act(y0, bias[k], relu), _act(y1, bias[k], relu)
             _store_row(y, n, 2 * th + p, 2 * tw, out)
 
 
@@ -807,12 +806,10 @@ def _winograd7_output(m, bias, relu, along_w, T, t0, out):
     for i in range(m.shape[1]):
         n, line, j = _line_at(t0 + i, T, lines)
         for k in range(K):
-            y0 = m[0, i, k] + m[1, i, k] + m[2, i, k] + m[3, i, k] + m[4, i, k] + m[5, i, k] + m[6, i, k] + bias[k]
+            y0 = m[0, i, k] + m[1, i, k] + m[2, i, k] + m[3, i, k] + m[4, i, k] + m[5, i, k] + m[6, i, k]
             y1 = (m[1, i, k] - m[2, i, k] + F2 * m[3, i, k] - F2 * m[4, i, k]
-                  + F0_5 * m[5, i, k] - F0_5 * m[6, i, k] - m[7, i, k] + bias[k])
-            if relu:
-                y0, y1 = max(y0, F0), max(y1, F0)
-            y[0, k], y[1, k] = y0, y1
+                  + F0_5 * m[5, i, k] - F0_5 * m[6, i, k] - m[7, i, k])
+            y[0, k], y[1, k] = _act(y0, bias[k], relu), _act(y1, bias[k], relu)
         _store_line(y, along_w, n, line, 2 * j, out)
 
 
@@ -841,10 +838,9 @@ def _winograd3_output(m, bias, relu, along_w, T, t0, out):
         n, line, j = _line_at(t0 + i, T, lines)
         for k in range(K):
             y0, y1, y2, y3 = _at4(m[0, i, k], m[1, i, k], m[2, i, k], m[3, i, k], m[4, i, k], m[5, i, k])
-            y0, y1, y2, y3 = y0 + bias[k], y1 + bias[k], y2 + bias[k], y3 + bias[k]
-            if relu:
-                y0, y1, y2, y3 = max(y0, F0), max(y1, F0), max(y2, F0), max(y3, F0)
-            y[0, k], y[1, k], y[2, k], y[3, k] = y0, y1, y2, y3
+            b = bias[k]
+            y[0, k], y[1, k] = _act(y0, b, relu), _act(y1, b, relu)
+            y[2, k], y[3, k] = _act(y2, b, relu), _act(y3, b, relu)
         _store_line(y, along_w, n, line, 4 * j, out)
 
 
