@@ -64,7 +64,8 @@ def fold_batchnorm(w, gamma, beta, mean, var, eps=BN_EPS):
     w is HWIO (R, S, C, K); the vectors are (K,). Computed in float64, stored float32.
     """
     scale = gamma.astype(np.float64) / np.sqrt(var.astype(np.float64) + eps)   # (K,)
-    folded_w = (w.astype(np.float64) * scale).astype(np.float32)                # (R, S, C, K)
+    folded_w = np.empty(w.shape, np.float32)                                    # (R, S, C, K)
+    np.multiply(w, scale, out=folded_w, casting="unsafe")                      # in float64, rounded once
     folded_b = (beta - mean.astype(np.float64) * scale).astype(np.float32)      # (K,)
     return folded_w, folded_b
 
