@@ -673,23 +673,45 @@ def _winograd_output(m, bias, relu, TH, TW, t0, out):
 def _winograd4_input(x, step, top, left, TH, TW, t0, v):
     """F(4x4, 3x3) (step 4) and F(2x2, 5x5) (step 2), which share their 6x6 patches and BT:
     v[6a + b, t, c] = (BT d B)[a, b] for tiles t0 .., d the 6x6 patch of channel c starting
-    at input row step*th - top, column step*tw - left (zero outside the image)."""
-    C = x.shape[3]
-    d = np.empty((6, 6, C), np.float32)                 # the patch
-    e = np.empty((6, 6, C), np.float32)                 # BT d
+    at input row step*th - top, column step*tw - left (zero outside the image).
+
+    BT runs down the columns of a whole tile row at once, along its six input rows'
+    W*C contiguous values, into e (long loops, which LLVM vectorises); then each tile's
+    B runs along e's rows, a pixel's C channels at a time. Measured (issue 4): 2.3x
+    faster than transforming patch by patch, which also did the columns shared by
+    neighbouring patches twice. The views are written out inline: returned from an
+    inlined helper, they made the kernel 1.7x slower.
+    """
+    N, H, W, C = x.shape
+    rows = x.reshape(N, H, W * C)                       # an image row as W*C values
+    zero, zc = np.zeros(W * C, np.float32), np.zeros(C, np.float32)   # a padding row, a padding pixel
+    e = np.empty((6, W * C), np.float32)                # BT d for every column of one tile row
+    e0, e1, e2, e3, e4, e5 = e[0], e[1], e[2], e[3], e[4], e[5]
     for i in range(v.shape[1]):
         n, th, tw = _tile_at(t0 + i, TH, TW)
-        _load_patch(x, n, step * th - top, step * tw - left, 6, d)
-        # BT d (rows), then (BT d) B (columns), along the contiguous channels.
-        for b in range(6):
+        if i == 0 or tw == 0:                           # a new tile row: BT down its 6 input rows
+            h0 = step * th - top
+            r0 = rows[n, h0] if 0 <= h0 < H else zero
+            r1 = rows[n, h0 + 1] if 0 <= h0 + 1 < H else zero
+            r2 = rows[n, h0 + 2] if 0 <= h0 + 2 < H else zero
+            r3 = rows[n, h0 + 3] if 0 <= h0 + 3 < H else zero
+            r4 = rows[n, h0 + 4] if 0 <= h0 + 4 < H else zero
+            r5 = rows[n, h0 + 5] if 0 <= h0 + 5 < H else zero
+            for q in range(W * C):
+                e0[q], e1[q], e2[q], e3[q], e4[q], e5[q] = _bt6(r0[q], r1[q], r2[q], r3[q], r4[q], r5[q])
+        w0 = step * tw - left                           # the patch's first column
+        for a in range(6):                              # (BT d) B along row a of e
+            ea = e[a]
+            q0 = ea[w0 * C : (w0 + 1) * C] if 0 <= w0 < W else zc
+            q1 = ea[(w0 + 1) * C : (w0 + 2) * C] if 0 <= w0 + 1 < W else zc
+            q2 = ea[(w0 + 2) * C : (w0 + 3) * C] if 0 <= w0 + 2 < W else zc
+            q3 = ea[(w0 + 3) * C : (w0 + 4) * C] if 0 <= w0 + 3 < W else zc
+            q4 = ea[(w0 + 4) * C : (w0 + 5) * C] if 0 <= w0 + 4 < W else zc
+            q5 = ea[(w0 + 5) * C : (w0 + 6) * C] if 0 <= w0 + 5 < W else zc
+            v0, v1, v2 = v[6 * a, i], v[6 * a + 1, i], v[6 * a + 2, i]
+            v3, v4, v5 = v[6 * a + 3, i], v[6 * a + 4, i], v[6 * a + 5, i]
             for c in range(C):
-                e[0, b, c], e[1, b, c], e[2, b, c], e[3, b, c], e[4, b, c], e[5, b, c] = _bt6(
-                    d[0, b, c], d[1, b, c], d[2, b, c], d[3, b, c], d[4, b, c], d[5, b, c])
-        for a in range(6):
-            for c in range(C):
-                (v[6 * a, i, c], v[6 * a + 1, i, c], v[6 * a + 2, i, c],
-                 v[6 * a + 3, i, c], v[6 * a + 4, i, c], v[6 * a + 5, i, c]) = _bt6(
-                    e[a, 0, c], e[a, 1, c], e[a, 2, c], e[a, 3, c], e[a, 4, c], e[a, 5, c])
+                v0[c], v1[c], v2[c], v3[c], v4[c], v5[c] = _bt6(q0[c], q1[c], q2[c], q3[c], q4[c], q5[c])
 
 
 @_jit
