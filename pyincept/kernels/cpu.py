@@ -603,13 +603,16 @@ def _load_patch(x, n, h0, w0, side, d):
 
 
 @_jit_inline
-def _store_row(y, n, oh, w0, out):
-    """out[n, oh, w0 + q, :] = y[q, :] for one row of a tile's outputs y (side, K); a row
-    past the bottom edge, and outputs past the right one, are dropped."""
-    N, OH, OW, K = out.shape
+def _store_row(y, n, oh, w0, out, d0):
+    """out[n, oh, w0 + q, d0 : d0 + K] = y[q, :] for one row of a tile's outputs y (side, K);
+    a row past the bottom edge, and outputs past the right one, are dropped. out is C
+    contiguous, with the layer's K channels from d0 (`_channel_window`): a branch writing
+    into its module's output stores 1.2-2.5x faster than through the slice itself."""
+    N, OH, OW, _ = out.shape
+    K = y.shape[1]
     if oh < OH:
         for q in range(min(y.shape[0], OW - w0)):
-            dst = out[n, oh, w0 + q]                                          # (K,)
+            dst = out[n, oh, w0 + q, d0 : d0 + K]                              # (K,)
             for k in range(K):
                 dst[k] = y[q, k]
 
@@ -645,10 +648,10 @@ def _winograd_input(x, top, left, TH, TW, t0, v):
 
 
 @_jit
-def _winograd_output(m, bias, relu, TH, TW, t0, out):
+def _winograd_output(m, bias, relu, TH, TW, t0, out, d0):
     """out[n, 2*th + p, 2*tw + q, k] = max(0, (AT M A)[p, q] + bias[k]) for tiles t0 .., where
     M[a, b] = m[4a + b, t, k]; outputs past the bottom or right edge are dropped."""
-    K = out.shape[3]
+    K = bias.shape[0]
     y = np.empty((2, 2, K), np.float32)                 # the tile's 2x2 outputs
     for i in range(m.shape[1]):
         n, th, tw = _tile_at(t0 + i, TH, TW)
@@ -665,8 +668,8 @@ def _winograd_output(m, bias, relu, TH, TW, t0, out):
             b = bias[k]
             y[0, 0, k], y[0, 1, k] = _act(s00 + s01 + s02, b, relu), _act(s01 - s02 - s03, b, relu)
             y[1, 0, k], y[1, 1, k] = _act(s10 + s11 + s12, b, relu), _act(s11 - s12 - s13, b, relu)
-        _store_row(y[0], n, 2 * th, 2 * tw, out)
-        _store_row(y[1], n, 2 * th + 1, 2 * tw, out)
+        _store_row(y[0], n, 2 * th, 2 * tw, out, d0)
+        _store_row(y[1], n, 2 * th + 1, 2 * tw, out, d0)
 
 
 @_jit
@@ -715,14 +718,14 @@ def _winograd4_input(x, step, top, left, TH, TW, t0, v):
 
 
 @_jit
-def _winograd4_output(m, bias, relu, TH, TW, t0, out):
+def _winograd4_output(m, bias, relu, TH, TW, t0, out, d0):
     """F(4x4, 3x3): out[n, 4*th + p, 4*tw + q, k] = max(0, (AT M A)[p, q] + bias[k]), where
     M[a, b] = m[6a + b, t, k]; outputs past the bottom or right edge are dropped.
 
     Here and in _winograd5_output the inner loops index (K,) rows (m[e, i]: one Winograd
     point of a tile, all its channels) and one output row is finished and stored at a
     time: with 3-D indexing and the whole tile buffered they ran 2.6x slower."""
-    K = out.shape[3]
+    K = bias.shape[0]
     s = np.empty((4, 6, K), np.float32)                 # AT M
     y = np.empty((4, K), np.float32)                    # one row of the tile's 4x4 outputs
     for i in range(m.shape[1]):
@@ -739,14 +742,14 @@ def _winograd4_output(m, bias, relu, TH, TW, t0, out):
                 b = bias[k]
                 y[0, k], y[1, k] = _act(y0, b, relu), _act(y1, b, relu)
                 y[2, k], y[3, k] = _act(y2, b, relu), _act(y3, b, relu)
-            _store_row(y, n, 4 * th + p, 4 * tw, out)
+            _store_row(y, n, 4 * th + p, 4 * tw, out, d0)
 
 
 @_jit
-def _winograd5_output(m, bias, relu, TH, TW, t0, out):
+def _winograd5_output(m, bias, relu, TH, TW, t0, out, d0):
     """F(2x2, 5x5): out[n, 2*th + p, 2*tw + q, k] = max(0, (AT M A)[p, q] + bias[k]), where
     M[a, b] = m[6a + b, t, k]; outputs past the bottom or right edge are dropped."""
-    K = out.shape[3]
+    K = bias.shape[0]
     s = np.empty((2, 6, K), np.float32)                 # AT M
     y = np.empty((2, K), np.float32)                    # one row of the tile's 2x2 outputs
     for i in range(m.shape[1]):
@@ -761,7 +764,7 @@ def _winograd5_output(m, bias, relu, TH, TW, t0, out):
             for k in range(K):
                 y0, y1 = _at2(r0[k], r1[k], r2[k], r3[k], r4[k], r5[k])
                 y[0, k], y[1, k] = _act(y0, bias[k], relu), _act(y1, bias[k], relu)
-            _store_row(y, n, 2 * th + p, 2 * tw, out)
+            _store_row(y, n, 2 * th + p, 2 * tw, out, d0)
 
 
 @_jit_inline
@@ -773,7 +776,8 @@ def _load_line(x, along_w, n, line, p0, d):
     for a in range(d.shape[0]):
         p = p0 + a
         if 0 <= p < length:
-            src = x[n, line, p] if along_w else x[n, p, line]               # (C,), contiguous
+            h, w = (line, p) if along_w else (p, line)
+            src = x[n, h, w]                                                  # (C,), contiguous
             for c in range(C):
                 d[a, c] = src[c]
         else:
@@ -782,16 +786,16 @@ def _load_line(x, along_w, n, line, p0, d):
 
 
 @_jit_inline
-def _store_line(y, along_w, n, line, o0, out):
-    """The other way: out's pixel o0 + a of the line = y[a, :]; those past the end are dropped."""
-    N, OH, OW, K = out.shape
-    length = OW if along_w else OH
-    for a in range(y.shape[0]):
-        o = o0 + a
-        if o < length:
-            dest = out[n, line, o] if along_w else out[n, o, line]
-            for k in range(K):
-                dest[k] = y[a, k]
+def _store_line(y, along_w, n, line, o0, out, d0):
+    """The other way: out's pixel o0 + a of the line = y[a, :], into channels d0 .. d0+K-1
+    of a C-contiguous out (as `_store_row`); those past the end are dropped."""
+    N, OH, OW, _ = out.shape
+    K = y.shape[1]
+    for a in range(min(y.shape[0], (OW if along_w else OH) - o0)):
+        h, w = (line, o0 + a) if along_w else (o0 + a, line)
+        dest = out[n, h, w, d0 : d0 + K]
+        for k in range(K):
+            dest[k] = y[a, k]
 
 
 @_jit
@@ -820,9 +824,10 @@ def _winograd7_input(x, along_w, pad0, T, t0, v):
 
 
 @_jit
-def _winograd7_output(m, bias, relu, along_w, T, t0, out):
+def _winograd7_output(m, bias, relu, along_w, T, t0, out, d0):
     """F(2, 7): the tile's 2 outputs along its line, (AT M)[p] + bias, ReLU; past the end dropped."""
-    N, OH, OW, K = out.shape
+    N, OH, OW, _ = out.shape
+    K = bias.shape[0]
     lines = OH if along_w else OW
     y = np.empty((2, K), np.float32)
     for i in range(m.shape[1]):
@@ -832,7 +837,7 @@ def _winograd7_output(m, bias, relu, along_w, T, t0, out):
             y1 = (m[1, i, k] - m[2, i, k] + F2 * m[3, i, k] - F2 * m[4, i, k]
                   + F0_5 * m[5, i, k] - F0_5 * m[6, i, k] - m[7, i, k])
             y[0, k], y[1, k] = _act(y0, bias[k], relu), _act(y1, bias[k], relu)
-        _store_line(y, along_w, n, line, 2 * j, out)
+        _store_line(y, along_w, n, line, 2 * j, out, d0)
 
 
 @_jit
@@ -851,9 +856,10 @@ def _winograd3_input(x, along_w, pad0, T, t0, v):
 
 
 @_jit
-def _winograd3_output(m, bias, relu, along_w, T, t0, out):
+def _winograd3_output(m, bias, relu, along_w, T, t0, out, d0):
     """F(4, 3): the tile's 4 outputs along its line, (AT M)[p] + bias, ReLU; past the end dropped."""
-    N, OH, OW, K = out.shape
+    N, OH, OW, _ = out.shape
+    K = bias.shape[0]
     lines = OH if along_w else OW
     y = np.empty((4, K), np.float32)
     for i in range(m.shape[1]):
@@ -863,7 +869,7 @@ def _winograd3_output(m, bias, relu, along_w, T, t0, out):
             b = bias[k]
             y[0, k], y[1, k] = _act(y0, b, relu), _act(y1, b, relu)
             y[2, k], y[3, k] = _act(y2, b, relu), _act(y3, b, relu)
-        _store_line(y, along_w, n, line, 4 * j, out)
+        _store_line(y, along_w, n, line, 4 * j, out, d0)
 
 
 def conv2d_winograd(x, u, bias=None, padding=0, relu=False, out=None, kernel_size=(3, 3)):
@@ -894,6 +900,7 @@ def conv2d_winograd(x, u, bias=None, padding=0, relu=False, out=None, kernel_siz
     OH, OW = conv_output_hw(H, W, (R, S), 1, (top, bottom, left, right))
     bias = _bias_vector(bias, K)
     out = _output(out, (N, OH, OW, K))
+    parent, d0 = _channel_window(out)                                  # out is parent[..., d0 : d0 + K]
     if 1 in (R, S):                                                    # along one axis: F(4, 3) or F(2, 7)
         along_w = R == 1
         kernel_in, kernel_out, step = ((_winograd3_input, _winograd3_output, 4) if n == 6 else
@@ -902,7 +909,7 @@ def conv2d_winograd(x, u, bias=None, padding=0, relu=False, out=None, kernel_siz
         tiles = N * (H if along_w else W) * T
         pad0 = left if along_w else top
         transform_in = lambda t0, v: kernel_in(x, along_w, pad0, T, t0, v)                  # noqa: E731
-        transform_out = lambda t0, m: kernel_out(m, bias, relu, along_w, T, t0, out)        # noqa: E731
+        transform_out = lambda t0, m: kernel_out(m, bias, relu, along_w, T, t0, parent, d0)  # noqa: E731
     else:                                                              # F(m x m, 3x3) or F(2x2, 5x5)
         tile = 4 if (R, n) == (3, 36) else 2
         TH, TW = -(-OH // tile), -(-OW // tile)
@@ -912,7 +919,7 @@ def conv2d_winograd(x, u, bias=None, padding=0, relu=False, out=None, kernel_siz
         else:                                                          # 6x6 patches, every tile-th pixel
             transform_in = lambda t0, v: _winograd4_input(x, tile, top, left, TH, TW, t0, v)  # noqa: E731
         kernel_out = {16: _winograd_output, 36: _winograd4_output if R == 3 else _winograd5_output}[n]
-        transform_out = lambda t0, m: kernel_out(m, bias, relu, TH, TW, t0, out)             # noqa: E731
+        transform_out = lambda t0, m: kernel_out(m, bias, relu, TH, TW, t0, parent, d0)      # noqa: E731
     chunk = max(1, min(tiles, _WINOGRAD_FLOATS // (n * (C + K))))
 
     if _by_columns(tiles, K, n * tiles * (C + K)):
