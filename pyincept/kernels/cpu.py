@@ -948,49 +948,66 @@ def conv2d_winograd(x, u, bias=None, padding=0, relu=False, out=None, kernel_siz
 
 
 @_jit
-def _pool(x, c0, R, S, sh, sw, ph, pw, is_max, count_include_pad, out, j0, j1):
-    """Max or average pooling of channels c0 .. c0+C-1 of x (N,H,W,*) into out (N,OH,OW,C);
-    PyTorch's window rules.
+def _pool(x, c0, C, R, S, sh, sw, ph, pw, is_max, count_include_pad, out, d0, j0, j1):
+    """Max or average pooling of channels c0 .. c0+C-1 of x (N,H,W,*) into channels
+    d0 .. d0+C-1 of out (N,OH,OW,*), output rows j0 .. j1-1 across the batch; PyTorch's
+    window rules.
 
-    The innermost loop runs over channels, which are contiguous in NHWC: each window
-    pixel updates a whole channel vector at once. x is a whole C-contiguous array (a
-    module's channel slice is passed as its parent and c0), so LLVM knows the channels
-    sit side by side and vectorises the sums: Mixed_6b's pool branch ran 2.6x faster
-    than on the slice itself.
+    Separably, one output row at a time: the window's input rows are first reduced
+    down H into `cols` (one C-vector per input column), then each output pixel reduces
+    its window's columns of `cols`. A window of R x S pixels costs R + S vector steps
+    instead of R * S: measured (issue 4) 1.4-2.4x faster than window by window. Max is
+    exact either way; an average adds in a different order, within float rounding.
+    The innermost loops run over channels, contiguous in NHWC; x and out are whole
+    C-contiguous arrays (a module's branch is passed as its parent and first channel),
+    so LLVM vectorises them.
     """
     N, H, W, _ = x.shape
-    _, OH, OW, C = out.shape
+    _, OH, OW, _ = out.shape
+    cols = np.empty((W, C), np.float32)                 # the window's rows reduced down H, per input column
     acc = np.empty(C, np.float32)
-    for job in range(j0, j1):                           # output rows j0 .. j1-1, across the batch
-        n = job // OH
-        oh = job % OH
+    for job in range(j0, j1):
+        n, oh = job // OH, job % OH
         h0 = oh * sh - ph
         h1 = min(h0 + R, H + ph)
         a0, a1 = max(h0, 0), min(h1, H)
-        for ow in range(OW):
+        for w in range(W):                              # down H: rows a0 .. a1-1 into cols[w]
+            src = x[n, a0, w, c0 : c0 + C]              # indexed from 0: no negative-index checks
+            for c in range(C):
+                cols[w, c] = src[c]
+            for ih in range(a0 + 1, a1):
+                src = x[n, ih, w, c0 : c0 + C]
+                if is_max:
+                    for c in range(C):
+                        v = src[c]
+                        if v > cols[w, c] or v != v:    # a NaN wins and stays, as in torch
+                            cols[w, c] = v
+                else:
+                    for c in range(C):
+                        cols[w, c] += src[c]
+        for ow in range(OW):                            # along W: columns b0 .. b1-1 of cols
             w0 = ow * sw - pw
             w1 = min(w0 + S, W + pw)
             b0, b1 = max(w0, 0), min(w1, W)
+            for c in range(C):
+                acc[c] = cols[b0, c]
+            for iw in range(b0 + 1, b1):
+                if is_max:
+                    for c in range(C):
+                        v = cols[iw, c]
+                        if v > acc[c] or v != v:
+                            acc[c] = v
+                else:
+                    for c in range(C):
+                        acc[c] += cols[iw, c]
+            dst = out[n, oh, ow, d0 : d0 + C]
             if is_max:
-                acc[:] = -np.inf
-                for ih in range(a0, a1):
-                    for iw in range(b0, b1):
-                        src = x[n, ih, iw, c0 : c0 + C]       # indexed from 0: no negative-index checks
-                        for c in range(C):
-                            v = src[c]
-                            if v > acc[c] or v != v:          # a NaN wins and stays, as in torch
-                                acc[c] = v
-            else:
-                acc[:] = 0.0
-                for ih in range(a0, a1):
-                    for iw in range(b0, b1):
-                        src = x[n, ih, iw, c0 : c0 + C]
-                        for c in range(C):
-                            acc[c] += src[c]
-                divisor = (h1 - h0) * (w1 - w0) if count_include_pad else (a1 - a0) * (b1 - b0)
                 for c in range(C):
-                    acc[c] /= divisor
-            out[n, oh, ow, :] = acc
+                    dst[c] = acc[c]
+            else:
+                divisor = np.float32((h1 - h0) * (w1 - w0) if count_include_pad else (a1 - a0) * (b1 - b0))
+                for c in range(C):
+                    dst[c] = acc[c] / divisor
 
 
 def max_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, out=None):
@@ -1016,9 +1033,13 @@ def _pool_wrapper(x, kernel_size, stride, padding, ceil_mode, is_max, count_incl
     if OH < 1 or OW < 1:
         raise ValueError(f"input {H}x{W} is smaller than pool window {R}x{S}")
     out = _output(out, (N, OH, OW, C))
-    parent, c0 = _channel_window(x)
-    _side_by_side(lambda j0, j1: _pool(parent, c0, R, S, sh, sw, ph, pw, is_max, count_include_pad, out, j0, j1),
-                  N * OH, ops=out.size * R * S)
+    src, c0 = _channel_window(x)
+    dst, d0 = _channel_window(out)
+    if not np.may_share_memory(dst, out):                              # not a view of out's buffer: write a copy back
+        np.copyto(out, _pool_wrapper(x, kernel_size, stride, padding, ceil_mode, is_max, count_include_pad, None))
+        return out
+    _side_by_side(lambda j0, j1: _pool(src, c0, C, R, S, sh, sw, ph, pw, is_max, count_include_pad, dst, d0, j0, j1),
+                  N * OH, ops=N * OH * W * C * R + out.size * S)            # values read: down H, then along W
     return out
 
 
