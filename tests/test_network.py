@@ -68,7 +68,8 @@ def test_im2col_and_winograd_agree_and_both_meet_the_bar(tv_inception, converted
     model.set_algorithm("winograd")
     used = {layer.name: len(layer.winograd) for layer in model.conv_layers() if layer.winograd is not None}
     assert list(used)[:3] == ["Conv2d_2a_3x3", "Conv2d_2b_3x3", "Conv2d_4a_3x3"]
-    assert used["Conv2d_2b_3x3"] == 16 and used["Conv2d_4a_3x3"] == 36      # F(2x2) at C=32, F(4x4) at C=80
+    assert used["Conv2d_2b_3x3"] == used["Conv2d_4a_3x3"] == 36             # F(4x4) up to C=256
+    assert used["Mixed_7b.branch3x3dbl_2"] == 16                             # F(2x2) at C=448, 8x8
     assert used["Mixed_6b.branch7x7_2"] == used["Mixed_6e.branch7x7dbl_5"] == 8   # F(2, 7)
     assert used["Mixed_5b.branch5x5_2"] == used["Mixed_5d.branch5x5_2"] == 36     # F(2x2, 5x5)
     assert used["Mixed_7b.branch3x3_2a"] == used["Mixed_7c.branch3x3dbl_3b"] == 6  # F(4, 3)

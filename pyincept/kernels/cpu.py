@@ -525,13 +525,13 @@ def _bias_vector(bias, K):
 def winograd_tile(in_channels, kernel_size=(3, 3)):
     """Output tile side for a layer's Winograd. 5x5, 1x7 and 7x1 filters have one: 2;
     1x3 and 3x1: 4.
-    A 3x3 one's goes by its input channels (measured, issue 4): F(4x4) wins where C is
-    64-256 (Conv2d_4a, the 35x35 modules: 0.4-0.8x F(2x2)'s time); at C=32 (Conv2d_2a,
-    2b) its larger transforms cost more than its GEMMs save, and at C=448 the 8x8 maps
-    give too few tiles (1.0-1.9x)."""
+    A 3x3 one's goes by its input channels (measured, issue 4): F(4x4) wins up to C=256
+    (Conv2d_2a-4a, the 35x35 modules: 0.3-0.8x F(2x2)'s time; at C=32, Conv2d_2a and 2b,
+    0.63-0.72x since its input transform runs down whole rows), and at C=448 the 8x8
+    maps give too few tiles (1.1-1.9x)."""
     if tuple(kernel_size) != (3, 3):
         return 4 if 3 in kernel_size else 2
-    return 4 if 64 <= in_channels <= 256 else 2
+    return 4 if in_channels <= 256 else 2
 
 
 def winograd_weights(w, tile=2):
