@@ -226,6 +226,28 @@ def test_pools_read_views_as_their_contiguous_copies(geometry, seed, before, aft
         close(mean, ref.avg_pool2d(copy, kernel, stride, pad, ceil_mode, count_include_pad), atol=1e-6)
 
 
+@SETTINGS
+@given(pool_geometry(), seeds, st.integers(0, 5), st.integers(0, 5))
+def test_pools_write_into_views(geometry, seed, before, after):
+    """`out` a channel slice of a wider array (a grid reduction's pool branch writes its
+    slice of the module output) is written through its parent, every other channel left
+    alone; any other view (every other row) gets the result copied in."""
+    N, H, W, C, kernel, stride, pad, ceil_mode, count_include_pad = geometry
+    rng = np.random.default_rng(seed)
+    x = randn(rng, N, H, W, C)
+    for pool, args in ((cpu.max_pool2d, (kernel, stride, pad, ceil_mode)),
+                       (cpu.avg_pool2d, (kernel, stride, pad, ceil_mode, count_include_pad))):
+        expected = pool(x, *args)
+        wide = randn(rng, *expected.shape[:3], before + C + after)
+        untouched = wide.copy()
+        rows = randn(rng, expected.shape[0], 2 * expected.shape[1], *expected.shape[2:])
+        for out in (wide[..., before : before + C], rows[:, ::2]):
+            assert pool(x, *args, out=out) is out
+            np.testing.assert_array_equal(out, expected)
+        np.testing.assert_array_equal(wide[..., :before], untouched[..., :before])
+        np.testing.assert_array_equal(wide[..., before + C :], untouched[..., before + C :])
+
+
 def test_a_modules_pool_branch_columns_are_pooled_in_place():
     raw = randn(np.random.default_rng(3), 2, 17, 17, 768)             # Mixed_6b's fused 1x1 output
     parent, c0 = cpu._channel_window(raw[..., 576:])
