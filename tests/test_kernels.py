@@ -99,6 +99,10 @@ def test_winograd_matches_im2col_reference_and_torch(kind, N, H, W, C, K, pads, 
         assert np.shares_memory(fast, wide) and (wide[..., :1] == 7).all() and (wide[..., 1 + K :] == 7).all()
     else:
         fast = cpu.conv2d_winograd(x, u, b, pads, relu=relu, kernel_size=(R, S))
+    tall = np.full((expected.shape[0], 2 * expected.shape[1], *expected.shape[2:]), 7.0, np.float32)
+    into_rows = cpu.conv2d_winograd(x, u, b, pads, relu=relu, out=tall[:, ::2], kernel_size=(R, S))
+    assert into_rows.base is tall and (tall[:, 1::2] == 7).all()        # any other view: the result copied in
+    np.testing.assert_array_equal(into_rows, fast)
     # F(4x4, 3x3), F(2x2, 5x5), F(4, 3) and F(2, 7) have coefficients up to 8 and 5.25 (and 1/24, 1/90): a few
     # times F(2x2)'s rounding.
     for y in (fast, slow):

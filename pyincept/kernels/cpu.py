@@ -901,6 +901,9 @@ def conv2d_winograd(x, u, bias=None, padding=0, relu=False, out=None, kernel_siz
     bias = _bias_vector(bias, K)
     out = _output(out, (N, OH, OW, K))
     parent, d0 = _channel_window(out)                                  # out is parent[..., d0 : d0 + K]
+    if not np.may_share_memory(parent, out):                           # not a view of out's buffer: write a copy back
+        np.copyto(out, conv2d_winograd(x, u, bias, padding, relu, None, kernel_size))
+        return out
     if 1 in (R, S):                                                    # along one axis: F(4, 3) or F(2, 7)
         along_w = R == 1
         kernel_in, kernel_out, step = ((_winograd3_input, _winograd3_output, 4) if n == 6 else
