@@ -388,11 +388,11 @@ def bias_act(x, bias, relu=True, out=None):
         raise ValueError(f"bias must be ({x.shape[3]},), got {bias.shape}")
     out = _output(out, x.shape)
     src, s0 = _channel_window(x)
-    dst, d0 = _channel_window(out)
-    if not np.may_share_memory(dst, out):                              # not a view of out's buffer: write a copy back
-        y = bias_act(x, bias, relu)
-        np.copyto(out, y)
+    window = _output_window(out)
+    if window is None:
+        np.copyto(out, bias_act(x, bias, relu))
         return out
+    dst, d0 = window
     src, dst = _pixels(src), _pixels(dst)                              # (M, *) both
     _side_by_side(lambda first, last: _finish_rows(src, s0, bias, relu, dst, d0, first, last), len(src),
                   ops=out.size)
@@ -900,10 +900,11 @@ def conv2d_winograd(x, u, bias=None, padding=0, relu=False, out=None, kernel_siz
     OH, OW = conv_output_hw(H, W, (R, S), 1, (top, bottom, left, right))
     bias = _bias_vector(bias, K)
     out = _output(out, (N, OH, OW, K))
-    parent, d0 = _channel_window(out)                                  # out is parent[..., d0 : d0 + K]
-    if not np.may_share_memory(parent, out):                           # not a view of out's buffer: write a copy back
+    window = _output_window(out)
+    if window is None:
         np.copyto(out, conv2d_winograd(x, u, bias, padding, relu, None, kernel_size))
         return out
+    parent, d0 = window                                                # out is parent[..., d0 : d0 + K]
     if 1 in (R, S):                                                    # along one axis: F(4, 3) or F(2, 7)
         along_w = R == 1
         kernel_in, kernel_out, step = ((_winograd3_input, _winograd3_output, 4) if n == 6 else
@@ -1037,10 +1038,11 @@ def _pool_wrapper(x, kernel_size, stride, padding, ceil_mode, is_max, count_incl
         raise ValueError(f"input {H}x{W} is smaller than pool window {R}x{S}")
     out = _output(out, (N, OH, OW, C))
     src, c0 = _channel_window(x)
-    dst, d0 = _channel_window(out)
-    if not np.may_share_memory(dst, out):                              # not a view of out's buffer: write a copy back
+    window = _output_window(out)
+    if window is None:
         np.copyto(out, _pool_wrapper(x, kernel_size, stride, padding, ceil_mode, is_max, count_include_pad, None))
         return out
+    dst, d0 = window
     _side_by_side(lambda j0, j1: _pool(src, c0, C, R, S, sh, sw, ph, pw, is_max, count_include_pad, dst, d0, j0, j1),
                   N * OH, ops=N * OH * W * C * R + out.size * S)            # values read: down H, then along W
     return out
@@ -1067,6 +1069,15 @@ def _channel_window(x):
         if c0 + C <= row and c0 * item <= offset:
             return np.ndarray((N, H, W, row), x.dtype, buffer=root, offset=offset - c0 * item), c0
     return np.ascontiguousarray(x), 0
+
+
+def _output_window(out):
+    """(parent, d0) as `_channel_window` gives them for a kernel's output, or None where
+    out is no window of a contiguous buffer (every other row, say): there the window
+    would be a copy and the results written into it lost, so the caller computes into a
+    new array and copies that into out."""
+    parent, d0 = _channel_window(out)
+    return (parent, d0) if np.may_share_memory(parent, out) else None
 
 
 @_jit
