@@ -67,13 +67,14 @@ def test_conv2d_1x1_fast_path(N, H, W, C, K, seed):
 
 
 @SETTINGS
-@given(st.sampled_from([((3, 3), 2), ((3, 3), 4), ((5, 5), 2), ((1, 3), 4), ((3, 1), 4), ((1, 7), 2), ((7, 1), 2)]),
+@given(st.sampled_from([((3, 3), 2), ((3, 3), 4), ((5, 5), 2), ((1, 3), 4), ((3, 1), 4), ((1, 7), 2), ((7, 1), 2),
+                        ((1, 7), 4), ((7, 1), 4)]),
        st.integers(1, 3), st.integers(1, 11),
        st.integers(1, 11), st.integers(1, 9), st.integers(1, 9), st.tuples(*[st.integers(0, 3)] * 4), st.booleans(),
        st.booleans(), st.booleans(), seeds)
 def test_winograd_matches_im2col_reference_and_torch(kind, N, H, W, C, K, pads, with_bias, relu, out_sliced, seed):
-    """Winograd F(2x2, 3x3), F(4x4, 3x3), F(2x2, 5x5), F(4, 3) (1x3, 3x1) and F(2, 7) (1x7, 7x1),
-    fast and reference, against
+    """Winograd F(2x2, 3x3), F(4x4, 3x3), F(2x2, 5x5), F(4, 3) (1x3, 3x1), F(2, 7) and F(4, 7)
+    (1x7, 7x1), fast and reference, against
     torch: output sizes that are and are not multiples of the tile (edge tiles partly
     outside), per-side padding (a 1D filter's only along its axis), a channel-slice output."""
     (R, S), tile = kind
@@ -103,8 +104,8 @@ def test_winograd_matches_im2col_reference_and_torch(kind, N, H, W, C, K, pads, 
     into_rows = cpu.conv2d_winograd(x, u, b, pads, relu=relu, out=tall[:, ::2], kernel_size=(R, S))
     assert into_rows.base is tall and (tall[:, 1::2] == 7).all()        # any other view: the result copied in
     np.testing.assert_array_equal(into_rows, fast)
-    # F(4x4, 3x3), F(2x2, 5x5), F(4, 3) and F(2, 7) have coefficients up to 8 and 5.25 (and 1/24, 1/90): a few
-    # times F(2x2)'s rounding.
+    # F(4x4, 3x3), F(2x2, 5x5), F(4, 3), F(2, 7) and F(4, 7) have coefficients up to 8 and 5.25 (and 1/24,
+    # 1/90; F(4, 7)'s BT, scaled to integers, up to 525): a few times F(2x2)'s rounding.
     for y in (fast, slow):
         assert y.shape == expected.shape
         close(y, expected, atol=(1e-5 if (R, S, tile) == (3, 3, 2) else 4e-5) * np.sqrt(R * S * C))
@@ -131,6 +132,13 @@ def test_winograd_rejects_what_it_cannot_do():
         cpu.winograd_weights(np.zeros((3, 3, 4, 8), np.float32), tile=3)
     with pytest.raises(ValueError, match="5x5 Winograd tiles are 2"):
         cpu.winograd_weights(np.zeros((5, 5, 4, 8), np.float32), tile=4)
+    with pytest.raises(ValueError, match="1x7 Winograd tiles are 2 or 4 outputs long"):
+        cpu.winograd_weights(np.zeros((7, 1, 4, 8), np.float32), tile=3)
+    with pytest.raises(ValueError, match="1x3 Winograd tiles are 4 outputs long"):
+        cpu.winograd_weights(np.zeros((1, 3, 4, 8), np.float32), tile=2)
+    with pytest.raises(ValueError, match=r"1x7 must be \(8 or 10, C=4"):
+        cpu.conv2d_winograd(np.zeros((1, 9, 9, 4), np.float32), np.zeros((6, 4, 2), np.float32), padding=(0, 3),
+                            kernel_size=(1, 7))
     with pytest.raises(ValueError, match=r"5x5 must be \(36, C=4"):
         cpu.conv2d_winograd(np.zeros((1, 9, 9, 4), np.float32), np.zeros((16, 4, 8), np.float32), kernel_size=(5, 5))
     with pytest.raises(ValueError, match="16 or 36"):
@@ -311,6 +319,21 @@ def test_linear(N, I, O, seed):
     expected = F.linear(torch.from_numpy(x), torch.from_numpy(np.ascontiguousarray(w.T)), torch.from_numpy(b)).numpy()
     close(cpu.linear(x, w, b), expected)
     close(ref.linear(x, w, b), expected)
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(2, 5), st.integers(1, 300), st.integers(1, 40), seeds)
+def test_linear_gives_each_row_the_same_bits_in_any_batch(N, I, O, seed):
+    """A row's outputs alone, inside a batch, and with the columns split between the two
+    threads of a lone image are the same bits: issue 4's determinism, by construction. (With
+    numpy's matmul an image alone, a matrix-vector product, summed in another order.)"""
+    rng = np.random.default_rng(seed)
+    x, w, b = randn(rng, N, I), randn(rng, I, O), randn(rng, O)
+    batch = cpu.linear(x, w, b)
+    for i in range(N):
+        np.testing.assert_array_equal(cpu.linear(x[i : i + 1], w, b), batch[i : i + 1])
+        np.testing.assert_array_equal(alone(lambda: cpu.linear(x[i : i + 1], w, b)), batch[i : i + 1])
+    close(batch, ref.linear(x, w, b))
 
 
 @settings(max_examples=30, deadline=None)

@@ -441,6 +441,10 @@ def conv2d(x, w, bias=None, stride=1, padding=0, relu=False, out=None):
     x2d = x.reshape(M, C) if pointwise else None
 
     tile = max(1, min(M, _SCRATCH_FLOATS // D))
+    # One output pixel per image (the aux head's 5x5 conv of a 5x5 map): each GEMM row is
+    # an image, which BLAS would sum in another order alone (a matrix-vector product) than
+    # beside others. `_linear_columns`, as the fc, gives each image the same bits in any batch.
+    per_image = OH * OW == 1
 
     if _by_columns(M, K, 0 if pointwise else M * D):
         cols = x2d if pointwise else _scratch("cols", (M, D))          # (M, R*S*C), unfolded once
@@ -452,7 +456,10 @@ def conv2d(x, w, bias=None, stride=1, padding=0, relu=False, out=None):
 
         def columns(k0, k1):
             """GEMM and epilogue for output channels k0 .. k1-1 (a strided slice of out)."""
-            np.matmul(cols, wmat[:, k0:k1], out=out2d[:, k0:k1])       # (M, k1-k0)
+            if per_image:
+                _linear_columns(cols, wmat, out2d, k0, k1)
+            else:
+                np.matmul(cols, wmat[:, k0:k1], out=out2d[:, k0:k1])   # (M, k1-k0)
             if finish:
                 _finish_rows(whole, c0 + k0, bias[k0:k1], relu, whole, c0 + k0, 0, M)
 
@@ -470,7 +477,10 @@ def conv2d(x, w, bias=None, stride=1, padding=0, relu=False, out=None):
                 _unfold(x, R, S, sh, sw, top, left, OH, OW, p0, cols)
             dest = out2d[p0 : p0 + m]
             acc = dest if dest.flags.c_contiguous else _scratch("acc", (m, K))
-            np.matmul(cols, wmat, out=acc)                             # (m, K)
+            if per_image:
+                _linear_columns(cols, wmat, acc, 0, K)
+            else:
+                np.matmul(cols, wmat, out=acc)                         # (m, K)
             if finish:
                 _finish_in_place(acc, bias, relu)
             if acc is not dest:
@@ -523,22 +533,25 @@ def _bias_vector(bias, K):
 
 
 def winograd_tile(in_channels, kernel_size=(3, 3)):
-    """Output tile side for a layer's Winograd. 5x5, 1x7 and 7x1 filters have one: 2;
-    1x3 and 3x1: 4.
+    """Output tile side for a layer's Winograd. 5x5 filters have one: 2; 1x3 and 3x1: 4;
+    1x7 and 7x1: 4, F(4, 7) (measured, issue 4: 0.77-0.87x F(2, 7)'s time on the 17x17 layers).
     A 3x3 one's goes by its input channels (measured, issue 4): F(4x4) wins up to C=256
     (Conv2d_2a-4a, the 35x35 modules: 0.3-0.8x F(2x2)'s time; at C=32, Conv2d_2a and 2b,
     0.63-0.72x since its input transform runs down whole rows), and at C=448 the 8x8
     maps give too few tiles (1.1-1.9x)."""
     if tuple(kernel_size) != (3, 3):
-        return 4 if 3 in kernel_size else 2
+        return 2 if tuple(kernel_size) == (5, 5) else 4
     return 4 if in_channels <= 256 else 2
 
 
-def winograd_weights(w, tile=2):
+def winograd_weights(w, tile=None):
     """Filters in the Winograd domain, as the GEMMs want them: 3x3 (3, 3, C, K) ->
     (16, C, K) for tile 2, (36, C, K) for tile 4; 5x5 -> (36, C, K); 1x3 or 3x1 -> (6, C, K);
-    1x7 or 7x1 -> (8, C, K)."""
-    u = reference.winograd_weights(_as_f32(w), tile)                  # (n, n, C, K) or (8, C, K)
+    1x7 or 7x1 -> (8, C, K) for tile 2, (10, C, K) for tile 4. tile=None: `winograd_tile`'s."""
+    w = _as_f32(w)
+    if tile is None:
+        tile = winograd_tile(w.shape[2], w.shape[:2])
+    u = reference.winograd_weights(w, tile)                           # (n, n, C, K) or (n, C, K)
     return np.ascontiguousarray(u.reshape(-1, *u.shape[-2:]))
 
 
@@ -840,6 +853,76 @@ def _winograd7_output(m, bias, relu, along_w, T, t0, out, d0):
         _store_line(y, along_w, n, line, 2 * j, out, d0)
 
 
+# F(4, 7)'s coefficients (reference.WINOGRAD_7_4): BT's, integers, and AT's, powers of
+# its points 2, 1/2 and 3/4.
+F9, F12, F16, F18, F32, F36, F61, F63, F64, F72, F84, F89 = (np.float32(c) for c in (
+    9, 12, 16, 18, 32, 36, 61, 63, 64, 72, 84, 89))
+F109, F116, F122, F128, F178, F217, F218, F232, F253, F308, F372, F525 = (np.float32(c) for c in (
+    109, 116, 122, 128, 178, 217, 218, 232, 253, 308, 372, 525))
+F0_125, F0_75, F0_5625, F0_421875 = (np.float32(c) for c in (1 / 8, 3 / 4, 9 / 16, 27 / 64))
+
+
+@_jit
+def _winograd7x4_input(x, along_w, pad0, T, t0, v):
+    """F(4, 7): v[a, t, c] = (BT d)[a], d the 10 inputs of channel c under tile t, which
+    starts at position 4*j - pad0 of its line (as _winograd7_input).
+
+    Rows 1-8 come in pairs, one per pair of points +-q: row(+q) = e + o and row(-q) = e - o,
+    e over the even inputs and o over the odd ones (reference.WINOGRAD_7_4).
+    """
+    N, H, W, C = x.shape
+    lines = H if along_w else W
+    d = np.empty((10, C), np.float32)
+    for i in range(v.shape[1]):
+        n, line, j = _line_at(t0 + i, T, lines)
+        _load_line(x, along_w, n, line, 4 * j - pad0, d)
+        # Two loops over c, five rows each: as one loop of all ten rows LLVM did not
+        # vectorise it (too many rows to check for overlap) and it ran 4-6x slower.
+        for c in range(C):
+            d0, d1, d2, d3, d4, d5, d6, d7, d8 = (d[0, c], d[1, c], d[2, c], d[3, c], d[4, c],
+                                                  d[5, c], d[6, c], d[7, c], d[8, c])
+            v[0, i, c] = F36 * d0 - F253 * d2 + F525 * d4 - F372 * d6 + F64 * d8
+            e = -F36 * d2 + F217 * d4 - F308 * d6 + F64 * d8                        # points +-1
+            o = -F36 * d1 + F217 * d3 - F308 * d5 + F64 * d7
+            v[1, i, c], v[2, i, c] = e + o, e - o
+            e = -F9 * d2 + F61 * d4 - F116 * d6 + F64 * d8                          # +-2
+            o = -F18 * d1 + F122 * d3 - F232 * d5 + F128 * d7
+            v[3, i, c], v[4, i, c] = e + o, e - o
+        for c in range(C):
+            d1, d2, d3, d4, d5, d6, d7, d8, d9 = (d[1, c], d[2, c], d[3, c], d[4, c], d[5, c],
+                                                  d[6, c], d[7, c], d[8, c], d[9, c])
+            e = -F72 * d2 + F218 * d4 - F178 * d6 + F32 * d8                        # +-1/2
+            o = -F36 * d1 + F109 * d3 - F89 * d5 + F16 * d7
+            v[5, i, c], v[6, i, c] = e + o, e - o
+            e = -F16 * d2 + F84 * d4 - F84 * d6 + F16 * d8                          # +-3/4
+            o = -F12 * d1 + F63 * d3 - F63 * d5 + F12 * d7
+            v[7, i, c], v[8, i, c] = e + o, e - o
+            v[9, i, c] = F36 * d1 - F253 * d3 + F525 * d5 - F372 * d7 + F64 * d9
+
+
+@_jit
+def _winograd7x4_output(m, bias, relu, along_w, T, t0, out, d0):
+    """F(4, 7): the tile's 4 outputs along its line, (AT M)[p] + bias, ReLU; past the end
+    dropped. AT's columns pair up as BT's rows do: sums s and differences t of each pair."""
+    N, OH, OW, _ = out.shape
+    K = bias.shape[0]
+    lines = OH if along_w else OW
+    y = np.empty((4, K), np.float32)
+    for i in range(m.shape[1]):
+        n, line, j = _line_at(t0 + i, T, lines)
+        for k in range(K):
+            s1, t1 = m[1, i, k] + m[2, i, k], m[1, i, k] - m[2, i, k]                # points +-1
+            s2, t2 = m[3, i, k] + m[4, i, k], m[3, i, k] - m[4, i, k]                # +-2
+            s3, t3 = m[5, i, k] + m[6, i, k], m[5, i, k] - m[6, i, k]                # +-1/2
+            s4, t4 = m[7, i, k] + m[8, i, k], m[7, i, k] - m[8, i, k]                # +-3/4
+            b = bias[k]
+            y[0, k] = _act(m[0, i, k] + s1 + s2 + s3 + s4, b, relu)
+            y[1, k] = _act(t1 + F2 * t2 + F0_5 * t3 + F0_75 * t4, b, relu)
+            y[2, k] = _act(s1 + F4 * s2 + F0_25 * s3 + F0_5625 * s4, b, relu)
+            y[3, k] = _act(t1 + F8 * t2 + F0_125 * t3 + F0_421875 * t4 + m[9, i, k], b, relu)
+        _store_line(y, along_w, n, line, 4 * j, out, d0)
+
+
 @_jit
 def _winograd3_input(x, along_w, pad0, T, t0, v):
     """F(4, 3) for 1x3 and 3x1 filters: v[a, t, c] = (BT d)[a], d the 6 inputs of channel c
@@ -886,7 +969,7 @@ def conv2d_winograd(x, u, bias=None, padding=0, relu=False, out=None, kernel_siz
     x = _check_nhwc(x, "x")
     u = _as_f32(u)
     R, S = pair(kernel_size)
-    sizes = {(3, 3): (16, 36), (5, 5): (36,), (1, 3): (6,), (3, 1): (6,), (1, 7): (8,), (7, 1): (8,)}
+    sizes = {(3, 3): (16, 36), (5, 5): (36,), (1, 3): (6,), (3, 1): (6,), (1, 7): (8, 10), (7, 1): (8, 10)}
     if (R, S) not in sizes:
         raise ValueError(f"Winograd here serves 3x3, 5x5, 1x3, 3x1, 1x7 and 7x1 filters, got {(R, S)}")
     if u.ndim != 3 or u.shape[0] not in sizes[R, S] or u.shape[1] != x.shape[3]:
@@ -907,8 +990,9 @@ def conv2d_winograd(x, u, bias=None, padding=0, relu=False, out=None, kernel_siz
     parent, d0 = window                                                # out is parent[..., d0 : d0 + K]
     if 1 in (R, S):                                                    # along one axis: F(4, 3) or F(2, 7)
         along_w = R == 1
-        kernel_in, kernel_out, step = ((_winograd3_input, _winograd3_output, 4) if n == 6 else
-                                       (_winograd7_input, _winograd7_output, 2))
+        kernel_in, kernel_out, step = {6: (_winograd3_input, _winograd3_output, 4),
+                                       8: (_winograd7_input, _winograd7_output, 2),
+                                       10: (_winograd7x4_input, _winograd7x4_output, 4)}[n]
         T = -(-(OW if along_w else OH) // step)                        # tiles per line
         tiles = N * (H if along_w else W) * T
         pad0 = left if along_w else top
@@ -1140,16 +1224,47 @@ def concat_channels(arrays, out=None):
     return out
 
 
+@_jit
+def _linear_columns(x, w, out, k0, k1):
+    """out[n, k] = sum over i of x[n, i] * w[i, k], for columns k0 .. k1-1 of every row n.
+
+    One row of w at a time, added into every image's outputs: each sum runs over i in
+    order, the same float32 operations whatever the batch or the column split. A BLAS
+    picks its kernel (and summation order) by shape: numpy's matmul gave an image's
+    logits alone (a matrix-vector product) and beside another (a matrix product) that
+    differed by 1e-6 of the largest, issue 4's whole determinism bar.
+    """
+    N, I = x.shape
+    for n in range(N):
+        out[n, k0:k1] = 0.0
+    I4 = I - I % 4
+    for i in range(0, I4, 4):                           # four rows of w per pass over out: the
+        w0, w1, w2, w3 = w[i, k0:k1], w[i + 1, k0:k1], w[i + 2, k0:k1], w[i + 3, k0:k1]   # same sums,
+        for n in range(N):                              # in the same order, 2.5x faster
+            a0, a1, a2, a3 = x[n, i], x[n, i + 1], x[n, i + 2], x[n, i + 3]
+            o = out[n, k0:k1]
+            for k in range(k1 - k0):
+                o[k] = (((o[k] + a0 * w0[k]) + a1 * w1[k]) + a2 * w2[k]) + a3 * w3[k]
+    for i in range(I4, I):
+        row = w[i, k0:k1]
+        for n in range(N):
+            a = x[n, i]
+            o = out[n, k0:k1]
+            for k in range(k1 - k0):
+                o[k] += a * row[k]
+
+
 def linear(x, w, bias=None):
-    """Fully connected layer. x (N, I), w (I, O) -> (N, O): one GEMM, then the bias epilogue."""
+    """Fully connected layer. x (N, I), w (I, O) -> (N, O), then the bias epilogue.
+    Each image's outputs are the same bits alone and in any batch (`_linear_columns`)."""
     x, w = _as_f32(x), _as_f32(w)
     if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[0]:
         raise ValueError(f"linear: x {x.shape} and w {w.shape} do not chain as (N, I) @ (I, O)")
     N, O = x.shape[0], w.shape[1]
     acc = np.empty((N, O), np.float32)
-    # A lone image's fc is a (1, I) @ (I, O) product bound by reading w: each thread
-    # reads its own half of the columns.
-    _side_by_side(lambda k0, k1: np.matmul(x, w[:, k0:k1], out=acc[:, k0:k1]), O)
+    # Bound by reading w: each thread of a lone image reads its own half of the columns.
+    x, w = np.ascontiguousarray(x), np.ascontiguousarray(w)
+    _side_by_side(lambda k0, k1: _linear_columns(x, w, acc, k0, k1), O)
     if bias is not None:
         _finish_in_place(acc, _as_f32(bias), False)
     return acc
