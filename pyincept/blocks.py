@@ -255,17 +255,24 @@ class Fused1x1(Layer):
             return results
 
         N, H, W, _ = x.shape
-        raw = ops.conv2d(x, self.weight)                                     # (N, H, W, sum K), no bias yet
-        results, k0 = [], 0
+        outputs = {m: out[m] if m in out else ops.empty((N, H, W, m.out_channels)) for m in self.members}
+        # Every member but the pooled one is a head of the GEMM: its columns + its bias, ReLU,
+        # into its output, done tile by tile by the GEMM's own threads (kernels' conv2d).
+        heads, k0 = [], 0
         for m in self.members:
-            z = raw[..., k0 : k0 + m.out_channels]                           # this member's columns
-            k0 += m.out_channels
             if m is self.pooled:
-                z = ops.avg_pool2d(z, 3, stride=1, padding=1)                # pool after the 1x1 (exact)
-            y = taps.record(m.name, ops.bias_act(z, m.bias, relu=True, out=out.get(m)))
-            if m not in out:
-                results.append(y)
-        return results
+                pooled_k0 = k0
+            else:
+                heads.append((k0, m.bias, True, outputs[m]))
+            k0 += m.out_channels
+        raw = ops.conv2d(x, self.weight, heads=heads)                        # (N, H, W, sum K), no bias
+        if self.pooled is not None:
+            z = raw[..., pooled_k0 : pooled_k0 + self.pooled.out_channels]   # its columns, no bias yet
+            z = ops.avg_pool2d(z, 3, stride=1, padding=1)                    # pool after the 1x1 (exact)
+            ops.bias_act(z, self.pooled.bias, relu=True, out=outputs[self.pooled])
+        for m in self.members:
+            taps.record(m.name, outputs[m])
+        return [outputs[m] for m in self.members if m not in out]
 
 
 class InceptionA(Block):

@@ -66,6 +66,46 @@ def test_conv2d_1x1_fast_path(N, H, W, C, K, seed):
     close(ref.conv2d(x, w, b), expected)
 
 
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 2), st.integers(1, 9), st.integers(1, 9), st.integers(1, 12), st.lists(st.integers(1, 40), min_size=1,
+       max_size=4), st.booleans(), seeds)
+def test_conv2d_heads_finish_column_ranges_into_their_outputs(N, H, W, C, widths, split, seed):
+    """A fused 1x1's members as heads of one product (blocks.Fused1x1): each gets its columns
+    + its bias (ReLU or not) in its output, a channel slice of a wider array, a fresh array
+    or a view that is no window (every other row); the product itself stays raw. Alone on
+    two threads too (`split`), where a product with few rows and many columns splits its
+    columns, so a head may straddle the two halves."""
+    rng = np.random.default_rng(seed)
+    K = sum(widths)
+    x, w = randn(rng, N, H, W, C), randn(rng, 1, 1, C, K)
+    raw_expected = ref.conv2d(x, w)
+    heads, expected, untouched, k0 = [], [], [], 0
+    for i, width in enumerate(widths):
+        b, relu = randn(rng, width), i % 2 == 0
+        if i % 3 == 0:                                                              # a channel slice
+            wide = np.full((N, H, W, width + 2), 7.0, np.float32)
+            dst = wide[..., 1 : 1 + width]
+            untouched += [wide[..., 0], wide[..., -1]]
+        elif i % 3 == 1:
+            dst = np.empty((N, H, W, width), np.float32)
+        else:                                                                       # no window
+            tall = np.full((N, 2 * H, W, width), 7.0, np.float32)
+            dst = tall[:, ::2]
+            untouched.append(tall[:, 1::2])
+        heads.append((k0, b, relu, dst))
+        expected.append(ref.bias_act(raw_expected[..., k0 : k0 + width], b, relu))
+        k0 += width
+    raw = alone(lambda: cpu.conv2d(x, w, heads=heads)) if split else cpu.conv2d(x, w, heads=heads)
+    close(raw, raw_expected)
+    for (_, _, _, dst), e in zip(heads, expected):
+        close(dst, e)
+    assert all((a == 7).all() for a in untouched)
+    with pytest.raises(ValueError, match="raw product"):
+        cpu.conv2d(x, w, np.zeros(K, np.float32), heads=heads)
+    with pytest.raises(ValueError, match="not among"):
+        cpu.conv2d(x, w, heads=[(K - 1, np.zeros(2, np.float32), True, np.empty((N, H, W, 2), np.float32))])
+
+
 @SETTINGS
 @given(st.sampled_from([((3, 3), 2), ((3, 3), 4), ((5, 5), 2), ((1, 3), 4), ((3, 1), 4), ((1, 7), 2), ((7, 1), 2),
                         ((1, 7), 4), ((7, 1), 4)]),

@@ -406,20 +406,24 @@ def _pixels(a):
     return view
 
 
-def conv2d(x, w, bias=None, stride=1, padding=0, relu=False, out=None):
+def conv2d(x, w, bias=None, stride=1, padding=0, relu=False, out=None, heads=()):
     """Convolution as im2col + GEMM. x (N,H,W,C), w (R,S,C,K), bias (K,) -> (N,OH,OW,K).
 
     padding: an int, (pad_h, pad_w) or per side (top, bottom, left, right).
     relu: apply max(0, .) after the bias (the folded BasicConv2d epilogue).
     out: optional (N,OH,OW,K) float32 array to write into, e.g. a channel slice of a
          concat buffer.
+    heads: epilogues of column ranges of the raw product (no bias or relu of its own),
+         for the members of a fused 1x1 (blocks.Fused1x1): each (k0, bias_i, relu_i, dst)
+         writes y[..., k0 : k0 + len(bias_i)] + bias_i, ReLU if relu_i, into dst.
 
     Output pixels (N*OH*OW of them, counted across the batch) go in tiles of at most
     _SCRATCH_FLOATS unfolded values: each tile is unfolded (im2col) into a scratch
     matrix reused across tiles and calls, multiplied by the (R*S*C, K) weights straight
     into `out` (when `out` is contiguous), and finished (bias, ReLU) while it is still
     in cache. A 1x1 stride-1 convolution skips the unfolding: its input already is the
-    (N*H*W, C) matrix.
+    (N*H*W, C) matrix. The heads run on the same tiles, also in cache: as separate
+    bias_act calls after the product, one thread each, they took 1.2 ms of a batch-1 pass.
     """
     x = _check_nhwc(x, "x")
     w = _as_f32(w)
@@ -431,6 +435,9 @@ def conv2d(x, w, bias=None, stride=1, padding=0, relu=False, out=None):
     N, H, W, _ = x.shape
     OH, OW = conv_output_hw(H, W, (R, S), (sh, sw), (top, bottom, left, right))
     finish = bias is not None or relu                                  # else the GEMM is all (a fused 1x1's raw columns)
+    if heads and finish:
+        raise ValueError("heads take the raw product: give the conv no bias or relu of its own")
+    heads, late = _head_windows(heads, (N, OH, OW), K)
     bias = _bias_vector(bias, K)
     out = _output(out, (N, OH, OW, K))
     D = R * S * C
@@ -462,8 +469,13 @@ def conv2d(x, w, bias=None, stride=1, padding=0, relu=False, out=None):
                 np.matmul(cols, wmat[:, k0:k1], out=out2d[:, k0:k1])   # (M, k1-k0)
             if finish:
                 _finish_rows(whole, c0 + k0, bias[k0:k1], relu, whole, c0 + k0, 0, M)
+            for h0, h_bias, h_relu, h_rows, h_d0 in heads:             # the heads' columns among k0 .. k1-1
+                a, b = max(h0, k0), min(h0 + len(h_bias), k1)
+                if a < b:
+                    _finish_rows(whole, c0 + a, h_bias[a - h0 : b - h0], h_relu, h_rows, h_d0 + a - h0, 0, M)
 
         _side_by_side(columns, K)
+        _late_heads(late, out)
         return out
 
     def pixels(first, last):
@@ -483,11 +495,39 @@ def conv2d(x, w, bias=None, stride=1, padding=0, relu=False, out=None):
                 np.matmul(cols, wmat, out=acc)                         # (m, K)
             if finish:
                 _finish_in_place(acc, bias, relu)
+            for h0, h_bias, h_relu, h_rows, h_d0 in heads:             # (m, K_i) each, into its dst
+                _finish_rows(acc, h0, h_bias, h_relu, h_rows[p0 : p0 + m], h_d0, 0, m)
             if acc is not dest:
                 np.copyto(dest, acc)                                   # into the channel slice
 
     _side_by_side(pixels, M)
+    _late_heads(late, out)
     return out
+
+
+def _head_windows(heads, pixels_shape, K):
+    """conv2d's heads as (k0, bias, relu, dst's parent as (M, *) rows, dst's first channel),
+    and apart the heads whose dst is no window of a C-contiguous array (`_late_heads`)."""
+    windows, late = [], []
+    for k0, h_bias, h_relu, dst in heads:
+        h_bias = _as_f32(h_bias)
+        if h_bias.ndim != 1 or not 0 <= k0 <= k0 + len(h_bias) <= K:
+            raise ValueError(f"a head's columns {k0} .. {k0 + h_bias.size - 1} are not among the product's {K}")
+        if dst is None:
+            raise ValueError("each head needs its dst array")
+        dst = _output(dst, (*pixels_shape, len(h_bias)))
+        window = _output_window(dst)
+        if window is None:
+            late.append((k0, h_bias, h_relu, dst))
+        else:
+            windows.append((k0, h_bias, h_relu, _pixels(window[0]), window[1]))
+    return windows, late
+
+
+def _late_heads(late, y):
+    """The heads _head_windows set apart, from the finished product y."""
+    for k0, h_bias, h_relu, dst in late:
+        bias_act(y[..., k0 : k0 + len(h_bias)], h_bias, h_relu, out=dst)
 
 
 # Unfolded patches of one tile must fit here: 4M floats = 16 MB, below glibc's 32 MB

@@ -239,13 +239,16 @@ def _im2col(x, R, S, sh, sw, top, left, OH, OW, g0, cols):
             cols[p, col] = 0.0                   # padding is never materialised in x
 
 
-def conv2d(x, w, bias=None, stride=1, padding=0, relu=False, out=None):
+def conv2d(x, w, bias=None, stride=1, padding=0, relu=False, out=None, heads=()):
     """Convolution as im2col + GEMM. x (N,H,W,C), w (R,S,C,K), bias (K,) -> (N,OH,OW,K).
 
     padding: an int, (pad_h, pad_w) or per side (top, bottom, left, right).
     relu: apply max(0, .) after the bias (the folded BasicConv2d epilogue).
     out: optional (N,OH,OW,K) device array to write into, e.g. a channel slice of a
          concat buffer.
+    heads: for a fused 1x1's members, each (k0, bias_i, relu_i, dst) writes the epilogue
+         of the raw product's columns k0 .. k0+len(bias_i)-1 into dst (here by bias_act,
+         after the product).
 
     A contiguous 1x1 stride-1 convolution is already a matrix product over pixels and
     goes straight to the GEMM. Anything else is unfolded a tile of output rows at a time
@@ -261,6 +264,8 @@ def conv2d(x, w, bias=None, stride=1, padding=0, relu=False, out=None):
     top, bottom, left, right = pad4(padding)
     N, H, W, _ = x.shape
     OH, OW = conv_output_hw(H, W, (R, S), (sh, sw), (top, bottom, left, right))
+    if heads and (bias is not None or relu):
+        raise ValueError("heads take the raw product: give the conv no bias or relu of its own")
     bias = _zeros(K) if bias is None else _as_device(bias)
     if bias.shape != (K,):
         raise ValueError(f"bias must be ({K},), got {bias.shape}")
@@ -269,17 +274,19 @@ def conv2d(x, w, bias=None, stride=1, padding=0, relu=False, out=None):
 
     if (R, S, sh, sw, top, bottom, left, right) == (1, 1, 1, 1, 0, 0, 0, 0) and x.is_c_contiguous():
         _gemm(x.reshape(N * H * W, C), wmat, bias, relu, out)
-        return out
-    # Tiles of whole output rows, counted across the batch (row g = image g // OH).
-    total_rows = N * OH
-    D = R * S * C
-    rows_per_tile = max(1, min(total_rows, config.CUDA_SCRATCH_FLOATS // max(1, OW * D)))
-    cols = _scratch((rows_per_tile * OW, D))
-    for g0 in range(0, total_rows, rows_per_tile):
-        rows = min(rows_per_tile, total_rows - g0)
-        tile = cols[: rows * OW]                                        # (rows*OW, D)
-        _im2col[_blocks(rows * OW * D), _THREADS](x, R, S, sh, sw, top, left, OH, OW, g0, tile)
-        _gemm(tile, wmat, bias, relu, out, g0 * OW)     # kernels on one stream run in order
+    else:
+        # Tiles of whole output rows, counted across the batch (row g = image g // OH).
+        total_rows = N * OH
+        D = R * S * C
+        rows_per_tile = max(1, min(total_rows, config.CUDA_SCRATCH_FLOATS // max(1, OW * D)))
+        cols = _scratch((rows_per_tile * OW, D))
+        for g0 in range(0, total_rows, rows_per_tile):
+            rows = min(rows_per_tile, total_rows - g0)
+            tile = cols[: rows * OW]                                    # (rows*OW, D)
+            _im2col[_blocks(rows * OW * D), _THREADS](x, R, S, sh, sw, top, left, OH, OW, g0, tile)
+            _gemm(tile, wmat, bias, relu, out, g0 * OW)  # kernels on one stream run in order
+    for k0, head_bias, head_relu, dst in heads:
+        bias_act(out[..., k0 : k0 + head_bias.shape[0]], head_bias, head_relu, out=dst)
     return out
 
 

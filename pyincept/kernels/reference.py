@@ -44,16 +44,20 @@ def im2col(x, kernel_size, stride=1, padding=0):
     return patches.reshape(N, OH, OW, R * S * C)
 
 
-def conv2d(x, w, bias=None, stride=1, padding=0, relu=False, out=None):
+def conv2d(x, w, bias=None, stride=1, padding=0, relu=False, out=None, heads=()):
     """Convolution as im2col + GEMM. x (N,H,W,C), w (R,S,C,K), bias (K,) -> (N,OH,OW,K).
 
     padding: an int, (pad_h, pad_w) or per side (top, bottom, left, right).
     relu: apply max(0, .) after the bias (the folded BasicConv2d epilogue).
     out: optional (N,OH,OW,K) array, e.g. a channel slice of a concat buffer, to write into.
+    heads: for a fused 1x1's members, each (k0, bias_i, relu_i, dst) also writes the
+           epilogue of the product's columns k0 .. k0+len(bias_i)-1 into dst.
     """
     R, S, C, K = w.shape
     cols = im2col(x, (R, S), stride, padding)                    # (N, OH, OW, R*S*C)
     y = cols @ w.reshape(R * S * C, K)                            # (N, OH, OW, K)
+    for k0, head_bias, head_relu, dst in heads:
+        bias_act(y[..., k0 : k0 + len(head_bias)], head_bias, head_relu, out=dst)
     if bias is not None:
         y = y + bias
     if relu:
