@@ -464,8 +464,9 @@ def conv2d(x, w, bias=None, stride=1, padding=0, relu=False, out=None, heads=())
     matrix reused across tiles and calls, multiplied by the (R*S*C, K) weights straight
     into `out` (when `out` is contiguous), and finished (bias, ReLU) while it is still
     in cache. A 1x1 stride-1 convolution skips the unfolding: its input already is the
-    (N*H*W, C) matrix. The heads run on the same tiles, also in cache: as separate
-    bias_act calls after the product, one thread each, they took 1.2 ms of a batch-1 pass.
+    (N*H*W, C) matrix. The heads run on the same tiles, also in cache, on both threads
+    of a lone image: as bias_act calls after the product (1.2 ms of a batch-1 pass, on
+    one thread where small) the fused 1x1s took 0.4 ms longer (issue 4).
     """
     x = _check_nhwc(x, "x")
     w = _as_f32(w)
@@ -605,9 +606,9 @@ def _bias_vector(bias, K):
     return bias
 
 
-# --- Winograd: F(2x2, 3x3), F(4x4, 3x3), F(2x2, 5x5), F(4, 3) and F(2, 7) ----------------
+# --- Winograd: F(2x2, 3x3), F(4x4, 3x3), F(2x2, 5x5), F(4, 3), F(2, 7) and F(4, 7) ------
 # The same convolutions as conv2d at stride 1 with fewer multiply-adds: 3x3 filters 2.25x
-# (F2) or 4x (F4) fewer, 5x5 2.8x, 1x3 and 3x1 2x, 1x7 and 7x1 1.75x fewer.
+# (F2) or 4x (F4) fewer, 5x5 2.8x, 1x3 and 3x1 2x, 1x7 and 7x1 1.75x (F(2, 7)) or 2.8x.
 # reference.conv2d_winograd is the readable version, with the math. Each has its own pair
 # of transform kernels, written out coefficient by coefficient: a first F(2, 7) with the
 # transforms as generic matrix loops was slower than im2col; written out, it takes
@@ -1042,7 +1043,7 @@ def conv2d_winograd(x, u, bias=None, padding=0, relu=False, out=None, kernel_siz
 
     3x3: (16, C, K) runs F(2x2, 3x3), (36, C, K) runs F(4x4, 3x3). 5x5: (36, C, K) runs
     F(2x2, 5x5). 1x3 and 3x1: (6, C, K) runs F(4, 3), and 1x7 and 7x1: (8, C, K) runs
-    F(2, 7), along the filter's axis, which is the only one these may pad.
+    F(2, 7), (10, C, K) F(4, 7), along the filter's axis, which is the only one these may pad.
     Same contract as conv2d(x, w, bias, 1, padding, relu, out). Tiles of outputs
     (counted across the batch) go in chunks that fit _WINOGRAD_FLOATS: input transform
     into v (n, T, C), n GEMMs v[e] @ u[e] into m (n, T, K), output transform with bias
@@ -1070,7 +1071,7 @@ def conv2d_winograd(x, u, bias=None, padding=0, relu=False, out=None, kernel_siz
         np.copyto(out, conv2d_winograd(x, u, bias, padding, relu, None, kernel_size))
         return out
     parent, d0 = window                                                # out is parent[..., d0 : d0 + K]
-    if 1 in (R, S):                                                    # along one axis: F(4, 3) or F(2, 7)
+    if 1 in (R, S):                                                    # along one axis: F(4, 3), F(2, 7) or F(4, 7)
         along_w = R == 1
         kernel_in, kernel_out, step = {6: (_winograd3_input, _winograd3_output, 4),
                                        8: (_winograd7_input, _winograd7_output, 2),
@@ -1320,9 +1321,9 @@ def _linear_columns(x, w, out, k0, k1):
     for n in range(N):
         out[n, k0:k1] = 0.0
     I4 = I - I % 4
-    for i in range(0, I4, 4):                           # four rows of w per pass over out: the
-        w0, w1, w2, w3 = w[i, k0:k1], w[i + 1, k0:k1], w[i + 2, k0:k1], w[i + 3, k0:k1]   # same sums,
-        for n in range(N):                              # in the same order, 2.5x faster
+    for i in range(0, I4, 4):                           # four rows of w per pass over out: the same
+        w0, w1, w2, w3 = w[i, k0:k1], w[i + 1, k0:k1], w[i + 2, k0:k1], w[i + 3, k0:k1]   # sums in the
+        for n in range(N):                              # same order, 1.15x faster than row by row
             a0, a1, a2, a3 = x[n, i], x[n, i + 1], x[n, i + 2], x[n, i + 3]
             o = out[n, k0:k1]
             for k in range(k1 - k0):
