@@ -491,10 +491,7 @@ def conv2d(x, w, bias=None, stride=1, padding=0, relu=False, out=None, heads=())
     x2d = x.reshape(M, C) if pointwise else None
 
     tile = max(1, min(M, _SCRATCH_FLOATS // D))
-    # One output pixel per image (the aux head's 5x5 conv of a 5x5 map): each GEMM row is
-    # an image, which BLAS would sum in another order alone (a matrix-vector product) than
-    # beside others. `_linear_columns`, as the fc, gives each image the same bits in any batch.
-    per_image = OH * OW == 1
+    per_image = OH * OW == 1                                           # the aux head's 5x5 conv of a 5x5 map
 
     if _by_columns(M, K, 0 if pointwise else M * D):
         cols = x2d if pointwise else _scratch("cols", (M, D))          # (M, R*S*C), unfolded once
@@ -506,10 +503,7 @@ def conv2d(x, w, bias=None, stride=1, padding=0, relu=False, out=None, heads=())
 
         def columns(k0, k1):
             """GEMM and epilogue for output channels k0 .. k1-1 (a strided slice of out)."""
-            if per_image:
-                _linear_columns(cols, wmat, out2d, k0, k1)
-            else:
-                np.matmul(cols, wmat[:, k0:k1], out=out2d[:, k0:k1])   # (M, k1-k0)
+            _product(cols, wmat, out2d, k0, k1, per_image)             # (M, k1-k0)
             if finish:
                 _finish_rows(whole, c0 + k0, bias[k0:k1], relu, whole, c0 + k0, 0, M)
             for h0, h_bias, h_relu, h_rows, h_d0 in heads:             # the heads' columns among k0 .. k1-1
@@ -532,10 +526,7 @@ def conv2d(x, w, bias=None, stride=1, padding=0, relu=False, out=None, heads=())
                 _unfold(x, R, S, sh, sw, top, left, OH, OW, p0, cols)
             dest = out2d[p0 : p0 + m]
             acc = dest if dest.flags.c_contiguous else _scratch("acc", (m, K))
-            if per_image:
-                _linear_columns(cols, wmat, acc, 0, K)
-            else:
-                np.matmul(cols, wmat, out=acc)                         # (m, K)
+            _product(cols, wmat, acc, 0, K, per_image)                 # (m, K)
             if finish:
                 _finish_in_place(acc, bias, relu)
             for h0, h_bias, h_relu, h_rows, h_d0 in heads:             # (m, K_i) each, into its dst
@@ -546,6 +537,16 @@ def conv2d(x, w, bias=None, stride=1, padding=0, relu=False, out=None, heads=())
     _side_by_side(pixels, M)
     _late_heads(late, out)
     return out
+
+
+def _product(cols, wmat, out, k0, k1, per_image):
+    """out[:, k0:k1] = cols @ wmat[:, k0:k1], by BLAS. per_image (one output pixel per
+    image, so each row is an image): by `_linear_columns`, as the fc, since BLAS sums an
+    image alone (a matrix-vector product) in another order than beside others."""
+    if per_image:
+        _linear_columns(cols, wmat, out, k0, k1)
+    else:
+        np.matmul(cols, wmat[:, k0:k1], out=out[:, k0:k1])
 
 
 def _head_windows(heads, pixels_shape, K):
