@@ -524,37 +524,36 @@ def counting_helper(monkeypatch):
 
 def test_one_image_alone_splits_each_layer_across_two_threads(monkeypatch):
     """map_batch with one image: conv2d, conv2d_winograd and the pools hand half of their
-    pixels, tiles or rows to a second thread; the numbers are the unsplit ones."""
+    pixel tiles, Winograd tiles and points, or rows to a second thread, and the numbers
+    are the same bits as unsplit (no product is cut another way for being split)."""
     rng = np.random.default_rng(8)
     x, b = randn(rng, 1, 17, 19, 8), randn(rng, 6)
     w3, w7, w5 = randn(rng, 3, 3, 8, 6), randn(rng, 1, 7, 8, 6), randn(rng, 5, 5, 8, 6)
     u3, u4, u7 = cpu.winograd_weights(w3, 2), cpu.winograd_weights(w3, 4), cpu.winograd_weights(w7)
+    layers = [lambda x: cpu.conv2d(x, w5, b, 1, 2, relu=True), lambda x: cpu.conv2d(x, w3, b, 2, 0),
+              lambda x: cpu.conv2d_winograd(x, u3, b, 1, relu=True), lambda x: cpu.conv2d_winograd(x, u4, b, 1),
+              lambda x: cpu.conv2d_winograd(x, u7, b, (0, 3), relu=True, kernel_size=(1, 7)),
+              lambda x: cpu.max_pool2d(x, 3, 2), lambda x: cpu.avg_pool2d(x, 3, 1, 1)]
 
-    def layers(x):
-        return [cpu.conv2d(x, w5, b, 1, 2, relu=True), cpu.conv2d(x, w3, b, 2, 0),
-                cpu.conv2d_winograd(x, u3, b, 1, relu=True), cpu.conv2d_winograd(x, u4, b, 1),
-                cpu.conv2d_winograd(x, u7, b, (0, 3), relu=True, kernel_size=(1, 7)),
-                cpu.max_pool2d(x, 3, 2), cpu.avg_pool2d(x, 3, 1, 1)]
-
-    whole = layers(x)
+    whole = [layer(x) for layer in layers]
     submitted = counting_helper(monkeypatch)
     monkeypatch.setattr(cpu, "_SPLIT_MIN_OPS", 0)
-    split = alone(lambda: layers(x))
-    assert len(submitted) == len(whole)                     # every layer gave half away
-    for a, b_ in zip(split, whole):
-        close(a, b_, atol=1e-5)
+    for layer, expected in zip(layers, whole):
+        submitted.clear()
+        np.testing.assert_array_equal(alone(lambda: layer(x)), expected)
+        assert submitted, "the layer gave no half away"
     monkeypatch.setattr(cpu, "_SPLIT_MIN_OPS", x.size * 9 + 1)
-    submitted.clear()
-    split = alone(lambda: layers(x))
-    assert len(submitted) == len(whole) - 2                 # the pools are too small to split now
-    for a, b_ in zip(split, whole):
-        close(a, b_, atol=1e-5)
+    for layer, expected in zip(layers[-2:], whole[-2:]):
+        submitted.clear()
+        np.testing.assert_array_equal(alone(lambda: layer(x)), expected)
+        assert not submitted                                  # the pools are too small to split now
 
 
 def test_one_image_splits_a_weight_heavy_layer_by_output_channels(monkeypatch):
-    """Where K > 4x the GEMM's rows (v3's 8x8 layers), the second thread takes the upper
-    half of the output channels instead: 1x1, im2col and Winograd, into a channel slice
-    too, and the fc layer."""
+    """Where K > the GEMM's rows (v3's 17x17 and 8x8 1x1s), the second thread takes the
+    upper half of the output channels instead: 1x1 and im2col, into a channel slice too,
+    and the fc layer. Winograd never cuts a product: the second thread takes half of its
+    n products (the Winograd points). Same bits as unsplit, and right."""
     rng = np.random.default_rng(9)
     K = 66
     x, b = randn(rng, 1, 3, 4, 8), randn(rng, K)
@@ -571,11 +570,15 @@ def test_one_image_splits_a_weight_heavy_layer_by_output_channels(monkeypatch):
                 cpu.conv2d_winograd(x, u13, b, (0, 1), relu=True, kernel_size=(1, 3)),
                 cpu.linear(x.reshape(1, 96), wfc, b)], wide
 
+    unsplit, _ = layers(x)
     submitted = counting_helper(monkeypatch)
     split, wide = alone(lambda: layers(x))
-    assert submitted == [(K // 2, K)] * 5                  # the upper half of the channels, each time
+    # conv2d: column piece 1 of 2 (channels K//2 ..), twice; Winograd: points 8 .. 15 of
+    # F(2x2)'s 16 and 3 .. 5 of F(4, 3)'s 6 (too few tiles to split the transforms); the fc: its columns.
+    assert submitted == [(1, 2), (1, 2), (8, 16), (3, 6), (K // 2, K)]
     assert (wide[..., 0] == 7).all() and (wide[..., -1] == 7).all()
-    for a, e in zip(split, expected):
+    for a, u, e in zip(split, unsplit, expected):
+        np.testing.assert_array_equal(a, u)
         close(a, e, atol=2e-5)
 
 

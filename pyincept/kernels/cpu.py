@@ -17,6 +17,7 @@ Layout is NHWC everywhere: x[n, h, w, c]. Convolution weights are HWIO: w[r, s, 
 What this is not: a general tensor library. Only float32, only what Inception needs.
 """
 
+import functools
 import math
 import os
 import threading
@@ -47,6 +48,7 @@ from .geometry import conv_output_hw, pad4, pair, pool_output_size
 _threads = 1
 _blas = []                  # threadpoolctl controllers of every BLAS library loaded
 _executor = None            # the shard threads (created on first use)
+_executor_lock = threading.Lock()
 
 
 def set_num_threads(n):
@@ -56,13 +58,15 @@ def set_num_threads(n):
     from threadpoolctl import ThreadpoolController
 
     n = max(1, int(n))
-    _blas = ThreadpoolController().select(user_api="blas").lib_controllers
-    for lib in _blas:
-        lib.set_num_threads(n)
-    if _executor is not None and _threads != n:
-        _executor.shutdown(wait=True)
-        _executor = None
-    _threads = n
+    with _single_threaded_blas._lock:                 # a pass running on another thread keeps BLAS
+        _blas = ThreadpoolController().select(user_api="blas").lib_controllers   # at 1 thread; its end
+        if _single_threaded_blas._depth == 0:                                    # sets n
+            for lib in _blas:
+                lib.set_num_threads(n)
+        with _executor_lock:
+            if _threads != n:
+                _executor = None      # dropped, not shut down: a pass on another thread may still use it
+            _threads = n
     return n
 
 
@@ -77,17 +81,15 @@ def map_batch(fn, N):
     memory grows with the micro-batch, not the batch) dealt out to `_threads` shards,
     one Python thread each, running concurrently with single-threaded BLAS. A batch of
     one image runs here, its layers splitting their work in two (`_side_by_side`).
-    Every image goes through the same kernels whatever the shard, so results do not
-    depend on the thread count beyond float rounding in the GEMMs.
+    Every image goes through the same kernels and the same matrix products whatever
+    the shard (`_gemm_pieces`), so its results are the same bits at any thread count.
     """
     size = max(1, min(config.MICRO_BATCH, -(-N // _threads)))
     slices = [slice(i, min(N, i + size)) for i in range(0, N, size)]
     shards = min(_threads, len(slices))
-    if shards == 1 and _threads == 1:
-        return [fn(s) for s in slices]
-    if shards == 1:                                               # one image: each layer splits its work
+    if shards == 1:                                               # one image, or one thread
         with _single_threaded_blas():
-            _local.splitting = True
+            _local.splitting = _threads > 1                       # a lone image: each layer splits its work
             try:
                 return [fn(s) for s in slices]
             finally:
@@ -122,6 +124,17 @@ class _single_threaded_blas:
                     lib.set_num_threads(_threads)
 
 
+def _single_threaded(kernel):
+    """`kernel` with BLAS at one thread, inside a forward pass or not: a threaded BLAS cuts
+    each product again by its own rules, which would undo `_gemm_pieces`."""
+    @functools.wraps(kernel)
+    def run(*args, **kwargs):
+        with _single_threaded_blas():
+            return kernel(*args, **kwargs)
+
+    return run
+
+
 _local = threading.local()        # .splitting: this thread runs one image alone, BLAS at 1 thread
 _SIDE_BY_SIDE_MIN = 8             # pixels, tiles or rows: below this a split is not worth a thread hand-off
 # Elementwise work (pool window reads, epilogue values) below this runs whole: a 17x17x192
@@ -130,19 +143,20 @@ _SIDE_BY_SIDE_MIN = 8             # pixels, tiles or rows: below this a split is
 _SPLIT_MIN_OPS = 300_000
 
 
-def _side_by_side(work, count, ops=None):
+def _side_by_side(work, count, ops=None, smallest=_SIDE_BY_SIDE_MIN):
     """work(0, count), as work(0, half) here and work(half, count) on a second thread,
     while map_batch runs one image alone (`_local.splitting`).
 
     At batch 1 there are no images to run side by side, so each layer splits its own
-    work: its output pixels (unfold, GEMM and epilogue of each half), Winograd tiles or
-    pool rows, each half with single-threaded BLAS. NumPy's GEMMs and the Numba kernels
-    release the GIL, so the halves run at once, and no idle BLAS thread spins beside
-    them. Anywhere else (inside a shard, or a kernel called on its own, whose GEMMs have
-    every BLAS thread) the work runs whole, as does elementwise work of fewer than
-    _SPLIT_MIN_OPS `ops`.
+    work: the pieces of its matrix products (`_gemm_pieces`: unfold, GEMM and epilogue
+    of each), pool rows or epilogue pixels, each half with single-threaded BLAS.
+    NumPy's GEMMs and the Numba kernels release the GIL, so the halves run at once, and
+    no idle BLAS thread spins beside them. Anywhere else (inside a shard, or a kernel
+    called on its own) the work runs whole, as does work of fewer than `smallest` items
+    or elementwise work of fewer than _SPLIT_MIN_OPS `ops`. Who runs an item never
+    changes its numbers: work(a, b) computes items a .. b-1 the same way on any thread.
     """
-    if (not getattr(_local, "splitting", False) or count < _SIDE_BY_SIDE_MIN
+    if (not getattr(_local, "splitting", False) or count < smallest
             or (ops is not None and ops < _SPLIT_MIN_OPS)):
         work(0, count)
         return
@@ -310,31 +324,20 @@ def _split_helper():
 
 def _forget_threads():
     """In a forked child: the parent's helper and shard threads do not exist there."""
-    global _helper, _helper_lock, _executor
-    _helper, _helper_lock, _executor = None, threading.Lock(), None
+    global _helper, _helper_lock, _executor, _executor_lock
+    _helper, _helper_lock, _executor, _executor_lock = None, threading.Lock(), None, threading.Lock()
+    _single_threaded_blas._lock = threading.Lock()
 
 
 os.register_at_fork(after_in_child=_forget_threads)
 
 
-def _by_columns(rows, K, scratch_floats):
-    """Whether a GEMM of `rows` rows and K output channels, with `scratch_floats` of
-    unfolded or transformed input, should split its output channels rather than its rows
-    between the two threads of a lone image. Where the weights far outweigh the input
-    (K > 4 rows: the 8x8 layers of Mixed_7b-c), each thread then reads half of them
-    instead of all: at batch 1 those layers are bound by streaming their weights from
-    memory. The input is unfolded or transformed once, by this thread. Measured (issue
-    4): Mixed_7b-c 3.3 ms faster; at K > rows, the 35x35 and 17x17 Winograd layers lost
-    more to the unsplit transforms than they gained (1.2 ms slower in all)."""
-    return (getattr(_local, "splitting", False) and K > 4 * rows and K >= _SIDE_BY_SIDE_MIN
-            and scratch_floats <= _SCRATCH_FLOATS)
-
-
 def _pool_of_threads():
     global _executor
-    if _executor is None:
-        _executor = ThreadPoolExecutor(_threads, thread_name_prefix="pyincept")
-    return _executor
+    with _executor_lock:
+        if _executor is None:
+            _executor = ThreadPoolExecutor(_threads, thread_name_prefix="pyincept")
+        return _executor
 
 
 set_num_threads(config.num_threads())   # PYINCEPT_NUM_THREADS, else every core
@@ -448,6 +451,7 @@ def _pixels(a):
     return view
 
 
+@_single_threaded
 def conv2d(x, w, bias=None, stride=1, padding=0, relu=False, out=None, heads=()):
     """Convolution as im2col + GEMM. x (N,H,W,C), w (R,S,C,K), bias (K,) -> (N,OH,OW,K).
 
@@ -459,12 +463,13 @@ def conv2d(x, w, bias=None, stride=1, padding=0, relu=False, out=None, heads=())
          for the members of a fused 1x1 (blocks.Fused1x1): each (k0, bias_i, relu_i, dst)
          writes y[..., k0 : k0 + len(bias_i)] + bias_i, ReLU if relu_i, into dst.
 
-    Output pixels (N*OH*OW of them, counted across the batch) go in tiles of at most
-    _SCRATCH_FLOATS unfolded values: each tile is unfolded (im2col) into a scratch
-    matrix reused across tiles and calls, multiplied by the (R*S*C, K) weights straight
-    into `out` (when `out` is contiguous), and finished (bias, ReLU) while it is still
-    in cache. A 1x1 stride-1 convolution skips the unfolding: its input already is the
-    (N*H*W, C) matrix. The heads run on the same tiles, also in cache, on both threads
+    Each image's product (OH*OW rows) is cut into the pieces `_gemm_pieces` gives it:
+    tiles of its output pixels, at most _SCRATCH_FLOATS unfolded values each, or two
+    halves of its output channels. Each piece is unfolded (im2col) into a scratch matrix
+    reused across pieces and calls, multiplied by the (R*S*C, K) weights straight into
+    `out` (when `out` is contiguous), and finished (bias, ReLU) while it is still in
+    cache. A 1x1 stride-1 convolution skips the unfolding: its input already is the
+    (N*H*W, C) matrix. The heads run on the same pieces, also in cache, on both threads
     of a lone image: as bias_act calls after the product (1.2 ms of a batch-1 pass, on
     one thread where small) the fused 1x1s took 0.4 ms longer (issue 4).
     """
@@ -485,48 +490,71 @@ def conv2d(x, w, bias=None, stride=1, padding=0, relu=False, out=None, heads=())
     out = _output(out, (N, OH, OW, K))
     D = R * S * C
     wmat = w.reshape(D, K)                                             # (D = R*S*C, K)
-    out2d = _pixels(out)                                               # (M = N*OH*OW, K)
-    M = out2d.shape[0]
+    out2d = _pixels(out)                                               # (N*OH*OW, K)
+    P = OH * OW                                                        # one image's rows
     pointwise = (R, S, sh, sw, top, bottom, left, right) == (1, 1, 1, 1, 0, 0, 0, 0)
-    x2d = x.reshape(M, C) if pointwise else None
+    x2d = x.reshape(N * P, C) if pointwise else None
+    parent, c0 = _channel_window(out)
+    whole = _pixels(parent)                                            # out2d is whole[:, c0 : c0 + K]
 
-    tile = max(1, min(M, _SCRATCH_FLOATS // D))
-    per_image = OH * OW == 1                                           # the aux head's 5x5 conv of a 5x5 map
+    def unfolded(p0, m):
+        """Rows p0 .. p0+m-1 of the (N*OH*OW, R*S*C) im2col matrix: a view for a 1x1, else unfolded."""
+        if pointwise:
+            return x2d[p0 : p0 + m]                                    # (m, C): no unfolding
+        cols = _scratch("cols", (m, D))                                # (m, R*S*C)
+        _unfold(x, R, S, sh, sw, top, left, OH, OW, p0, cols)
+        return cols
 
-    if _by_columns(M, K, 0 if pointwise else M * D):
-        cols = x2d if pointwise else _scratch("cols", (M, D))          # (M, R*S*C), unfolded once
-        if not pointwise:
-            _unfold(x, R, S, sh, sw, top, left, OH, OW, 0, cols)
+    def finish_columns(p0, p1, k0, k1):
+        """Bias, ReLU and the heads for rows p0 .. p1-1, columns k0 .. k1-1 of the product in out."""
+        if finish:
+            _finish_rows(whole, c0 + k0, bias[k0:k1], relu, whole, c0 + k0, p0, p1)
+        for h0, h_bias, h_relu, h_rows, h_d0 in heads:                 # the heads' columns among k0 .. k1-1
+            a, b = max(h0, k0), min(h0 + len(h_bias), k1)
+            if a < b:
+                _finish_rows(whole, c0 + a, h_bias[a - h0 : b - h0], h_relu, h_rows, h_d0 + a - h0, p0, p1)
 
-        parent, c0 = _channel_window(out)
-        whole = _pixels(parent)                                        # out2d is whole[:, c0 : c0 + K]
+    if P == 1:
+        # One output pixel per image (the aux head's 5x5 conv of a 5x5 map): each row is an
+        # image, multiplied by `_linear_columns`, whose sums run in a fixed order, so every
+        # image's row is the same bits in any batch and any split of the columns.
+        cols = unfolded(0, N)                                          # (N, R*S*C)
 
         def columns(k0, k1):
-            """GEMM and epilogue for output channels k0 .. k1-1 (a strided slice of out)."""
-            _product(cols, wmat, out2d, k0, k1, per_image)             # (M, k1-k0)
-            if finish:
-                _finish_rows(whole, c0 + k0, bias[k0:k1], relu, whole, c0 + k0, 0, M)
-            for h0, h_bias, h_relu, h_rows, h_d0 in heads:             # the heads' columns among k0 .. k1-1
-                a, b = max(h0, k0), min(h0 + len(h_bias), k1)
-                if a < b:
-                    _finish_rows(whole, c0 + a, h_bias[a - h0 : b - h0], h_relu, h_rows, h_d0 + a - h0, 0, M)
+            _linear_columns(cols, wmat, out2d, k0, k1)                 # (N, k1-k0)
+            finish_columns(0, N, k0, k1)
 
         _side_by_side(columns, K)
         _late_heads(late, out)
         return out
 
-    def pixels(first, last):
-        """Unfold, GEMM and epilogue for output pixels first .. last-1, a tile at a time."""
-        for p0 in range(first, last, tile):
-            m = min(tile, last - p0)
-            if pointwise:
-                cols = x2d[p0 : p0 + m]                                # (m, C): no unfolding
-            else:
-                cols = _scratch("cols", (m, D))                        # (m, R*S*C)
-                _unfold(x, R, S, sh, sw, top, left, OH, OW, p0, cols)
+    rows, cuts = _gemm_pieces(P, K, D, _SCRATCH_FLOATS)
+    if len(cuts) > 2:                                                  # by output channels: all rows at once
+        for n in range(N):
+            cols = unfolded(n * P, P)                                  # (P, R*S*C), once per image
+
+            def columns(i0, i1, n=n, cols=cols):
+                """GEMM and epilogue of column pieces i0 .. i1-1 of image n (strided slices of out)."""
+                for k0, k1 in zip(cuts[i0:i1], cuts[i0 + 1 : i1 + 1]):
+                    rows_n = slice(n * P, (n + 1) * P)
+                    np.matmul(cols, wmat[:, k0:k1], out=out2d[rows_n, k0:k1])   # (P, k1-k0)
+                    finish_columns(n * P, (n + 1) * P, k0, k1)
+
+            _side_by_side(columns, len(cuts) - 1, smallest=2)
+        _late_heads(late, out)
+        return out
+
+    pieces = len(rows) - 1
+
+    def tiles(i0, i1):
+        """Unfold, GEMM and epilogue of pixel tiles i0 .. i1-1 (tile i: image i // pieces)."""
+        for i in range(i0, i1):
+            n, j = divmod(i, pieces)
+            p0, m = n * P + rows[j], rows[j + 1] - rows[j]
+            cols = unfolded(p0, m)                                     # (m, R*S*C)
             dest = out2d[p0 : p0 + m]
             acc = dest if dest.flags.c_contiguous else _scratch("acc", (m, K))
-            _product(cols, wmat, acc, 0, K, per_image)                 # (m, K)
+            np.matmul(cols, wmat, out=acc)                             # (m, K)
             if finish:
                 _finish_in_place(acc, bias, relu)
             for h0, h_bias, h_relu, h_rows, h_d0 in heads:             # (m, K_i) each, into its dst
@@ -534,19 +562,41 @@ def conv2d(x, w, bias=None, stride=1, padding=0, relu=False, out=None, heads=())
             if acc is not dest:
                 np.copyto(dest, acc)                                   # into the channel slice
 
-    _side_by_side(pixels, M)
+    _side_by_side(tiles, N * pieces, smallest=2)
     _late_heads(late, out)
     return out
 
 
-def _product(cols, wmat, out, k0, k1, per_image):
-    """out[:, k0:k1] = cols @ wmat[:, k0:k1], by BLAS. per_image (one output pixel per
-    image, so each row is an image): by `_linear_columns`, as the fc, since BLAS sums an
-    image alone (a matrix-vector product) in another order than beside others."""
-    if per_image:
-        _linear_columns(cols, wmat, out, k0, k1)
-    else:
-        np.matmul(cols, wmat[:, k0:k1], out=out[:, k0:k1])
+# --- one image's products, cut the same way in any batch --------------------------
+# Why an image's bits never depend on its batch: each BLAS call holds rows of one image
+# only, cut at bounds that come from that image's geometry alone, and BLAS runs single-
+# threaded (map_batch, `_single_threaded_blas`), so an image meets the same calls, with
+# the same shapes and the same rows, whatever its batch-mates, the thread count or the
+# caller. A BLAS picks its summation order by the shape of each call: OpenBLAS's AVX2
+# kernel gives a row other bits in a 64-row product than in a 65- or 128-row one (only
+# multiples of 12 rows agreed), and a column other bits in a narrower product; its AVX-512
+# kernel happens not to, which is why this once held on some machines and not others.
+
+
+def _gemm_pieces(rows, K, floats_per_row, limit):
+    """How one image's product of `rows` rows and K output columns is cut, from its own
+    geometry alone (never the batch or the threads): (row bounds, column bounds).
+
+    By output channels (all rows, two halves of the columns) where the weights far
+    outweigh the input, K > 4 rows: v3's 8x8 layers, which at batch 1 are bound by
+    streaming their weights from memory; each thread of a lone image then reads half of
+    them (measured, issue 4: Mixed_7b-c 3.3 ms faster). Else by rows, in tiles of at most
+    `limit` scratch floats (`floats_per_row` each), and an even number of at least two
+    where there are 2 * _SIDE_BY_SIDE_MIN rows or more, so that a lone image's two threads
+    share the tiles evenly; inside a batch each image runs the same tiles.
+    """
+    if K > 4 * rows and K >= _SIDE_BY_SIDE_MIN and rows * floats_per_row <= _SCRATCH_FLOATS:
+        return (0, rows), (0, K // 2, K)
+    pieces = max(1, -(-rows * floats_per_row // limit))
+    if rows >= 2 * _SIDE_BY_SIDE_MIN:
+        pieces = max(2, pieces + pieces % 2)
+    pieces = min(pieces, rows)
+    return tuple(j * rows // pieces for j in range(pieces + 1)), (0, K)
 
 
 def _head_windows(heads, pixels_shape, K):
@@ -715,7 +765,7 @@ def _store_row(y, n, oh, w0, out, d0):
 
 
 @_jit
-def _winograd_input(x, top, left, TH, TW, t0, v):
+def _winograd_input(x, top, left, TH, TW, t0, v, first, last):
     """v[4a + b, t, c] = (BT d B)[a, b] for tiles t0 .. t0+T-1, d the 4x4 patch of channel c.
 
     Tile t is image n = t // (TH*TW), tile row th, column tw; its patch starts at input
@@ -724,7 +774,7 @@ def _winograd_input(x, top, left, TH, TW, t0, v):
     C = x.shape[3]
     d = np.empty((4, 4, C), np.float32)                 # the patch
     e = np.empty((4, 4, C), np.float32)                 # BT d
-    for i in range(v.shape[1]):
+    for i in range(first, last):
         n, th, tw = _tile_at(t0 + i, TH, TW)
         _load_patch(x, n, 2 * th - top, 2 * tw - left, 4, d)
         # BT d (rows), then (BT d) B (columns); each loop runs along the contiguous channels.
@@ -745,12 +795,12 @@ def _winograd_input(x, top, left, TH, TW, t0, v):
 
 
 @_jit
-def _winograd_output(m, bias, relu, TH, TW, t0, out, d0):
+def _winograd_output(m, bias, relu, TH, TW, t0, out, d0, first, last):
     """out[n, 2*th + p, 2*tw + q, k] = max(0, (AT M A)[p, q] + bias[k]) for tiles t0 .., where
     M[a, b] = m[4a + b, t, k]; outputs past the bottom or right edge are dropped."""
     K = bias.shape[0]
     y = np.empty((2, 2, K), np.float32)                 # the tile's 2x2 outputs
-    for i in range(m.shape[1]):
+    for i in range(first, last):
         n, th, tw = _tile_at(t0 + i, TH, TW)
         for k in range(K):
             # AT M: two rows                   then (AT M) A: two columns
@@ -770,7 +820,7 @@ def _winograd_output(m, bias, relu, TH, TW, t0, out, d0):
 
 
 @_jit
-def _winograd4_input(x, step, top, left, TH, TW, t0, v):
+def _winograd4_input(x, step, top, left, TH, TW, t0, v, first, last):
     """F(4x4, 3x3) (step 4) and F(2x2, 5x5) (step 2), which share their 6x6 patches and BT:
     v[6a + b, t, c] = (BT d B)[a, b] for tiles t0 .., d the 6x6 patch of channel c starting
     at input row step*th - top, column step*tw - left (zero outside the image).
@@ -787,9 +837,9 @@ def _winograd4_input(x, step, top, left, TH, TW, t0, v):
     zero, zc = np.zeros(W * C, np.float32), np.zeros(C, np.float32)   # a padding row, a padding pixel
     e = np.empty((6, W * C), np.float32)                # BT d for every column of one tile row
     e0, e1, e2, e3, e4, e5 = e[0], e[1], e[2], e[3], e[4], e[5]
-    for i in range(v.shape[1]):
+    for i in range(first, last):
         n, th, tw = _tile_at(t0 + i, TH, TW)
-        if i == 0 or tw == 0:                           # a new tile row: BT down its 6 input rows
+        if i == first or tw == 0:                       # a new tile row: BT down its 6 input rows
             h0 = step * th - top
             r0 = rows[n, h0] if 0 <= h0 < H else zero
             r1 = rows[n, h0 + 1] if 0 <= h0 + 1 < H else zero
@@ -815,7 +865,7 @@ def _winograd4_input(x, step, top, left, TH, TW, t0, v):
 
 
 @_jit
-def _winograd4_output(m, bias, relu, TH, TW, t0, out, d0):
+def _winograd4_output(m, bias, relu, TH, TW, t0, out, d0, first, last):
     """F(4x4, 3x3): out[n, 4*th + p, 4*tw + q, k] = max(0, (AT M A)[p, q] + bias[k]), where
     M[a, b] = m[6a + b, t, k]; outputs past the bottom or right edge are dropped.
 
@@ -825,7 +875,7 @@ def _winograd4_output(m, bias, relu, TH, TW, t0, out, d0):
     K = bias.shape[0]
     s = np.empty((4, 6, K), np.float32)                 # AT M
     y = np.empty((4, K), np.float32)                    # one row of the tile's 4x4 outputs
-    for i in range(m.shape[1]):
+    for i in range(first, last):
         n, th, tw = _tile_at(t0 + i, TH, TW)
         for b in range(6):
             m0, m1, m2, m3, m4, m5 = m[b, i], m[6 + b, i], m[12 + b, i], m[18 + b, i], m[24 + b, i], m[30 + b, i]
@@ -843,13 +893,13 @@ def _winograd4_output(m, bias, relu, TH, TW, t0, out, d0):
 
 
 @_jit
-def _winograd5_output(m, bias, relu, TH, TW, t0, out, d0):
+def _winograd5_output(m, bias, relu, TH, TW, t0, out, d0, first, last):
     """F(2x2, 5x5): out[n, 2*th + p, 2*tw + q, k] = max(0, (AT M A)[p, q] + bias[k]), where
     M[a, b] = m[6a + b, t, k]; outputs past the bottom or right edge are dropped."""
     K = bias.shape[0]
     s = np.empty((2, 6, K), np.float32)                 # AT M
     y = np.empty((2, K), np.float32)                    # one row of the tile's 2x2 outputs
-    for i in range(m.shape[1]):
+    for i in range(first, last):
         n, th, tw = _tile_at(t0 + i, TH, TW)
         for b in range(6):
             m0, m1, m2, m3, m4, m5 = m[b, i], m[6 + b, i], m[12 + b, i], m[18 + b, i], m[24 + b, i], m[30 + b, i]
@@ -896,7 +946,7 @@ def _store_line(y, along_w, n, line, o0, out, d0):
 
 
 @_jit
-def _winograd7_input(x, along_w, pad0, T, t0, v):
+def _winograd7_input(x, along_w, pad0, T, t0, v, first, last):
     """F(2, 7): v[a, t, c] = (BT d)[a] for tiles t0 .., d the 8 inputs of channel c under tile t.
 
     Lines run along W (along_w, a 1x7 filter) or H (7x1); tile t is line t // T of the
@@ -905,7 +955,7 @@ def _winograd7_input(x, along_w, pad0, T, t0, v):
     N, H, W, C = x.shape
     lines = H if along_w else W
     d = np.empty((8, C), np.float32)
-    for i in range(v.shape[1]):
+    for i in range(first, last):
         n, line, j = _line_at(t0 + i, T, lines)
         _load_line(x, along_w, n, line, 2 * j - pad0, d)
         for c in range(C):
@@ -921,13 +971,13 @@ def _winograd7_input(x, along_w, pad0, T, t0, v):
 
 
 @_jit
-def _winograd7_output(m, bias, relu, along_w, T, t0, out, d0):
+def _winograd7_output(m, bias, relu, along_w, T, t0, out, d0, first, last):
     """F(2, 7): the tile's 2 outputs along its line, (AT M)[p] + bias, ReLU; past the end dropped."""
     N, OH, OW, _ = out.shape
     K = bias.shape[0]
     lines = OH if along_w else OW
     y = np.empty((2, K), np.float32)
-    for i in range(m.shape[1]):
+    for i in range(first, last):
         n, line, j = _line_at(t0 + i, T, lines)
         for k in range(K):
             y0 = m[0, i, k] + m[1, i, k] + m[2, i, k] + m[3, i, k] + m[4, i, k] + m[5, i, k] + m[6, i, k]
@@ -947,7 +997,7 @@ F0_125, F0_75, F0_5625, F0_421875 = (np.float32(c) for c in (1 / 8, 3 / 4, 9 / 1
 
 
 @_jit
-def _winograd7x4_input(x, along_w, pad0, T, t0, v):
+def _winograd7x4_input(x, along_w, pad0, T, t0, v, first, last):
     """F(4, 7): v[a, t, c] = (BT d)[a], d the 10 inputs of channel c under tile t, which
     starts at position 4*j - pad0 of its line (as _winograd7_input).
 
@@ -957,7 +1007,7 @@ def _winograd7x4_input(x, along_w, pad0, T, t0, v):
     N, H, W, C = x.shape
     lines = H if along_w else W
     d = np.empty((10, C), np.float32)
-    for i in range(v.shape[1]):
+    for i in range(first, last):
         n, line, j = _line_at(t0 + i, T, lines)
         _load_line(x, along_w, n, line, 4 * j - pad0, d)
         # Two loops over c, five rows each: as one loop of all ten rows LLVM did not
@@ -985,14 +1035,14 @@ def _winograd7x4_input(x, along_w, pad0, T, t0, v):
 
 
 @_jit
-def _winograd7x4_output(m, bias, relu, along_w, T, t0, out, d0):
+def _winograd7x4_output(m, bias, relu, along_w, T, t0, out, d0, first, last):
     """F(4, 7): the tile's 4 outputs along its line, (AT M)[p] + bias, ReLU; past the end
     dropped. AT's columns pair up as BT's rows do: sums s and differences t of each pair."""
     N, OH, OW, _ = out.shape
     K = bias.shape[0]
     lines = OH if along_w else OW
     y = np.empty((4, K), np.float32)
-    for i in range(m.shape[1]):
+    for i in range(first, last):
         n, line, j = _line_at(t0 + i, T, lines)
         for k in range(K):
             s1, t1 = m[1, i, k] + m[2, i, k], m[1, i, k] - m[2, i, k]                # points +-1
@@ -1008,13 +1058,13 @@ def _winograd7x4_output(m, bias, relu, along_w, T, t0, out, d0):
 
 
 @_jit
-def _winograd3_input(x, along_w, pad0, T, t0, v):
+def _winograd3_input(x, along_w, pad0, T, t0, v, first, last):
     """F(4, 3) for 1x3 and 3x1 filters: v[a, t, c] = (BT d)[a], d the 6 inputs of channel c
     under tile t, which starts at position 4*j - pad0 of its line (as _winograd7_input)."""
     N, H, W, C = x.shape
     lines = H if along_w else W
     d = np.empty((6, C), np.float32)
-    for i in range(v.shape[1]):
+    for i in range(first, last):
         n, line, j = _line_at(t0 + i, T, lines)
         _load_line(x, along_w, n, line, 4 * j - pad0, d)
         for c in range(C):
@@ -1023,13 +1073,13 @@ def _winograd3_input(x, along_w, pad0, T, t0, v):
 
 
 @_jit
-def _winograd3_output(m, bias, relu, along_w, T, t0, out, d0):
+def _winograd3_output(m, bias, relu, along_w, T, t0, out, d0, first, last):
     """F(4, 3): the tile's 4 outputs along its line, (AT M)[p] + bias, ReLU; past the end dropped."""
     N, OH, OW, _ = out.shape
     K = bias.shape[0]
     lines = OH if along_w else OW
     y = np.empty((4, K), np.float32)
-    for i in range(m.shape[1]):
+    for i in range(first, last):
         n, line, j = _line_at(t0 + i, T, lines)
         for k in range(K):
             y0, y1, y2, y3 = _at4(m[0, i, k], m[1, i, k], m[2, i, k], m[3, i, k], m[4, i, k], m[5, i, k])
@@ -1039,16 +1089,17 @@ def _winograd3_output(m, bias, relu, along_w, T, t0, out, d0):
         _store_line(y, along_w, n, line, 4 * j, out, d0)
 
 
+@_single_threaded
 def conv2d_winograd(x, u, bias=None, padding=0, relu=False, out=None, kernel_size=(3, 3)):
     """A stride-1 convolution by Winograd; u = winograd_weights(w, tile) for w of kernel_size.
 
     3x3: (16, C, K) runs F(2x2, 3x3), (36, C, K) runs F(4x4, 3x3). 5x5: (36, C, K) runs
     F(2x2, 5x5). 1x3 and 3x1: (6, C, K) runs F(4, 3), and 1x7 and 7x1: (8, C, K) runs
     F(2, 7), (10, C, K) F(4, 7), along the filter's axis, which is the only one these may pad.
-    Same contract as conv2d(x, w, bias, 1, padding, relu, out). Tiles of outputs
-    (counted across the batch) go in chunks that fit _WINOGRAD_FLOATS: input transform
-    into v (n, T, C), n GEMMs v[e] @ u[e] into m (n, T, K), output transform with bias
-    and ReLU straight into `out`.
+    Same contract as conv2d(x, w, bias, 1, padding, relu, out). Each image's T tiles of
+    outputs are cut as `_gemm_pieces` says: chunks of tiles that fit _WINOGRAD_FLOATS, or
+    two halves of the output channels. Per chunk: input transform into v (n, T, C), n GEMMs
+    v[e] @ u[e] into m (n, T, K), output transform with bias and ReLU straight into `out`.
     """
     x = _check_nhwc(x, "x")
     u = _as_f32(u)
@@ -1080,40 +1131,59 @@ def conv2d_winograd(x, u, bias=None, padding=0, relu=False, out=None, kernel_siz
         T = -(-(OW if along_w else OH) // step)                        # tiles per line
         tiles = N * (H if along_w else W) * T
         pad0 = left if along_w else top
-        transform_in = lambda t0, v: kernel_in(x, along_w, pad0, T, t0, v)                  # noqa: E731
-        transform_out = lambda t0, m: kernel_out(m, bias, relu, along_w, T, t0, parent, d0)  # noqa: E731
+        transform_in = lambda t0, v, a, b: kernel_in(x, along_w, pad0, T, t0, v, a, b)                  # noqa: E731
+        transform_out = lambda t0, m, a, b: kernel_out(m, bias, relu, along_w, T, t0, parent, d0, a, b)  # noqa: E731
     else:                                                              # F(m x m, 3x3) or F(2x2, 5x5)
         tile = 4 if (R, n) == (3, 36) else 2
         TH, TW = -(-OH // tile), -(-OW // tile)
         tiles = N * TH * TW
         if n == 16:                                                    # F(2x2, 3x3): 4x4 patches
-            transform_in = lambda t0, v: _winograd_input(x, top, left, TH, TW, t0, v)       # noqa: E731
+            transform_in = lambda t0, v, a, b: _winograd_input(x, top, left, TH, TW, t0, v, a, b)       # noqa: E731
         else:                                                          # 6x6 patches, every tile-th pixel
-            transform_in = lambda t0, v: _winograd4_input(x, tile, top, left, TH, TW, t0, v)  # noqa: E731
+            transform_in = lambda t0, v, a, b: _winograd4_input(x, tile, top, left, TH, TW, t0, v, a, b)  # noqa: E731
         kernel_out = {16: _winograd_output, 36: _winograd4_output if R == 3 else _winograd5_output}[n]
-        transform_out = lambda t0, m: kernel_out(m, bias, relu, TH, TW, t0, parent, d0)      # noqa: E731
-    chunk = max(1, min(tiles, _WINOGRAD_FLOATS // (n * (C + K))))
-
-    if _by_columns(tiles, K, n * tiles * (C + K)):
-        v = _scratch("wino_v", (n, tiles, C))
-        m = _scratch("wino_m", (n, tiles, K))
-        transform_in(0, v)                                             # every tile, here
-        _side_by_side(lambda k0, k1: np.matmul(v, u[:, :, k0:k1], out=m[:, :, k0:k1]), K)
-        transform_out(0, m)
+        transform_out = lambda t0, m, a, b: kernel_out(m, bias, relu, TH, TW, t0, parent, d0, a, b)      # noqa: E731
+    per_image = tiles // N                                             # one image's tiles
+    bounds = _winograd_chunks(per_image, n * (C + K))                  # of one image's chunks
+    pieces = len(bounds) - 1
+    if pieces == 1:
+        # One chunk per image (every layer from 35x35 down). A lone image's two threads share
+        # it in three steps, so that no product is ever cut: half the tiles' input transforms
+        # each, then half of the n products (Winograd points) each, then half the output
+        # transforms. Inside a batch each image runs the same n products, whole.
+        for i in range(N):
+            v = _scratch("wino_v", (n, per_image, C))
+            m = _scratch("wino_m", (n, per_image, K))
+            t0 = i * per_image
+            _side_by_side(lambda a, b: transform_in(t0, v, a, b), per_image)
+            _side_by_side(lambda a, b: np.matmul(v[a:b], u[a:b], out=m[a:b]), n, smallest=2)   # points a .. b-1
+            _side_by_side(lambda a, b: transform_out(t0, m, a, b), per_image)
         return out
 
-    def tiles_of(first, last):
-        """Transform, n GEMMs and transform back for tiles first .. last-1, a chunk at a time."""
-        for t0 in range(first, last, chunk):
-            T_chunk = min(chunk, last - t0)
-            v = _scratch("wino_v", (n, T_chunk, C))
-            m = _scratch("wino_m", (n, T_chunk, K))
-            transform_in(t0, v)
-            np.matmul(v, u, out=m)                                     # n x (T, C) @ (C, K)
-            transform_out(t0, m)
+    def chunks(i0, i1):
+        """Transform, n GEMMs and transform back for chunks i0 .. i1-1 (chunk i: image i // pieces)."""
+        for i in range(i0, i1):
+            image, j = divmod(i, pieces)
+            t0, count = image * per_image + bounds[j], bounds[j + 1] - bounds[j]
+            v = _scratch("wino_v", (n, count, C))
+            m = _scratch("wino_m", (n, count, K))
+            transform_in(t0, v, 0, count)
+            np.matmul(v, u, out=m)                                     # n x (count, C) @ (C, K)
+            transform_out(t0, m, 0, count)
 
-    _side_by_side(tiles_of, tiles)
+    _side_by_side(chunks, N * pieces, smallest=2)
     return out
+
+
+def _winograd_chunks(tiles, floats_per_tile):
+    """Tile bounds of one image's Winograd chunks, from its geometry alone (as `_gemm_pieces`):
+    as few as fit _WINOGRAD_FLOATS, and an even number where there are several, so that
+    a lone image's two threads take half each."""
+    pieces = max(1, -(-tiles * floats_per_tile // _WINOGRAD_FLOATS))
+    if pieces > 1:
+        pieces += pieces % 2
+    pieces = min(pieces, tiles)
+    return tuple(j * tiles // pieces for j in range(pieces + 1))
 
 
 # --- pooling ----------------------------------------------------------------------
