@@ -46,23 +46,25 @@ from .geometry import conv_output_hw, pad4, pair, pool_output_size
 #              handing one half to a helper thread that waits for it spinning (`_Helper`).
 
 _threads = 1
-_blas = []                  # threadpoolctl controllers of every BLAS library loaded
+_blas = []                  # a _BlasLibrary for every BLAS library loaded
 _executor = None            # the shard threads (created on first use)
 _executor_lock = threading.Lock()
 
 
 def set_num_threads(n):
     """Threads for a forward pass (shards of a batch, halves of a lone image's layers), and
-    for BLAS when called outside one (the kernels on their own, retrain's NumPy); returns n."""
+    for BLAS when called outside one (retrain's NumPy, anything else); returns n."""
     global _threads, _blas, _executor
     from threadpoolctl import ThreadpoolController
 
     n = max(1, int(n))
-    with _single_threaded_blas._lock:                 # a pass running on another thread keeps BLAS
-        _blas = ThreadpoolController().select(user_api="blas").lib_controllers   # at 1 thread; its end
-        if _single_threaded_blas._depth == 0:                                    # sets n
+    with _single_threaded_blas.lock:
+        _blas = [_BlasLibrary(lib) for lib in ThreadpoolController().select(user_api="blas").lib_controllers]
+        if _single_threaded_blas.depth == 0:
             for lib in _blas:
-                lib.set_num_threads(n)
+                lib.set_threads(n)
+        else:                                         # passes are running: the last one out sets n
+            _single_threaded_blas.restore = [(lib, n) for lib in _blas]
         with _executor_lock:
             if _threads != n:
                 _executor = None      # dropped, not shut down: a pass on another thread may still use it
@@ -87,41 +89,81 @@ def map_batch(fn, N):
     size = max(1, min(config.MICRO_BATCH, -(-N // _threads)))
     slices = [slice(i, min(N, i + size)) for i in range(0, N, size)]
     shards = min(_threads, len(slices))
-    if shards == 1:                                               # one image, or one thread
+
+    def run(group):
         with _single_threaded_blas():
-            _local.splitting = _threads > 1                       # a lone image: each layer splits its work
-            try:
-                return [fn(s) for s in slices]
-            finally:
-                _local.splitting = False
+            return [fn(s) for s in group]
+
+    if shards == 1:                                               # one image, or one thread
+        _local.splitting = _threads > 1                           # a lone image: each layer splits its work
+        try:
+            return run(slices)
+        finally:
+            _local.splitting = False
     groups = [slices[i::shards] for i in range(shards)]          # shard i: micro-batches i, i+shards, ...
-    with _single_threaded_blas():
-        done = list(_pool_of_threads().map(lambda group: [fn(s) for s in group], groups))
+    done = list(_pool_of_threads().map(run, groups))
     results = [None] * len(slices)
     for i, group_results in enumerate(done):
         results[i::shards] = group_results
     return results
 
 
-class _single_threaded_blas:
-    """BLAS at 1 thread while the shards run (each shard is a thread already), then back."""
+# --- BLAS at one thread while any pass runs ---------------------------------------------
+# Inside a pass BLAS runs single-threaded: pyincept's own threads share the cores, and a
+# threaded BLAS would cut each product again by its own rules (`_gemm_pieces`). The limit
+# is process-wide, held from the first pass in until the last one out, because that is all
+# OpenBLAS offers: its openblas_set_num_threads_local is process-wide too in its pthreads
+# builds (numpy's wheels; measured, issue 13: set to 1 from one thread, another thread's
+# product ran single-threaded). And it is set through OpenBLAS's own call, not threadpoolctl's
+# public one, which obeys only the first thread that ever set a limit: from any other
+# thread OpenBLAS went on with 2 threads, and 50 of 50 products made by 5 concurrent callers
+# had other bits than serially. Other code in the process meanwhile gets one BLAS thread too.
 
-    _lock = threading.Lock()
-    _depth = 0
+
+class _BlasLibrary:
+    """One loaded BLAS library, through its threadpoolctl controller."""
+
+    def __init__(self, controller):
+        self.controller = controller
+
+    def get_threads(self):
+        return self.controller.get_num_threads()
+
+    def set_threads(self, n):
+        """The process-wide count, from any thread: threadpoolctl's own call without its
+        first-thread rule (its public set_num_threads where a release lacks it)."""
+        getattr(self.controller, "_real_set_num_threads", self.controller.set_num_threads)(n)
+
+
+class _single_threaded_blas:
+    """BLAS at one thread while any thread is inside (re-entrant); the counts it found are
+    set back when the last one leaves."""
+
+    lock = threading.Lock()
+    depth = 0                      # threads inside, counted once per thread
+    restore = []                   # [(library, its count before the first one came in)]
 
     def __enter__(self):
-        with self._lock:
-            if _single_threaded_blas._depth == 0:
-                for lib in _blas:
-                    lib.set_num_threads(1)
-            _single_threaded_blas._depth += 1
+        self.outermost = getattr(_local, "blas_depth", 0) == 0
+        _local.blas_depth = getattr(_local, "blas_depth", 0) + 1
+        if self.outermost:
+            cls = _single_threaded_blas
+            with cls.lock:
+                if cls.depth == 0:
+                    cls.restore = [(lib, lib.get_threads()) for lib in _blas]
+                    for lib in _blas:
+                        lib.set_threads(1)
+                cls.depth += 1
 
     def __exit__(self, *exc):
-        with self._lock:
-            _single_threaded_blas._depth -= 1
-            if _single_threaded_blas._depth == 0:
-                for lib in _blas:
-                    lib.set_num_threads(_threads)
+        _local.blas_depth -= 1
+        if self.outermost:
+            cls = _single_threaded_blas
+            with cls.lock:
+                cls.depth -= 1
+                if cls.depth == 0:
+                    for lib, n in cls.restore:
+                        lib.set_threads(n)
 
 
 def _single_threaded(kernel):
@@ -279,6 +321,10 @@ class _Helper:
             raise error
 
     def _serve(self):
+        with _single_threaded_blas():                        # this thread only ever runs halves of passes
+            self._serve_halves()
+
+    def _serve_halves(self):
         flags, seq = self.flags, 0
         while True:
             seq += 1
@@ -326,7 +372,7 @@ def _forget_threads():
     """In a forked child: the parent's helper and shard threads do not exist there."""
     global _helper, _helper_lock, _executor, _executor_lock
     _helper, _helper_lock, _executor, _executor_lock = None, threading.Lock(), None, threading.Lock()
-    _single_threaded_blas._lock = threading.Lock()
+    _single_threaded_blas.lock = threading.Lock()
 
 
 os.register_at_fork(after_in_child=_forget_threads)
