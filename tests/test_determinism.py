@@ -99,3 +99,62 @@ def test_other_blas_kernels_give_other_bits_within_float_rounding(runs):
     scale = np.abs(reference).max()
     for name, other in logits.items():
         assert np.abs(other - reference).max() <= 1e-5 * scale, f"{name} vs {forced[0]}"
+
+
+# --- concurrent callers, in this process (under whatever kernel this environment picks) ---
+
+
+def test_concurrent_callers_on_one_model_and_on_two_get_the_bits_of_serial_calls():
+    """Eight Python threads at once, each calling model(x), model.run or classify with its
+    own batch (1 to 4 images), half of them on a second model with the same weights: every
+    call gets exactly what the same call gets alone, and nothing is corrupted. Serially and
+    concurrently, a lone image's layers are split with the helper thread or not (only one
+    caller can have it), and the BLAS limit is set and released by other threads."""
+    import threading
+
+    import pyincept
+    from photos import PHOTOS, photo_batch
+    from pyincept.kernels import cpu
+
+    models = [pyincept.inception_v3(seed=0), pyincept.inception_v3(seed=0)]
+    x = photo_batch()
+    x = np.concatenate([x, x[:, :, ::-1]])                      # 10 photographs
+    jobs = [("call", slice(0, 1)), ("run", slice(1, 4)), ("classify", slice(0, 3)), ("call", slice(4, 8)),
+            ("run", slice(2, 3)), ("call", slice(6, 8)), ("classify", slice(3, 5)), ("run", slice(8, 10))]
+
+    def job(k):
+        kind, images = jobs[k]
+        model = models[k % 2]
+        if kind == "call":
+            return model(x[images])
+        if kind == "run":
+            out = model.run(x[images], ["Mixed_5b.branch_pool", "Mixed_6e", "avgpool"])
+            return np.concatenate([out[name].reshape(len(out[name]), -1) for name in sorted(out)], axis=1)
+        answers = list(pyincept.classify(PHOTOS[images], model, top=5, batch_size=2))
+        return np.array([[t["index"] + t["probability"] for t in a.top] for a in answers], np.float64)
+
+    previous = cpu.get_num_threads()
+    cpu.set_num_threads(2)
+    try:
+        serial = [job(k) for k in range(len(jobs))]
+        concurrent, errors = {}, []
+        start = threading.Barrier(len(jobs))
+
+        def caller(k):
+            start.wait()
+            try:
+                for repeat in range(2):
+                    concurrent[k, repeat] = job(k)
+            except BaseException as e:                                  # noqa: BLE001 - reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=caller, args=(k,)) for k in range(len(jobs))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=600)
+    finally:
+        cpu.set_num_threads(previous)
+    assert not errors, errors
+    differ = [(jobs[k], repeat) for (k, repeat), y in sorted(concurrent.items()) if not np.array_equal(y, serial[k])]
+    assert len(concurrent) == 2 * len(jobs) and not differ, f"{len(differ)} concurrent calls got other bits: {differ}"

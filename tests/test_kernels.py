@@ -151,9 +151,37 @@ def test_winograd_matches_im2col_reference_and_torch(kind, N, H, W, C, K, pads, 
         close(y, expected, atol=(1e-5 if (R, S, tile) == (3, 3, 2) else 4e-5) * np.sqrt(R * S * C))
 
 
+WINOGRAD_KINDS = [((3, 3), 2), ((3, 3), 4), ((5, 5), 2), ((1, 3), 4), ((3, 1), 4), ((1, 7), 2), ((7, 1), 2),
+                  ((1, 7), 4), ((7, 1), 4)]
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.sampled_from([None] + WINOGRAD_KINDS), st.integers(2, 4), st.integers(1, 20), st.integers(1, 20),
+       st.integers(1, 24), st.integers(1, 40), st.integers(1, 2), st.booleans(), seeds)
+def test_each_image_gets_the_same_bits_alone_and_in_any_batch(kind, N, H, W, C, K, stride, split, seed):
+    """conv2d (im2col, a 1x1, a stride) and conv2d_winograd: image i of a batch is exactly
+    what image i alone gives, whole or split between a lone image's two threads. Every
+    product holds one image's rows, cut by its own geometry (`cpu._gemm_pieces`), so no
+    BLAS kernel can sum it another way for its batch-mates."""
+    rng = np.random.default_rng(seed)
+    (R, S), tile = kind or (((1, 1), (3, 3), (1, 7))[seed % 3], None)
+    pads = (R // 2, R // 2, S // 2, S // 2)
+    H, W = max(H, R), max(W, S)
+    x, w, b = randn(rng, N, H, W, C), randn(rng, R, S, C, K), randn(rng, K)
+    if kind is None:
+        run = lambda x: cpu.conv2d(x, w, b, stride, pads, relu=True)                              # noqa: E731
+    else:
+        u = cpu.winograd_weights(w, tile)
+        run = lambda x: cpu.conv2d_winograd(x, u, b, pads, relu=True, kernel_size=(R, S))         # noqa: E731
+    batch = run(x)
+    for i in range(N):
+        lone = alone(lambda: run(x[i : i + 1])) if split else run(x[i : i + 1])
+        np.testing.assert_array_equal(lone[0], batch[i])
+
+
 @pytest.mark.parametrize("r,tile", [(3, 2), (3, 4), (5, 2)])
 def test_winograd_in_chunks_of_tiles(monkeypatch, r, tile):
-    """Chunks of one tile and of a few tiles spanning rows and images: same numbers as one chunk."""
+    """Chunks of one tile and of a few tiles spanning rows: same numbers as one chunk."""
     rng = np.random.default_rng(5)
     x, w, b = randn(rng, 2, 9, 7, 4), randn(rng, r, r, 4, 6), randn(rng, 6)
     u = cpu.winograd_weights(w, tile)

@@ -295,6 +295,41 @@ def test_cli_retrain_then_classify_with_the_head(dataset, cache, tmp_path):
     assert [a["top"][0]["label"] for a in answers] == list(CLASSES)
 
 
+def test_two_processes_retraining_on_one_folder_leave_whole_entries_with_each_images_own_bits(dataset, tmp_path):
+    """Two `retrain` runs at once, on the same folder and the same cache, extracting in
+    batches of 3 and of 8: every entry they leave loads, holds a (2048,) float32 vector,
+    and is exactly the bits of that view computed alone (issue 13's batch invariance: who
+    wrote an entry, and beside which images, never shows), with no temporary file left."""
+    import subprocess
+    import sys
+
+    from pyincept.retrain import BottleneckCache, compute_bottlenecks, preprocessing_for, weights_identity
+
+    shared = tmp_path / "shared"
+    script = ("import sys\nimport pyincept\nfrom pyincept.retrain import retrain\n"
+              "retrain(sys.argv[1], pyincept.inception_v3(), cache_dir=sys.argv[2], extract_batch_size=int(sys.argv[3]),"
+              " augment=True, views=2, epochs=2, validation_fraction=0.15, test_fraction=0.25)\n")
+    runs = [subprocess.Popen([sys.executable, "-c", script, str(dataset), str(shared), str(batch)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for batch in (3, 8)]
+    for run in runs:
+        out, err = run.communicate(timeout=600)
+        assert run.returncode == 0, err
+    entries = {p.relative_to(shared): p for p in shared.rglob("*.npy")}
+    assert not [p for p in shared.rglob("*") if p.is_file() and p.suffix != ".npy"], "a temporary file was left"
+
+    model = pyincept.inception_v3()
+    alone = tmp_path / "alone"
+    paths = sorted(dataset.rglob("*.png"))
+    compute_bottlenecks(paths, lambda digest: [CENTER, *augmented_views(digest, 0, 2)], model, BottleneckCache(alone),
+                        weights_identity(model), dict(preprocessing_for(model)), batch_size=1)
+    expected = {p.relative_to(alone): p for p in alone.rglob("*.npy")}
+    assert len(entries) >= len(paths) and set(entries) <= set(expected)    # every plain view, some augmented ones
+    for key, path in entries.items():
+        vector = np.load(path, allow_pickle=False)
+        assert vector.shape == (2048,) and vector.dtype == np.float32, key
+        np.testing.assert_array_equal(vector, np.load(expected[key], allow_pickle=False), err_msg=str(key))
+
+
 def one_error_line(capsys, argv):
     assert cli.main([str(a) for a in argv]) == 1
     err = capsys.readouterr().err
