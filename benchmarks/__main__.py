@@ -125,6 +125,9 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="seed of the shared random weights")
     parser.add_argument("--rounds", type=int, help="override the number of interleaved timing rounds")
     parser.add_argument("--workdir", help="keep the weight files here (default: a temporary folder, removed after)")
+    parser.add_argument("--baseline", metavar="REV",
+                        help="also time pyincept as it was at git revision REV, interleaved with today's: "
+                             "the speed before and after a change, from one run")
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
     args = parser.parse_args(argv)
     plan = {**(QUICK if args.quick else FULL), "threads": args.threads, "seed": args.seed, "no_scale": args.no_scale}
@@ -134,6 +137,9 @@ def main(argv=None):
     unknown = [e for e in chosen if e not in engines.ENGINES]
     if unknown:
         parser.error(f"unknown engine(s) {', '.join(unknown)}; choose from {', '.join(engines.ENGINES)}")
+    if args.baseline:
+        chosen.insert(chosen.index("pyincept") + 1 if "pyincept" in chosen else 0, engines.BASELINE)
+        plan["baseline"] = args.baseline
 
     started = datetime.datetime.now().astimezone()
     loadavg_start = os.getloadavg()
@@ -172,11 +178,18 @@ def run(plan, chosen, workdir, quiet=False):
     suite.log(f"writing the shared weights to {workdir}")
     prepared, _ = suite.worker("prepare", "--seed", plan["seed"])
     res["prepared"] = prepared["written"] if prepared else {}
+    if plan.get("baseline"):
+        res["baseline"] = extract_baseline(plan["baseline"], workdir / "baseline")
     for name in chosen:
         why = engines.missing(name, workdir)
+        if name == engines.BASELINE and why is None:
+            why = res["baseline"].get("error")
         if why is None and name == "ort" and "failed" in res["prepared"].get(engines.ONNX_MODEL, ""):
             why = res["prepared"][engines.ONNX_MODEL]
-        res["engines"][name] = {"label": engines.label(name), "skipped": why}
+        label = engines.label(name)
+        if name == engines.BASELINE:
+            label = f"pyincept at {res['baseline'].get('commit') or plan['baseline']} (baseline)"
+        res["engines"][name] = {"label": label, "skipped": why}
         if why:
             suite.log(f"skipping {name}: {why}")
     names = [n for n in chosen if not res["engines"][n]["skipped"]]
@@ -186,7 +199,7 @@ def run(plan, chosen, workdir, quiet=False):
         for name in names[r % len(names):] + names[: r % len(names)] if names else []:
             suite.log(f"timing {name} (round {r + 1}/{plan['rounds']}; batches {plan['batches']})")
             out, _ = suite.worker("time", name, "--batches", *plan["batches"], "--repeats", *plan["repeats"],
-                                  "--logits-out", workdir / f"logits-{name}.npy")
+                                  "--logits-out", workdir / f"logits-{name}.npy", env=engine_env(name, res))
             if out:
                 for b, ts in out["times"].items():
                     res["times"].setdefault(name, {}).setdefault(int(b), []).extend(ts)
@@ -225,6 +238,30 @@ def run(plan, chosen, workdir, quiet=False):
     res["errors"] = suite.errors
     res["elapsed_s"] = time.perf_counter() - suite.t0
     return res
+
+
+def extract_baseline(rev, folder):
+    """The pyincept package as it was at git revision `rev`, extracted into folder/pyincept:
+    {"rev", "commit", "folder"}, or {"error"} saying why it could not be."""
+    try:
+        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", f"{rev}^{{commit}}"],
+                                capture_output=True, text=True, check=True).stdout.strip()
+        folder.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar", commit, "pyincept"],
+                                 capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
+    except (OSError, subprocess.CalledProcessError) as e:
+        detail = getattr(e, "stderr", b"") or b""
+        detail = detail.decode() if isinstance(detail, bytes) else detail
+        return {"rev": rev, "error": f"no baseline at {rev!r}: {(detail.strip().splitlines() or [str(e)])[-1]}"}
+    return {"rev": rev, "commit": commit, "folder": str(folder)}
+
+
+def engine_env(name, res):
+    """Extra environment for an engine's workers: the baseline's worker imports its own package."""
+    if name == engines.BASELINE:
+        return {engines.BASELINE_SOURCE: res["baseline"]["folder"]}
+    return None
 
 
 def accuracy(workdir, names):

@@ -21,6 +21,8 @@ fixed to make the comparison fair, not to be convenient.
 """
 
 import importlib.util
+import os
+import sys
 from pathlib import Path
 
 # name -> (what the report calls it, Python modules it needs)
@@ -30,6 +32,10 @@ ENGINES = {
     "torch-cl": ("torch eager channels_last", ("torch", "torchvision")),
     "ort": ("onnxruntime", ("onnxruntime",)),
 }
+# `--baseline REV` adds pyincept as it was at REV, timed beside today's in the same rounds:
+# its package is extracted into the work folder, and its worker imports it from there.
+BASELINE = "pyincept-base"
+BASELINE_SOURCE = "PYINCEPT_BENCH_BASELINE"      # the worker's environment: the extracted package's folder
 
 PYINCEPT_WEIGHTS = "pyincept.npz"
 TORCH_WEIGHTS = "torchvision.pt"
@@ -38,7 +44,7 @@ ONNX_OPSET = 17
 
 
 def label(name):
-    return ENGINES[name][0]
+    return ENGINES[name][0] if name != BASELINE else "pyincept (baseline)"
 
 
 def installed(module):
@@ -51,11 +57,12 @@ def installed(module):
 
 def missing(name, workdir=None):
     """Why engine `name` cannot run here (a short phrase), or None when it can."""
-    absent = [m for m in ENGINES[name][1] if not installed(m)]
+    absent = [m for m in ENGINES[name if name != BASELINE else "pyincept"][1] if not installed(m)]
     if absent:
         return f"not installed ({', '.join(absent)})"
     if workdir is not None:
-        need = {"pyincept": PYINCEPT_WEIGHTS, "torch": TORCH_WEIGHTS, "torch-cl": TORCH_WEIGHTS, "ort": ONNX_MODEL}[name]
+        need = {"pyincept": PYINCEPT_WEIGHTS, BASELINE: PYINCEPT_WEIGHTS, "torch": TORCH_WEIGHTS,
+                "torch-cl": TORCH_WEIGHTS, "ort": ONNX_MODEL}[name]
         if not (Path(workdir) / need).exists():
             why = " (exporting it needs torch and torchvision)" if name == "ort" else ""
             return f"no {need}{why}"
@@ -152,11 +159,18 @@ class Runner:
 def load(name, workdir, threads):
     """Load engine `name` from its file in workdir, using `threads` threads."""
     workdir = Path(workdir)
-    if name == "pyincept":
+    if name in ("pyincept", BASELINE):
         # Threads: PYINCEPT_NUM_THREADS (numba) and OPENBLAS_NUM_THREADS, set by the caller
         # in the environment before this process started (they are read at import).
         import numpy as np
+
+        if name == BASELINE:
+            source = Path(os.environ[BASELINE_SOURCE]).resolve()
+            sys.path.insert(0, str(source))                    # before this checkout's own pyincept
         import pyincept
+
+        if name == BASELINE and Path(pyincept.__file__).resolve().parent.parent != source:
+            raise RuntimeError(f"the baseline imported {pyincept.__file__}, not the package in {source}")
 
         model = pyincept.inception_v3(workdir / PYINCEPT_WEIGHTS)
         return Runner(model, lambda x: np.ascontiguousarray(x, dtype=np.float32))

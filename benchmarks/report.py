@@ -173,7 +173,9 @@ def header(res):
             "  \n  **Busy machine: other processes shared these cores, so the numbers are noisy.**"
             if load0[0] > 0.5 or load1[0] > plan["threads"] + 0.5 else ""),
         f"- **Versions**: Python {v['python']}; {installed}" + (f"; not installed: {', '.join(absent)}" if absent else ""),
-        f"- **pyincept source**: {res.get('source', 'unknown')}",
+        f"- **pyincept source**: {res.get('source', 'unknown')}" + (
+            f"; baseline: `{plan['baseline']}` = {res['baseline'].get('commit') or res['baseline'].get('error')}, "
+            "its package extracted by `git archive` and timed in the same rounds" if plan.get("baseline") else ""),
         f"- **BLAS** (numpy, used by pyincept): {res['blas']}",
         f"- **Threads**: {plan['threads']} for every engine (pyincept: PYINCEPT_NUM_THREADS and OPENBLAS_NUM_THREADS; "
         f"torch: set_num_threads, 1 inter-op; onnxruntime: intra_op_num_threads, inter_op 1, ORT_ENABLE_ALL)",
@@ -387,12 +389,15 @@ def determinism_section(res):
     if not d:
         return []
     yes = lambda b: "yes" if b else "**no**"  # noqa: E731
+    identical = d.get("alone_vs_batch_identical")
     return ["## Determinism (pyincept)", "",
-            f"- Each of {d['batch']} images alone vs inside one batch of {d['batch']}: max |Δ logit| = "
-            f"{d['alone_vs_batch_max_abs']:.2e}, {d['alone_vs_batch_max_rel']:.2e} of the largest logit "
-            f"(top-1 equal: {yes(d['top1_agree'])}). Not bit-for-bit: alone, an image's layers split their "
-            "pixels between the threads; inside a batch, one micro-batch shard runs them whole, and GEMMs "
-            "of differently shaped matrices sum in a different order.",
+            f"- Each of {d['batch']} images alone vs inside one batch of {d['batch']}: bit-for-bit identical: "
+            f"{yes(identical)}" + ("" if identical else
+                                   f" (max |Δ logit| = {d['alone_vs_batch_max_abs']:.2e}, "
+                                   f"{d['alone_vs_batch_max_rel']:.2e} of the largest logit; top-1 equal: "
+                                   f"{yes(d['top1_agree'])})") +
+            f", under OpenBLAS's {' / '.join(map(str, d.get('blas') or ['?']))} kernel. Every product holds one "
+            "image's rows, cut by that image's geometry alone (`kernels/cpu.py:_gemm_pieces`).",
             f"- The same batch twice: bit-for-bit identical: {yes(d['batch_rerun_identical'])}; "
             f"the same single image twice: {yes(d['single_rerun_identical'])}.", ""]
 

@@ -172,6 +172,8 @@ def task_determinism(args):
 
     import pyincept
 
+    from threadpoolctl import threadpool_info
+
     model = pyincept.inception_v3(f"{args.workdir}/pyincept.npz")
     x = images(args.batch)
     batched = model(x)
@@ -180,11 +182,13 @@ def task_determinism(args):
     return {
         "batch": args.batch,
         "max_abs_logit": scale,
+        "alone_vs_batch_identical": bool(np.array_equal(alone, batched)),
         "alone_vs_batch_max_abs": float(np.abs(alone - batched).max()),
         "alone_vs_batch_max_rel": float(np.abs(alone - batched).max() / scale),
         "top1_agree": bool((alone.argmax(1) == batched.argmax(1)).all()),
         "batch_rerun_identical": bool(np.array_equal(model(x), batched)),
         "single_rerun_identical": bool(np.array_equal(model(x[:1]), alone[:1])),
+        "blas": [lib.get("architecture") for lib in threadpool_info() if lib["user_api"] == "blas"],
     }
 
 

@@ -42,14 +42,22 @@ def run_suite(tmp_path, *args, env=None):
 
 
 def test_quick_suite_runs_and_reports(tmp_path):
+    """The whole quick suite, with the code at HEAD as the baseline timed beside today's."""
     out = tmp_path / "report.md"
-    p = run_suite(tmp_path, "--out", str(out))
+    p = run_suite(tmp_path, "--out", str(out), "--baseline", "HEAD")
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     text = p.stdout
     for header in HEADERS + ["## Scale (pyincept)", "By batch size, 299x299:", "By input size:"]:
         assert header in text, header
     assert out.read_text() == text
     assert "| pyincept | " in text
+    if (ROOT / ".git").exists():
+        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, check=True).stdout.strip()
+        assert f"| pyincept at {commit} (baseline) | " in text                 # timed, and in the ratio table
+        assert f"baseline: `HEAD` = {commit}" in text
+    else:
+        assert "(baseline)**: skipped, no baseline at 'HEAD'" in text
     assert "## Errors" not in text
     if importlib.util.find_spec("torch"):
         assert "| torch eager NCHW | " in text and "| torch eager channels_last | " in text
@@ -142,8 +150,9 @@ def fake_results(batches=(1, 8, 32), rss_batch=32, ort=True):
         "layers": {"stages": [{"name": "Conv2d_1a_3x3", "kind": "BasicConv2d", "times": [0.01], "macs": 10**9},
                               {"name": "fc", "kind": "Linear", "times": [0.03], "macs": 2 * 10**9}],
                    "whole_times": [0.04]},
-        "determinism": {"batch": 8, "max_abs_logit": 7.0, "alone_vs_batch_max_abs": 1e-6, "alone_vs_batch_max_rel": 1e-7,
-                        "top1_agree": True, "batch_rerun_identical": True, "single_rerun_identical": True},
+        "determinism": {"batch": 8, "max_abs_logit": 7.0, "alone_vs_batch_identical": True, "alone_vs_batch_max_abs": 0.0,
+                        "alone_vs_batch_max_rel": 0.0, "top1_agree": True, "batch_rerun_identical": True,
+                        "single_rerun_identical": True, "blas": ["Haswell"]},
         "scale": None,
         "accuracy": {"torch": {"max_abs_logit": 7.0, "max_abs_delta": 7e-6, "relative": 1e-6, "top1_equal": True}},
         "macs_per_image": 5_713_000_000,
