@@ -574,7 +574,7 @@ def conv2d(x, w, bias=None, stride=1, padding=0, relu=False, out=None, heads=())
         _late_heads(late, out)
         return out
 
-    rows, cuts = _gemm_pieces(P, K, D, _SCRATCH_FLOATS)
+    rows, cuts = _gemm_pieces(P, K, D)
     if len(cuts) > 2:                                                  # by output channels: all rows at once
         for n in range(N):
             cols = unfolded(n * P, P)                                  # (P, R*S*C), once per image
@@ -614,31 +614,29 @@ def conv2d(x, w, bias=None, stride=1, padding=0, relu=False, out=None, heads=())
 
 
 # --- one image's products, cut the same way in any batch --------------------------
-# Why an image's bits never depend on its batch: each BLAS call holds rows of one image
-# only, cut at bounds that come from that image's geometry alone, and BLAS runs single-
-# threaded (map_batch, `_single_threaded_blas`), so an image meets the same calls, with
-# the same shapes and the same rows, whatever its batch-mates, the thread count or the
-# caller. A BLAS picks its summation order by the shape of each call: OpenBLAS's AVX2
-# kernel gives a row other bits in a 64-row product than in a 65- or 128-row one (only
-# multiples of 12 rows agreed), and a column other bits in a narrower product; its AVX-512
-# kernel happens not to, which is why this once held on some machines and not others.
+# Why an image's bits never depend on its batch, threads or callers: every BLAS call holds one
+# image's rows, cut where that image's geometry alone says, and BLAS runs single-threaded.
+# A BLAS picks its summation order by the shape of each call: OpenBLAS's AVX2 kernel gives a
+# row other bits in a 64-row product than in a 65- or 128-row one (only multiples of 12 rows
+# agreed), and a column other bits in a narrower product. Its AVX-512 kernel happens not to,
+# which is why the promise once held on some machines and not on others (issue 13).
 
 
-def _gemm_pieces(rows, K, floats_per_row, limit):
-    """How one image's product of `rows` rows and K output columns is cut, from its own
-    geometry alone (never the batch or the threads): (row bounds, column bounds).
+def _gemm_pieces(rows, K, D):
+    """How conv2d cuts one image's (rows, D) @ (D, K) product, from its own geometry alone
+    (never the batch or the threads): (row bounds, column bounds).
 
     By output channels (all rows, two halves of the columns) where the weights far
     outweigh the input, K > 4 rows: v3's 8x8 layers, which at batch 1 are bound by
     streaming their weights from memory; each thread of a lone image then reads half of
     them (measured, issue 4: Mixed_7b-c 3.3 ms faster). Else by rows, in tiles of at most
-    `limit` scratch floats (`floats_per_row` each), and an even number of at least two
-    where there are 2 * _SIDE_BY_SIDE_MIN rows or more, so that a lone image's two threads
-    share the tiles evenly; inside a batch each image runs the same tiles.
+    _SCRATCH_FLOATS unfolded values, and an even number of at least two where there are
+    2 * _SIDE_BY_SIDE_MIN rows or more, so that a lone image's two threads share the tiles
+    evenly; inside a batch each image runs the same tiles.
     """
-    if K > 4 * rows and K >= _SIDE_BY_SIDE_MIN and rows * floats_per_row <= _SCRATCH_FLOATS:
+    if K > 4 * rows and K >= _SIDE_BY_SIDE_MIN and rows * D <= _SCRATCH_FLOATS:
         return (0, rows), (0, K // 2, K)
-    pieces = max(1, -(-rows * floats_per_row // limit))
+    pieces = max(1, -(-rows * D // _SCRATCH_FLOATS))
     if rows >= 2 * _SIDE_BY_SIDE_MIN:
         pieces = max(2, pieces + pieces % 2)
     pieces = min(pieces, rows)
