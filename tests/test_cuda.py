@@ -18,6 +18,8 @@ import importlib.util
 import os
 import subprocess
 import sys
+import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +51,52 @@ def _real_gpu():
 
 REAL_GPU = _real_gpu()
 SENTINEL = np.float32(7.25)     # fills the channels of an `out` buffer a kernel must not touch
+
+
+def _lock_the_simulators_shared_arrays():
+    """Make numba-cuda's simulated `cuda.shared.array` one array per block, whatever the thread schedule.
+
+    The simulator gives a block's threads the same shared array by looking the call site
+    (file, line) up in a dict and, on a miss, storing a new `np.empty` there: a get, then a
+    set, with no lock (numba-cuda 0.30, simulator/kernelapi.py, FakeCUDAShared.array). Its
+    GPU threads are Python threads, so when the GIL changes hands between that get and set,
+    a second thread misses too and stores an array of its own: one thread of the block then
+    stages its part of the GEMM's slabs where nobody else reads, the others read np.empty's
+    garbage in its place, and conv2d or linear come back wrong. The GIL changes hands there
+    rarely at the default 5 ms switch interval (hence a failure once in many runs, in
+    whichever GEMM test it hits), about once in 300 launches at 0.1 ms. Here the same
+    lookup, with the same key, runs under a lock.
+    """
+    from numba.cuda.simulator import kernelapi
+
+    shared = kernelapi.FakeCUDAShared
+    if getattr(shared.array, "_pyincept_locked", False):
+        return
+    if not isinstance(getattr(shared(0), "_allocations", None), dict):        # not the code this mirrors
+        warnings.warn("numba-cuda's simulator changed FakeCUDAShared: its shared arrays are left unlocked "
+                      "(see _lock_the_simulators_shared_arrays in tests/test_cuda.py)")
+        return
+    original, lock = shared.array, threading.Lock()
+
+    def array(self, shape, dtype, alignment=None):
+        if shape == 0 or alignment is not None:      # dynamic shared memory (no lookup), or the simulator's own error
+            return original(self, shape, dtype, alignment)
+        caller = sys._getframe(1)
+        key = (caller.f_code.co_filename, caller.f_lineno)       # the simulator's key: the calling line
+        if isinstance(dtype, kernelapi.types.Type):
+            dtype = kernelapi.numpy_support.as_dtype(dtype)
+        with lock:
+            found = self._allocations.get(key)
+            if found is None:
+                found = self._allocations[key] = np.empty(shape, dtype)
+        return found
+
+    array._pyincept_locked = True
+    shared.array = array
+
+
+if SIMULATING and HAVE_NUMBA_CUDA:
+    _lock_the_simulators_shared_arrays()
 
 
 def run_python(script, **env):
@@ -387,6 +435,25 @@ class TestUnderSimulator:
         np.testing.assert_array_equal(self.cuda.to_host(self.cuda.relu(self.up(z, True, rng))), cpu.relu(z))
         logits = np.concatenate([randn(rng, 2, 11) * 50, np.full((1, 11), 1e4, np.float32)])   # exp would overflow unshifted
         close(self.cuda.to_host(self.cuda.softmax(self.cuda.to_device(logits))), cpu.softmax(logits), atol=1e-6)
+
+    @pytest.mark.skipif(not SIMULATING, reason="the simulator's shared arrays only")
+    def test_one_shared_slab_per_block_when_the_gil_changes_hands_mid_allocation(self, monkeypatch):
+        """The race _lock_the_simulators_shared_arrays closes, forced on every launch: np.empty sleeps
+        (the GIL goes to the block's other threads) while the simulator creates the GEMM's slabs."""
+        import time
+
+        K, empty = self.cuda, np.empty
+        slabs = {(K._TILE, K._A_ROW), (K._STEP, K._TILE)}
+
+        def slow_empty(shape, *args, **kwargs):
+            if isinstance(shape, tuple) and shape in slabs:
+                time.sleep(0.002)
+            return empty(shape, *args, **kwargs)
+
+        monkeypatch.setattr(np, "empty", slow_empty)
+        rng = np.random.default_rng(8)
+        x, w, b = randn(rng, 3, 40), randn(rng, 40, 70), randn(rng, 70)
+        close(self.cuda.to_host(self.cuda.linear(x, w, b)), cpu.linear(x, w, b), atol=1e-5 * np.sqrt(40))
 
     def test_memory_and_argument_checks(self):
         rng = np.random.default_rng(6)
