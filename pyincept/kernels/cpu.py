@@ -576,15 +576,19 @@ def conv2d(x, w, bias=None, stride=1, padding=0, relu=False, out=None, heads=())
 
     rows, cuts = _gemm_pieces(P, K, D)
     if len(cuts) > 2:                                                  # by output channels: all rows at once
-        for n in range(N):
-            cols = unfolded(n * P, P)                                  # (P, R*S*C), once per image
+        group = max(1, _SCRATCH_FLOATS // (P * D))                     # images unfolded at once
+        for n0 in range(0, N, group):
+            images = range(n0, min(N, n0 + group))
+            cols = unfolded(n0 * P, len(images) * P)                   # (images * P, R*S*C)
 
-            def columns(i0, i1, n=n, cols=cols):
-                """GEMM and epilogue of column pieces i0 .. i1-1 of image n (strided slices of out)."""
+            def columns(i0, i1, images=images, cols=cols):
+                """GEMM and epilogue of column pieces i0 .. i1-1, each for one image after another
+                (its weights still in cache for the next), into strided slices of out."""
                 for k0, k1 in zip(cuts[i0:i1], cuts[i0 + 1 : i1 + 1]):
-                    rows_n = slice(n * P, (n + 1) * P)
-                    np.matmul(cols, wmat[:, k0:k1], out=out2d[rows_n, k0:k1])   # (P, k1-k0)
-                    finish_columns(n * P, (n + 1) * P, k0, k1)
+                    for n in images:
+                        a = cols[(n - images[0]) * P : (n - images[0] + 1) * P]             # (P, R*S*C)
+                        np.matmul(a, wmat[:, k0:k1], out=out2d[n * P : (n + 1) * P, k0:k1])  # (P, k1-k0)
+                        finish_columns(n * P, (n + 1) * P, k0, k1)
 
             _side_by_side(columns, len(cuts) - 1, smallest=2)
         _late_heads(late, out)
@@ -593,9 +597,10 @@ def conv2d(x, w, bias=None, stride=1, padding=0, relu=False, out=None, heads=())
     pieces = len(rows) - 1
 
     def tiles(i0, i1):
-        """Unfold, GEMM and epilogue of pixel tiles i0 .. i1-1 (tile i: image i // pieces)."""
+        """Unfold, GEMM and epilogue of pixel tiles i0 .. i1-1: tile i is tile i // N of image
+        i % N, so that images follow one another on the same weights while they are in cache."""
         for i in range(i0, i1):
-            n, j = divmod(i, pieces)
+            j, n = divmod(i, N)
             p0, m = n * P + rows[j], rows[j + 1] - rows[j]
             cols = unfolded(p0, m)                                     # (m, R*S*C)
             dest = out2d[p0 : p0 + m]
@@ -677,6 +682,9 @@ _scratch_buffers = threading.local()   # concurrent shards and forward passes ne
 # reads theirs. Measured (issue 4) against 4M: batch 8 3-5% and batch 1 2-3 ms faster;
 # 256K and 128K were no better. im2col's tiles measured best at 4M.
 _WINOGRAD_FLOATS = 512 << 10
+# The images of a batch whose one-chunk Winograd layers run together, point by point: as
+# many as fit here (their transformed inputs and products).
+_WINOGRAD_GROUP_FLOATS = 2 << 20
 
 
 def _scratch(role, shape):
@@ -1194,20 +1202,26 @@ def conv2d_winograd(x, u, bias=None, padding=0, relu=False, out=None, kernel_siz
         # One chunk per image (every layer from 35x35 down). A lone image's two threads share
         # it in three steps, so that no product is ever cut: half the tiles' input transforms
         # each, then half of the n products (Winograd points) each, then half the output
-        # transforms. Inside a batch each image runs the same n products, whole.
-        for i in range(N):
-            v = _scratch("wino_v", (n, per_image, C))
-            m = _scratch("wino_m", (n, per_image, K))
-            t0 = i * per_image
-            _side_by_side(lambda a, b: transform_in(t0, v, a, b), per_image)
-            _side_by_side(lambda a, b: np.matmul(v[a:b], u[a:b], out=m[a:b]), n, smallest=2)   # points a .. b-1
-            _side_by_side(lambda a, b: transform_out(t0, m, a, b), per_image)
+        # transforms. Inside a batch each image runs the same n products, whole, and the
+        # images of a group take each point's product one after another, on its weights
+        # while they are still in cache.
+        group = max(1, min(N, _WINOGRAD_GROUP_FLOATS // (per_image * n * (C + K))))
+        for i0 in range(0, N, group):
+            G = min(group, N - i0)
+            v = _scratch("wino_v", (n, G * per_image, C))               # image g's tiles: rows g*per_image ..
+            m = _scratch("wino_m", (n, G * per_image, K))
+            t0 = i0 * per_image
+            v4, m4 = v.reshape(n, G, per_image, C), m.reshape(n, G, per_image, K)
+            _side_by_side(lambda a, b: transform_in(t0, v, a, b), G * per_image)
+            _side_by_side(lambda a, b: np.matmul(v4[a:b], u[a:b, None], out=m4[a:b]), n, smallest=2)  # points a .. b-1
+            _side_by_side(lambda a, b: transform_out(t0, m, a, b), G * per_image)
         return out
 
     def chunks(i0, i1):
-        """Transform, n GEMMs and transform back for chunks i0 .. i1-1 (chunk i: image i // pieces)."""
+        """Transform, n GEMMs and transform back for chunks i0 .. i1-1: chunk i is chunk i // N
+        of image i % N (images one after another on the same weights)."""
         for i in range(i0, i1):
-            image, j = divmod(i, pieces)
+            j, image = divmod(i, N)
             t0, count = image * per_image + bounds[j], bounds[j + 1] - bounds[j]
             v = _scratch("wino_v", (n, count, C))
             m = _scratch("wino_m", (n, count, K))
