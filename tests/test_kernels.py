@@ -502,6 +502,37 @@ def test_thread_count_from_environment_reaches_blas():
     assert out[1] == "1 [1]"
 
 
+def test_blas_has_one_thread_inside_every_pass_and_its_count_back_after():
+    """Inside a pass, on every thread that runs one (the caller, the shards, a lone image's
+    helper, callers on other threads), BLAS has one thread; after the last pass ends, the
+    count pyincept.set_num_threads gave, even when set from another thread or mid-pass.
+    threadpoolctl's own limit is obeyed only from the first thread that set one."""
+    import subprocess
+    import sys
+
+    code = (
+        "import threading, numpy as np, pyincept\n"
+        "from pyincept.kernels import cpu\n"
+        "seen, unfold = set(), cpu._unfold\n"
+        "def spy(*args):\n"
+        "    seen.add(cpu._blas[0].get_threads())\n"
+        "    return unfold(*args)\n"
+        "cpu._unfold = spy\n"
+        "model, x = pyincept.inception_v3(), np.zeros((5, 80, 80, 3), np.float32)\n"
+        "calls = [threading.Thread(target=model, args=(x[:n],)) for n in (1, 5, 1, 2)]\n"
+        "for t in calls: t.start()\n"
+        "for t in calls: t.join()\n"
+        "print(sorted(seen), cpu._blas[0].get_threads())\n"
+        "t = threading.Thread(target=pyincept.set_num_threads, args=(1,)); t.start(); t.join()\n"
+        "model(x[:1])\n"
+        "print(cpu._blas[0].get_threads())\n"
+    )
+    env = dict(__import__("os").environ, PYINCEPT_NUM_THREADS="2")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout.split("\n")
+    assert out[0] == "[1] 2"            # one BLAS thread in every pass; two again after
+    assert out[1] == "1"                # set from another thread: obeyed
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("N", [1, 2, 5, 9])
 def test_map_batch_covers_the_batch_in_order(monkeypatch, threads, N):

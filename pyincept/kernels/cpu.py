@@ -321,10 +321,7 @@ class _Helper:
             raise error
 
     def _serve(self):
-        with _single_threaded_blas():                        # this thread only ever runs halves of passes
-            self._serve_halves()
-
-    def _serve_halves(self):
+        # No BLAS limit of its own: it only ever runs halves of a pass whose caller holds one.
         flags, seq = self.flags, 0
         while True:
             seq += 1
