@@ -679,9 +679,6 @@ _scratch_buffers = threading.local()   # concurrent shards and forward passes ne
 # reads theirs. Measured (issue 4) against 4M: batch 8 3-5% and batch 1 2-3 ms faster;
 # 256K and 128K were no better. im2col's tiles measured best at 4M.
 _WINOGRAD_FLOATS = 512 << 10
-# The images of a batch whose one-chunk Winograd layers run together, point by point: as
-# many as fit here (their transformed inputs and products).
-_WINOGRAD_GROUP_FLOATS = 2 << 20
 
 
 def _scratch(role, shape):
@@ -1202,7 +1199,7 @@ def conv2d_winograd(x, u, bias=None, padding=0, relu=False, out=None, kernel_siz
         # transforms. Inside a batch each image runs the same n products, whole, and the
         # images of a group take each point's product one after another, on its weights
         # while they are still in cache.
-        group = max(1, min(N, _WINOGRAD_GROUP_FLOATS // (per_image * n * (C + K))))
+        group = max(1, min(N, _WINOGRAD_FLOATS // (per_image * n * (C + K))))       # as many as fit a chunk
         for i0 in range(0, N, group):
             G = min(group, N - i0)
             v = _scratch("wino_v", (n, G * per_image, C))               # image g's tiles: rows g*per_image ..
