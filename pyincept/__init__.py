@@ -1,14 +1,17 @@
-"""pyincept: Inception v3 from scratch in NumPy and Numba.
+"""pyincept: the Inception family from scratch in NumPy and Numba.
 
 The public API:
 
     import pyincept
+    pyincept.models()                                    # ['googlenet', 'inception_v3']
     model = pyincept.inception_v3("inception_v3.npz")   # or weights=None: seeded random init
+    model = pyincept.load_model("googlenet.npz")        # whichever model the file holds
+    model = pyincept.create_model("googlenet", device="reference")   # the plain-NumPy twins
     logits = model(x)                                    # x: float32 NHWC (N, H, W, 3) -> (N, 1000)
     acts = model.run(x, ["Mixed_5b.branch_pool"])        # any named layer's NHWC output
 
-    pyincept.convert_checkpoint("inception_v3_google-0cc3c7bd.pth", "inception_v3.npz")
-    path = pyincept.fetch_weights()                      # download, verify, convert, cache
+    pyincept.convert_checkpoint("googlenet-1378be20.pth", "googlenet.npz")   # recognises the model
+    path = pyincept.fetch_weights("googlenet")           # download, verify, convert, cache
 
     image = pyincept.load_image("photo.jpg")             # any Pillow mode -> RGB, EXIF-oriented
     x = pyincept.preprocess(image)                       # (299, 299, 3): torchvision's recipe
@@ -22,21 +25,24 @@ Kernels (fast and reference) live in `pyincept.kernels`.
 """
 
 from .errors import CheckpointError, DownloadError, PyinceptError, WeightsError
-from .inception_v3 import Inception3, inception_v3
+from .io.convert import convert_checkpoint
+from .io.npz import load_weights, save_weights
 from .kernels.cpu import set_num_threads
 from .labels import imagenet_labels
+from .models.googlenet import GoogLeNet
+from .models.inception_v3 import Inception3
+from .models.registry import create_model, detect_model, googlenet, inception_v3, load_model, models
 from .predict import Prediction, classify, find_images
 from .preprocess import ImageError, load_image, preprocess, preprocess_batch
 from .retrain import Head, attach_head, retrain
 from .visualize import activation_grid, save_grid
-from .weights import convert_checkpoint, load_weights, save_weights
 
 __version__ = "0.1.0"
 
 
 def fetch_weights(*args, **kwargs):
-    """Download, verify and convert the published checkpoint; see `pyincept.fetch.fetch_weights`."""
-    from .fetch import fetch_weights as _fetch
+    """Download, verify and convert a model's published checkpoint; see `pyincept.io.fetch.fetch_weights`."""
+    from .io.fetch import fetch_weights as _fetch
 
     return _fetch(*args, **kwargs)
 
@@ -45,6 +51,7 @@ __all__ = [
     "CheckpointError",
     "Head",
     "DownloadError",
+    "GoogLeNet",
     "ImageError",
     "Inception3",
     "Prediction",
@@ -54,12 +61,17 @@ __all__ = [
     "attach_head",
     "classify",
     "convert_checkpoint",
+    "create_model",
+    "detect_model",
     "fetch_weights",
     "find_images",
+    "googlenet",
     "imagenet_labels",
     "inception_v3",
     "load_image",
+    "load_model",
     "load_weights",
+    "models",
     "preprocess",
     "preprocess_batch",
     "retrain",

@@ -1,12 +1,17 @@
 """The `pyincept` command line.
 
+    pyincept models                      the family: name, paper, parameters, GMACs, input size, weights
     pyincept classify PATH...            top-K ImageNet classes for images and folders
     pyincept retrain DATA_DIR            train a new top layer on folders of images, one per class
     pyincept activations IMAGE --layer N a named layer's activations as a tiled PNG
     pyincept layers                      every named layer: output shape, parameters, MACs
-    pyincept convert SRC.pth DST.npz     torchvision checkpoint -> pyincept weight file
-    pyincept weights fetch               download, verify, convert and cache the published weights
+    pyincept convert SRC.pth DST.npz     torchvision checkpoint of any registered model -> pyincept weight file
+    pyincept weights fetch               download, verify, convert and cache a model's published weights
     pyincept weights path                print where fetched weights live
+
+Every command that runs a network takes the model from the weight file it is given
+(`--weights FILE`, else $PYINCEPT_WEIGHTS, else the fetched weights of `--model`, by
+default inception_v3); `--model` picks the network for `--weights random`.
 
 Expected failures (bad files, no network, wrong shapes) print one line,
 `pyincept: error: ...`, and exit 1; usage errors exit 2 (argparse). No traceback
@@ -23,23 +28,33 @@ import sys
 from .errors import PyinceptError, WeightsError
 
 RANDOM_WEIGHTS = "random"
+DEVICES = ("cpu", "reference", "cuda")
 
 
-def load_model(weights_arg, device="cpu"):
-    """The model for --weights FILE, else $PYINCEPT_WEIGHTS, else the fetched cache, on `device`.
+def load_model(weights_arg, device="cpu", model=None):
+    """The model for --weights FILE, else $PYINCEPT_WEIGHTS, else `model`'s fetched weights, on `device`.
 
-    `--weights random` is the seeded random init: for study, not for answers.
+    `--weights random` is the seeded random init of `model` (default inception_v3): for
+    study, not for answers. A weight file names its own model; `model`, when given, must agree.
     """
-    from .fetch import default_weights_path
-    from .inception_v3 import inception_v3
+    from .io.fetch import default_weights_path
+    from .models import registry
 
-    path = weights_arg or os.environ.get("PYINCEPT_WEIGHTS") or default_weights_path()
+    name = registry.get_spec(model or "inception_v3").name
+    path = weights_arg or os.environ.get("PYINCEPT_WEIGHTS") or default_weights_path(name)
     if path is None:
+        published = registry.get_spec(name).default_weights.filename
+        flag = f" --model {name}" if name != "inception_v3" else ""
         raise WeightsError(
-            "no weights: run `pyincept weights fetch` (needs the internet), or pass --weights FILE.npz "
-            "or set PYINCEPT_WEIGHTS (make the file with `pyincept convert inception_v3_google-0cc3c7bd.pth FILE.npz`)"
+            f"no weights: run `pyincept weights fetch{flag}` (needs the internet), or pass --weights FILE.npz "
+            f"or set PYINCEPT_WEIGHTS (make the file with `pyincept convert {published} FILE.npz`)"
         )
-    return inception_v3(None if str(path) == RANDOM_WEIGHTS else path, device=device)
+    if str(path) == RANDOM_WEIGHTS:
+        return registry.create_model(name, device=device)
+    network = registry.load_model(path, device=device)
+    if model is not None and network.spec.name != name:
+        raise WeightsError(f"{path} holds {network.spec.name} weights, not {name} (drop --model, or pass its weights)")
+    return network
 
 
 def _cmd_classify(args):
@@ -49,7 +64,7 @@ def _cmd_classify(args):
     if not paths:
         raise PyinceptError("no images found in " + ", ".join(args.paths))
     head = _load_head(args.head) if args.head else None       # a bad head file fails before any work
-    model = load_model(args.weights, args.device)
+    model = load_model(args.weights, args.device, args.model)
     options = {}
     if head is not None:
         from .retrain import attach_head
@@ -94,10 +109,10 @@ def _cmd_retrain(args):
     from tqdm import tqdm
 
     from .retrain import find_dataset, format_confusion_matrix, retrain, weights_identity
-    from .weights import sha256_file
+    from .io.npz import sha256_file
 
     find_dataset(args.data_dir)                      # a bad folder fails before the network loads
-    model = load_model(args.weights)
+    model = load_model(args.weights, model=args.model)
     weights_file = args.weights or os.environ.get("PYINCEPT_WEIGHTS")
     weights_id = weights_identity(model)
     if weights_id is None and weights_file:          # a weight file whose metadata names no source
@@ -129,7 +144,7 @@ def _cmd_activations(args):
     from .preprocess import load_image, preprocess
     from .visualize import activation_grid, save_grid
 
-    model = load_model(args.weights, args.device)
+    model = load_model(args.weights, args.device, args.model)
     if args.layer not in model.layer_names():
         raise PyinceptError(f"unknown layer {args.layer!r}; `pyincept layers` lists the names")
     x = preprocess(load_image(args.image), **preprocessing_for(model))[None]
@@ -148,30 +163,56 @@ def _cmd_activations(args):
 
 
 def _cmd_layers(args):
+    from .models.registry import get_spec
     from .summary import format_table, layer_table
 
-    print(format_table(layer_table(tuple(args.size), include_aux=args.aux)))
+    name = _model_of(args.weights) if args.weights else get_spec(args.model or "inception_v3").name
+    if args.model and args.weights and args.model != name:
+        raise WeightsError(f"{args.weights} holds {name} weights, not {args.model}")
+    size = tuple(args.size) if args.size else None
+    print(format_table(layer_table(size, include_aux=args.aux, model=name)))
+    return 0
+
+
+def _model_of(path):
+    """The registered name of the model a weight file holds (from its metadata, else its keys)."""
+    from .io.npz import load_weights
+    from .models.registry import detect_model
+
+    params, meta = load_weights(path)
+    return meta.get("model") or detect_model(params, path)
+
+
+def _cmd_models(args):
+    from .models.registry import MODELS, models
+    from .summary import layer_table, totals
+
+    header = ("name", "paper", "params", "GMACs", "input", "weights")
+    rows = []
+    for name in models():
+        spec = MODELS[name]
+        t = totals(layer_table(spec.input_size, model=name))
+        rows.append((name, spec.paper, f"{t['params'] / 1e6:.2f} M", f"{t['macs'] / 1e9:.2f}",
+                     "x".join(map(str, spec.input_size)), ", ".join(f"{w.name} ({w.filename})" for w in spec.weights)))
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for r in [header, tuple("-" * w for w in widths), *rows]:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
     return 0
 
 
 def _cmd_convert(args):
-    from .weights import convert_checkpoint
+    from .io.convert import convert_checkpoint
 
-    meta = convert_checkpoint(args.src, args.dst)
-    print(f"converted {args.src} -> {args.dst} (sha256 {meta['source_sha256'][:12]}...)")
+    meta = convert_checkpoint(args.src, args.dst, model=args.model)
+    print(f"converted {args.src} -> {args.dst} ({meta['model']}; sha256 {meta['source_sha256'][:12]}...)")
     return 0
 
 
 def _cmd_weights_fetch(args):
-    from . import config
-    from .fetch import fetch_weights
+    from .io.fetch import fetch_weights
 
-    path = fetch_weights(
-        url=args.url or config.PUBLISHED_URL,
-        hash_prefix=args.hash_prefix if args.hash_prefix is not None else config.PUBLISHED_SHA256_PREFIX,
-        force=args.force,
-        progress=not args.quiet,
-    )
+    path = fetch_weights(model=args.model, url=args.url, hash_prefix=args.hash_prefix, force=args.force,
+                         progress=not args.quiet)
     print(path)
     return 0
 
@@ -184,9 +225,16 @@ def _cmd_weights_path(args):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="pyincept", description="Inception v3 in NumPy and Numba.")
+    from .models.registry import models
+
+    parser = argparse.ArgumentParser(prog="pyincept", description="The Inception family in NumPy and Numba.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
+    names = models()
+    model_help = "the network for --weights random or the fetched weights (default inception_v3; a weight file names its own)"
+
+    m = sub.add_parser("models", help="the registered networks: paper, parameters, GMACs, input size, weight sets")
+    m.set_defaults(run=_cmd_models)
 
     c = sub.add_parser("classify", help="top-K ImageNet classes for image files and folders")
     c.add_argument("paths", nargs="+", metavar="PATH", help="image file, or folder searched recursively")
@@ -196,13 +244,15 @@ def build_parser():
     c.add_argument("--batch-size", type=_positive, default=8, metavar="N", help="images per forward pass (default 8)")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     c.add_argument("--head", metavar="FILE", help="a retrained top layer (.npz from `pyincept retrain`): its classes replace ImageNet's")
-    c.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the network runs (cuda: the `cuda` extra and an NVIDIA GPU)")
+    c.add_argument("--model", choices=names, help=model_help)
+    c.add_argument("--device", choices=DEVICES, default="cpu", help="where the network runs (reference: the plain-NumPy twins; cuda: the `cuda` extra and an NVIDIA GPU)")
     c.set_defaults(run=_cmd_classify)
 
     r = sub.add_parser("retrain", help="train a new top layer (softmax on the 2048-d bottleneck) on folders of images, one per class")
     r.add_argument("data_dir", metavar="DATA_DIR", help="one sub-folder of images per class; the folder names are the labels")
     r.add_argument("--out", default="head.npz", metavar="FILE", help="head file to write (default head.npz)")
     r.add_argument("--weights", metavar="FILE", help="pyincept .npz (default: $PYINCEPT_WEIGHTS, else the fetched weights)")
+    r.add_argument("--model", choices=names, help=model_help)
     r.add_argument("--epochs", type=_positive, default=50, metavar="N", help="passes over the training set; L-BFGS: iterations (default 50)")
     r.add_argument("--learning-rate", type=_positive_float, metavar="LR", help="step size (default 0.001; unused by lbfgs)")
     r.add_argument("--batch-size", type=_positive, default=32, metavar="N", help="examples per sgd/adam step (default 32)")
@@ -225,23 +275,28 @@ def build_parser():
     a.add_argument("--cols", type=_positive, default=4, metavar="C", help="tiles per row (default 4)")
     a.add_argument("--pad", type=_non_negative, default=1, metavar="P", help="pixels between tiles (default 1)")
     a.add_argument("--scale", type=_positive, default=1, metavar="S", help="upsample the grid S times (default 1)")
-    a.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the network runs")
+    a.add_argument("--model", choices=names, help=model_help)
+    a.add_argument("--device", choices=DEVICES, default="cpu", help="where the network runs")
     a.set_defaults(run=_cmd_activations)
 
     lay = sub.add_parser("layers", help="every named layer: output shape, parameters and multiply-accumulates")
-    lay.add_argument("--size", type=_positive, nargs=2, default=(299, 299), metavar=("H", "W"), help="input size (default 299 299)")
+    lay.add_argument("--size", type=_positive, nargs=2, metavar=("H", "W"), help="input size (default: the model's, 299 299 for inception_v3)")
+    lay.add_argument("--model", choices=names, help="the network (default inception_v3, or the one --weights holds)")
+    lay.add_argument("--weights", metavar="FILE", help="a pyincept .npz: list the layers of the model it holds")
     lay.add_argument("--aux", action="store_true", help="include the auxiliary head")
     lay.set_defaults(run=_cmd_layers)
 
-    p = sub.add_parser("convert", help="convert a torchvision Inception v3 checkpoint (.pth) to a pyincept .npz")
-    p.add_argument("src", metavar="SRC", help="torchvision checkpoint, e.g. inception_v3_google-0cc3c7bd.pth")
+    p = sub.add_parser("convert", help="convert a torchvision checkpoint (.pth) of any registered model to a pyincept .npz")
+    p.add_argument("src", metavar="SRC", help="torchvision checkpoint, e.g. inception_v3_google-0cc3c7bd.pth or googlenet-1378be20.pth")
     p.add_argument("dst", metavar="DST.npz", help="pyincept weight file to write")
+    p.add_argument("--model", choices=names, help="convert as this model (default: recognised from the keys and shapes)")
     p.set_defaults(run=_cmd_convert)
 
     w = sub.add_parser("weights", help="manage the published weights")
     wsub = w.add_subparsers(dest="weights_command", metavar="ACTION")
     wsub.required = True
-    f = wsub.add_parser("fetch", help="download the published checkpoint, check its SHA-256, convert it into the cache")
+    f = wsub.add_parser("fetch", help="download a model's published checkpoint, check its SHA-256, convert it into the cache")
+    f.add_argument("--model", choices=names, default="inception_v3", help="whose weights (default inception_v3)")
     f.add_argument("--url", help="download from this URL instead (a mirror)")
     f.add_argument("--hash-prefix", help="expected SHA-256 prefix (hex) of the file at --url")
     f.add_argument("--force", action="store_true", help="download and convert again even if cached")

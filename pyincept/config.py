@@ -1,4 +1,4 @@
-"""Every knob in one place: threads, Numba flags, caches, published weights.
+"""Every runtime knob in one place: threads, Numba flags, micro-batches, the cache folder.
 
 Model code reads nothing from the environment itself; it asks this module.
 
@@ -20,6 +20,8 @@ import os
 # The CPU kernels are serial (no parallel=True): threads come from running batch
 # shards side by side, see kernels/cpu.py, so no Numba threading layer is involved.
 JIT_OPTIONS = {"cache": True, "nogil": True, "fastmath": False, "error_model": "numpy"}
+# The same, for the small helpers of the hot loops, which Numba inlines into their callers.
+JIT_INLINE_OPTIONS = {**JIT_OPTIONS, "inline": "always"}
 
 # --- Batches ----------------------------------------------------------------------
 # The CPU runs a batch in micro-batches of at most this many images, spread over its
@@ -53,13 +55,9 @@ def num_threads():
     return threads_from_environment() or os.cpu_count() or 1
 
 
-# --- Published weights ---------------------------------------------------------
-# torchvision's port of Google's Inception v3 checkpoint (see weights/README.md).
-# torchvision checks only the hex digits in the file name: a prefix of the SHA-256.
-PUBLISHED_URL = "https://download.pytorch.org/models/inception_v3_google-0cc3c7bd.pth"
-PUBLISHED_SHA256_PREFIX = "0cc3c7bd"
-PUBLISHED_FILENAME = "inception_v3_google-0cc3c7bd.pth"
-CONVERTED_FILENAME = "inception_v3_google-0cc3c7bd.npz"
+# --- Caches ------------------------------------------------------------------------
+# Published weights and what they travel with (URL, hash, preprocessing, labels) are the
+# models' own: each model file's SPEC, collected by pyincept.models.registry.
 
 
 def cache_dir():
@@ -70,16 +68,3 @@ def cache_dir():
     import platformdirs
 
     return platformdirs.user_cache_dir("pyincept", appauthor=False)
-
-# How images must be prepared for the published weights: torchvision's recipe for
-# Inception_V3_Weights.IMAGENET1K_V1 (ImageClassification(crop_size=299, resize_size=342)),
-# then its `transform_input`, which maps ImageNet-normalised pixels to the [-1, 1]
-# range Google's network was trained on. Written into every converted weight file's
-# metadata, so the constants travel with the weights.
-IMAGENET_PREPROCESSING = {
-    "resize_size": 342,          # shorter side, bilinear, antialiased
-    "crop_size": 299,            # centre crop
-    "mean": [0.485, 0.456, 0.406],
-    "std": [0.229, 0.224, 0.225],
-    "transform_input": True,     # x * std / 0.5 + (mean - 0.5) / 0.5, per channel
-}

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from . import config, kernels
+from . import kernels
 from .errors import PyinceptError
 from .labels import imagenet_labels
 from .preprocess import ImageError, load_image, preprocess
@@ -67,7 +67,7 @@ def classify(inputs, model, top=5, batch_size=8, labels=None, head=None, preproc
     """Yield a `Prediction` per input, in order.
 
     inputs: paths (str / Path) or PIL images; a PIL image is reported as "<image i>".
-    model: an `Inception3`. head: optional (weights (2048, K), bias (K,)) replacing fc,
+    model: any registered network. head: optional (weights (D, K), bias (K,)) replacing fc,
     with `labels` naming its K classes. preprocessing: settings for `preprocess`
     (default: the model's metadata, else the published recipe).
     """
@@ -101,13 +101,14 @@ def classify(inputs, model, top=5, batch_size=8, labels=None, head=None, preproc
 
 
 def preprocessing_for(model):
-    """The preprocessing the model's weights were trained with (from their metadata), else the published recipe."""
-    return model.meta.get("preprocessing") or config.IMAGENET_PREPROCESSING
+    """The preprocessing the model's weights were trained with (from their metadata), else
+    the recipe of the model's published weights."""
+    return model.meta.get("preprocessing") or model.spec.default_weights.preprocessing
 
 
 def _probabilities(model, x, head):
     if head is None:
         return kernels.softmax(model(x))
-    features = model.run(x, ["avgpool"])["avgpool"].reshape(len(x), -1)            # (n, 2048)
+    features = model.run(x, [model.feature_layer])[model.feature_layer].reshape(len(x), -1)   # (n, D)
     weight, bias = head
     return kernels.softmax(kernels.linear(features, weight, bias))

@@ -1,4 +1,4 @@
-"""Image file -> the (299, 299, 3) float32 array Inception v3 expects: decode, orient, resize, crop, normalise.
+"""Image file -> the float32 array a network expects: decode, orient, resize, crop, normalise.
 
 What this is: `load_image` turns a path, bytes or a PIL image into an 8-bit RGB PIL image,
 by the rules in its docstring, and refuses anything it cannot read with an `ImageError`
@@ -13,9 +13,9 @@ What this is not: data augmentation (no random crops or flips), colour managemen
 profiles are ignored, as torchvision ignores them), or a general image library. It imports
 neither torch nor numba.
 
-Inception v3 takes a 299x299x3 input (Szegedy et al., 2016, "Rethinking the Inception
-Architecture", Table 1). The constants live in `config.IMAGENET_PREPROCESSING`, which
-travels with the converted weights.
+The defaults are Inception v3's recipe (a 299x299x3 input, Szegedy et al. 2016, Table 1);
+every model's own recipe travels with its weights (`WeightSet.preprocessing` in the model's
+file, copied into each converted weight file's metadata), e.g. GoogLeNet's resize 256, crop 224.
 """
 
 import io
@@ -25,7 +25,6 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps
 
-from . import config
 from .errors import PyinceptError
 
 # Refuse images with more pixels than this before decoding them. A few hundred bytes of
@@ -87,11 +86,11 @@ def load_image(source):
 
 def preprocess(
     image,
-    resize_size=config.IMAGENET_PREPROCESSING["resize_size"],
-    crop_size=config.IMAGENET_PREPROCESSING["crop_size"],
-    mean=tuple(config.IMAGENET_PREPROCESSING["mean"]),
-    std=tuple(config.IMAGENET_PREPROCESSING["std"]),
-    transform_input=config.IMAGENET_PREPROCESSING["transform_input"],
+    resize_size=342,
+    crop_size=299,
+    mean=(0.485, 0.456, 0.406),
+    std=(0.229, 0.224, 0.225),
+    transform_input=True,
 ):
     """One image (anything `load_image` takes) -> (crop_size, crop_size, 3) float32, HWC.
 
@@ -126,7 +125,7 @@ def preprocess(
 def preprocess_batch(images, **settings):
     """Several images -> (N, crop_size, crop_size, 3) float32, each by `preprocess(image, **settings)`."""
     images = list(images)
-    crop = settings.get("crop_size", config.IMAGENET_PREPROCESSING["crop_size"])
+    crop = settings.get("crop_size", 299)
     batch = np.empty((len(images), crop, crop, 3), np.float32)
     for n, image in enumerate(images):
         batch[n] = preprocess(image, **settings)

@@ -136,7 +136,7 @@ def attach_head(model, head):
 
     The head's labels go on the model as `model.labels`. Returns the model.
     """
-    fc = next(stage for stage in model.stages if stage.name == "fc")
+    fc = next(stage for stage in model.stages if stage.name == model.classifier)
     D, K = head.weight.shape
     if D != fc.in_features:
         raise PyinceptError(f"the head takes {D} features; this model's bottleneck has {fc.in_features}")
@@ -473,14 +473,15 @@ def compute_bottlenecks(paths, views_of, model, cache, weights_id, preprocessing
     """
     from tqdm import tqdm
 
-    D = next(stage for stage in model.stages if stage.name == "fc").in_features
+    D = next(stage for stage in model.stages if stage.name == model.classifier).in_features
+    layer = model.feature_layer
     results, skipped, pending = [None] * len(paths), [], []     # pending: (image i, view j, key, pixels)
     counts = {"computed": 0, "cached": 0}
 
     def flush():
         if pending:
             x = np.stack([pixels for *_, pixels in pending])
-            features = model.run(x, [FEATURE_LAYER])[FEATURE_LAYER].reshape(len(x), D)
+            features = model.run(x, [layer])[layer].reshape(len(x), D)
             for (i, j, key, _), vector in zip(pending, features):
                 cache.put(key, vector)
                 results[i][j] = vector
@@ -524,7 +525,7 @@ def retrain(data_dir, model, *, epochs=50, learning_rate=None, batch_size=32, op
             progress=False, log=None):
     """Train a new softmax layer on the bottlenecks of DATA_DIR's images. Returns (Head, report).
 
-    data_dir: one sub-folder per class. model: an `Inception3` (kept as it is). The images
+    data_dir: one sub-folder per class. model: any registered network (kept as it is). The images
     are split per class into train / validation / test (`split_dataset`); the head is
     trained on the train bottlenecks (plus `views` augmented views of each training image
     when `augment`), scored on validation after every epoch and on test once at the end.

@@ -1,13 +1,12 @@
 """The layer table behind `pyincept layers`: every named layer's output shape,
 parameters and multiply-accumulates (MACs).
 
-One row per name `Inception3.run` accepts: the stem convolutions and pools, each
-Inception module followed by its branch convolutions, avgpool and fc; with
-`include_aux=True` also the auxiliary head (AuxLogits and its layers, after Mixed_6e
-where torchvision keeps it), flagged `aux`. For Inception v3 at 299x299 the totals are
-torchvision's published figures (`Inception_V3_Weights.IMAGENET1K_V1.meta`):
-5.71 GMACs ("_ops": 5.713) and 23.8 M parameters, 27,161,264 with the aux head
-("num_params").
+One row per name a registered model's `run` accepts: the stem convolutions and pools,
+each Inception module followed by its branch layers, avgpool and fc; with
+`include_aux=True` also the auxiliary heads (after the stage each reads), flagged `aux`.
+The totals are torchvision's published figures (its `Weights.meta`): Inception v3 at
+299x299, 5.71 GMACs ("_ops": 5.713) and 23.8 M parameters, 27,161,264 with the aux head
+("num_params"); GoogLeNet at 224x224, 1.50 GMACs and 6,624,904 parameters.
 
 How each number is made:
 
@@ -30,29 +29,33 @@ What it is not: a profiler. MACs count arithmetic, not time; `benchmarks/` times
 
 import numpy as np
 
-from .blocks import BasicConv2d, Block, Linear
-from .inception_v3 import inception_v3
+from .layers import BasicConv2d, Block, Linear, Split
+from .models.registry import create_model, get_spec
 
 
-def layer_table(input_size=(299, 299), include_aux=False):
-    """Rows {"name", "kind", "shape", "params", "macs", "aux"} in execution order,
-    each module row right before its branch rows. input_size is (H, W)."""
-    H, W = input_size
-    model = inception_v3()
-    names = [n for n in model.layer_names() if include_aux or not _is_aux(n)]
-    shapes = {name: y.shape[1:] for name, y in model.run(np.zeros((1, H, W, 3), np.float32), names).items()}
+def layer_table(input_size=None, include_aux=False, model="inception_v3"):
+    """Rows {"name", "kind", "shape", "params", "macs", "aux"} in execution order, each
+    module row right before its branch rows. input_size is (H, W), by default the size the
+    model's published weights were trained at; model a registered name."""
+    H, W = input_size or get_spec(model).input_size
+    network = create_model(model)
+    aux = set(network.aux)
+    names = [n for n in network.layer_names() if include_aux or n.split(".")[0] not in aux]
+    shapes = {name: y.shape[1:] for name, y in network.run(np.zeros((1, H, W, 3), np.float32), names).items()}
 
     rows = []
-    for part in model.parts():                       # the stages, with AuxLogits after Mixed_6e
-        if _is_aux(part.name) and not include_aux:
+    for part in network.parts():                     # the stages, each aux head after the stage it reads
+        is_aux = part.name in aux
+        if is_aux and not include_aux:
             continue
         if isinstance(part, Block):
-            branches = [_leaf_row(layer, shapes[layer.name]) for layer in part.layers()]
+            leaves = [s for s in part.steps() if s.name and not isinstance(s, Split)]
+            branches = [_leaf_row(layer, shapes[layer.name], is_aux) for layer in leaves]
             rows.append(_row(part.name, type(part).__name__, shapes[part.name],
-                             sum(r["params"] for r in branches), sum(r["macs"] for r in branches)))
+                             sum(r["params"] for r in branches), sum(r["macs"] for r in branches), is_aux))
             rows.extend(branches)
         else:
-            rows.append(_leaf_row(part, shapes[part.name]))
+            rows.append(_leaf_row(part, shapes[part.name], is_aux))
     return rows
 
 
@@ -91,16 +94,12 @@ def _totals_line(label, t):
     return f"{label}: {t['params'] / 1e6:.2f} M params ({t['params']:,}), {t['macs'] / 1e9:.3f} GMACs ({t['macs']:,})"
 
 
-def _is_aux(name):
-    return name.split(".")[0] == "AuxLogits"
-
-
-def _row(name, kind, shape, params, macs):
+def _row(name, kind, shape, params, macs, aux):
     return {"name": name, "kind": kind, "shape": tuple(int(s) for s in shape),
-            "params": int(params), "macs": int(macs), "aux": _is_aux(name)}
+            "params": int(params), "macs": int(macs), "aux": aux}
 
 
-def _leaf_row(layer, shape):
+def _leaf_row(layer, shape, aux):
     """A conv, fc or pool row: parameters from the layer's checkpoint table, MACs from its output."""
     if isinstance(layer, BasicConv2d):
         R, S = layer.kernel_size
@@ -110,9 +109,9 @@ def _leaf_row(layer, shape):
     elif isinstance(layer, Linear):
         kind, macs = "fc", layer.in_features * layer.out_features
     else:                                             # a Pool stage: comparisons and adds, no MACs
-        k, stride = layer.settings.get("kernel_size"), layer.settings.get("stride", 1)
+        k, stride = layer.settings.get("kernel_size"), layer.settings.get("stride") or 1
         kind = layer.kernel + (f" {k}x{k}" if k else "") + (f"/{stride}" if stride != 1 else "")
         macs = 0
     # Checkpoint keys minus BN running statistics = what torchvision calls parameters.
     params = sum(int(np.prod(s)) for key, s in layer.parameter_shapes().items() if ".running_" not in key)
-    return _row(layer.name, kind, shape, params, macs)
+    return _row(layer.name, kind, shape, params, macs, aux)

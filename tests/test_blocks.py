@@ -13,19 +13,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torchvision.models import inception as tv
 
-from pyincept import blocks
+from pyincept import fusion, layers
+from pyincept.models import inception_v3 as v3
 from pyincept.kernels import reference as ref
-from pyincept.weights import torch_to_pyincept
+from pyincept.io.npz import torch_to_pyincept
 from strategies import seeds
 from torch_oracle import hwio_to_oihw, randomise_batchnorm, state_dict_numpy, to_nchw, to_nhwc
 
 # (pyincept block, torchvision module, extra constructor arguments drawn by Hypothesis)
 MODULES = {
-    "A": (blocks.InceptionA, tv.InceptionA, lambda d: {"pool_features": d(st.integers(1, 12))}),
-    "B": (blocks.InceptionB, tv.InceptionB, lambda d: {}),
-    "C": (blocks.InceptionC, tv.InceptionC, lambda d: {"channels_7x7": d(st.integers(1, 24))}),
-    "D": (blocks.InceptionD, tv.InceptionD, lambda d: {}),
-    "E": (blocks.InceptionE, tv.InceptionE, lambda d: {}),
+    "A": (v3.InceptionA, tv.InceptionA, lambda d: {"pool_features": d(st.integers(1, 12))}),
+    "B": (v3.InceptionB, tv.InceptionB, lambda d: {}),
+    "C": (v3.InceptionC, tv.InceptionC, lambda d: {"channels_7x7": d(st.integers(1, 24))}),
+    "D": (v3.InceptionD, tv.InceptionD, lambda d: {}),
+    "E": (v3.InceptionE, tv.InceptionE, lambda d: {}),
 }
 
 
@@ -58,13 +59,12 @@ def test_module_matches_torchvision(kind, fused, data, seed):
     N = data.draw(st.integers(1, 2), label="N")
     H, W = data.draw(st.integers(3, 11), label="H"), data.draw(st.integers(3, 11), label="W")
     module, block = build_pair(block_cls, tv_cls, "Mixed_x", C, kwargs, seed % 2**31)
-    if block.pointwise is not None:
-        block.pointwise.fused = fused
+    fusion.fuse(block, fused)
 
     x = np.random.default_rng(seed).standard_normal((N, H, W, C)).astype(np.float32)
     with torch.no_grad():
         expected = to_nhwc(module(to_nchw(x)))
-    taps = blocks.Taps(["Mixed_x.branch_pool", "Mixed_x"])
+    taps = layers.Taps(["Mixed_x.branch_pool", "Mixed_x"])
     actual = block(x, taps)
     assert_close(actual, expected)
     np.testing.assert_array_equal(taps.outputs["Mixed_x"], actual)
@@ -72,18 +72,18 @@ def test_module_matches_torchvision(kind, fused, data, seed):
 
 @pytest.mark.parametrize("size", [(17, 17), (20, 23)])
 def test_aux_head_matches_torchvision(size):
-    module, block = build_pair(blocks.InceptionAux, tv.InceptionAux, "AuxLogits", 768, {}, 5, num_classes=10)
+    module, block = build_pair(v3.InceptionAux, tv.InceptionAux, "AuxLogits", 768, {}, 5, num_classes=10)
     x = np.random.default_rng(5).standard_normal((2, *size, 768)).astype(np.float32)
     with torch.no_grad():
         expected = module(to_nchw(x)).numpy()
-    assert_close(block(x, blocks.Taps()), expected)
+    assert_close(block(x, layers.Taps()), expected)
 
 
 def test_named_branch_output_is_torchvisions_branch():
     """Mixed_5b.branch_pool (the blog post's 35x35x32 picture) is avgpool -> 1x1 conv -> BN -> ReLU."""
-    module, block = build_pair(blocks.InceptionA, tv.InceptionA, "Mixed_5b", 16, {"pool_features": 32}, 3)
+    module, block = build_pair(v3.InceptionA, tv.InceptionA, "Mixed_5b", 16, {"pool_features": 32}, 3)
     x = np.random.default_rng(3).standard_normal((1, 35, 35, 16)).astype(np.float32)
-    taps = blocks.Taps(["Mixed_5b.branch_pool", "Mixed_5b.branch3x3dbl_2"])
+    taps = layers.Taps(["Mixed_5b.branch_pool", "Mixed_5b.branch3x3dbl_2"])
     block(x, taps)
     with torch.no_grad():
         xt = to_nchw(x)
@@ -106,8 +106,8 @@ def test_fold_batchnorm_equals_conv_then_bn(C, K, kernel, seed):
 
     with torch.no_grad():
         y = F.conv2d(to_nchw(x), hwio_to_oihw(w), padding=padding)
-        y = F.batch_norm(y, *map(torch.from_numpy, (mean, var, gamma, beta)), eps=blocks.BN_EPS)
-    folded_w, folded_b = blocks.fold_batchnorm(w, gamma, beta, mean, var)
+        y = F.batch_norm(y, *map(torch.from_numpy, (mean, var, gamma, beta)), eps=layers.BN_EPS)
+    folded_w, folded_b = layers.fold_batchnorm(w, gamma, beta, mean, var)
     assert_close(ref.conv2d(x, folded_w, folded_b, 1, padding), to_nhwc(y))
     # ...and the unfolded reference path agrees too.
     assert_close(ref.batch_norm(ref.conv2d(x, w, None, 1, padding), gamma, beta, mean, var), to_nhwc(y))

@@ -25,8 +25,8 @@ import torchvision
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pyincept import checkpoint
-from pyincept.checkpoint import LEGACY_MAGIC_NUMBER, LEGACY_PROTOCOL_VERSION, read_checkpoint
+from pyincept.io import checkpoint
+from pyincept.io.checkpoint import LEGACY_MAGIC_NUMBER, LEGACY_PROTOCOL_VERSION, read_checkpoint
 from pyincept.errors import CheckpointError
 
 FORMATS = ["zip", "legacy"]
@@ -415,5 +415,5 @@ def test_corrupt_memo_index_is_caught_before_unpickling(tmp_path, small_checkpoi
 
 
 def test_import_does_not_import_torch():
-    code = "import pyincept.checkpoint, sys; assert 'torch' not in sys.modules"
+    code = "import pyincept.io.checkpoint, sys; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

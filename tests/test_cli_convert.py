@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import run_cli
-from pyincept.weights import load_weights
+from pyincept.io.npz import load_weights
 
 
 def assert_one_line_failure(result, *fragments):
@@ -59,7 +59,10 @@ def test_another_network_is_not_inception(tmp_path):
     import torchvision
 
     src = save_state(tmp_path / "resnet.pth", torchvision.models.resnet18(weights=None).state_dict())
-    assert_one_line_failure(run_cli("convert", src, tmp_path / "out.npz"), "not an Inception v3 state dict")
+    assert_one_line_failure(run_cli("convert", src, tmp_path / "out.npz"),
+                            "not a checkpoint of any model pyincept knows; nearest is", "missing key(s)")
+    assert_one_line_failure(run_cli("convert", src, tmp_path / "out.npz", "--model", "googlenet"),
+                            "not a GoogLeNet state dict")
 
 
 class SystemCall:

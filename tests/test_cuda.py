@@ -28,7 +28,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import pyincept
-from pyincept import blocks
+from pyincept import fusion, layers
+from pyincept.models import inception_v3 as v3
 from pyincept.kernels import cpu
 from strategies import conv_geometry, pool_geometry, seeds
 
@@ -472,7 +473,7 @@ class TestUnderSimulator:
             self.cuda.max_pool2d(d, 3, padding=2)
 
     def test_ellipsis_indexing_of_real_device_arrays(self):
-        """blocks.py slices channels as out[..., k0:k1]; numba's DeviceNDArray needs it spelt out."""
+        """layers.py slices channels as out[..., k0:k1]; numba's DeviceNDArray needs it spelt out."""
         expand = self.cuda._expand_ellipsis
         assert expand((Ellipsis, slice(64, 128)), 4) == (slice(None),) * 3 + (slice(64, 128),)
         assert expand((0, Ellipsis), 4) == (0, slice(None), slice(None), slice(None))
@@ -485,7 +486,7 @@ class TestUnderSimulator:
     def test_inception_module_end_to_end(self, fused):
         """A whole InceptionA on the device (branches writing into slices of one output) vs the CPU."""
         rng = np.random.default_rng(7)
-        block = blocks.InceptionA("Mixed_x", 3, pool_features=4)
+        block = v3.InceptionA("Mixed_x", 3, pool_features=4)
         params = {}
         for key, shape in block.parameter_shapes().items():
             if key.endswith("conv.weight"):
@@ -495,14 +496,14 @@ class TestUnderSimulator:
             else:
                 params[key] = randn(rng, *shape) * np.float32(0.2)
         block.load(params)
-        block.pointwise.fused = fused
+        fusion.fuse(block, fused)
         x = randn(rng, 1, 5, 5, 3)
         wanted = ["Mixed_x.branch_pool", "Mixed_x.branch3x3dbl_2", "Mixed_x"]
 
-        cpu_taps = blocks.Taps(wanted)
+        cpu_taps = layers.Taps(wanted)
         expected = block(x, cpu_taps)
         block.use(self.cuda)
-        taps = blocks.Taps(wanted, to_host=self.cuda.to_host)
+        taps = layers.Taps(wanted, to_host=self.cuda.to_host)
         y = block(self.cuda.to_device(x), taps)
         block.use(pyincept.kernels)
 

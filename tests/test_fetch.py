@@ -24,10 +24,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pyincept import config, fetch
+from pyincept.io import fetch
 from pyincept.errors import DownloadError
-from pyincept.fetch import default_weights_path, fetch_weights
-from pyincept.weights import convert_checkpoint, load_weights
+from pyincept.io.fetch import default_weights_path, fetch_weights
+from pyincept.io.convert import convert_checkpoint
+from pyincept.io.npz import load_weights
+from pyincept.models import get_spec, models
 
 NAME = "inception_v3_test.pth"  # any name; the hash prefix is passed explicitly
 
@@ -119,7 +121,7 @@ def _assert_equal_weights(got, want):
 
 
 def test_fetch_downloads_verifies_and_converts(server, served, expected, tmp_path):
-    path = fetch_weights(server.url(), served["prefix"], cache=tmp_path, progress=False)
+    path = fetch_weights("inception_v3", server.url(), served["prefix"], cache=tmp_path, progress=False)
     assert path == tmp_path / "inception_v3_test.npz"
     assert server.gets == 1
     assert (tmp_path / NAME).read_bytes() == (served["folder"] / NAME).read_bytes()
@@ -132,27 +134,27 @@ def test_fetch_downloads_verifies_and_converts(server, served, expected, tmp_pat
 
 
 def test_second_fetch_makes_no_request(server, served, tmp_path):
-    first = fetch_weights(server.url(), served["prefix"], cache=tmp_path, progress=False)
-    second = fetch_weights(server.url(), served["prefix"], cache=tmp_path, progress=False)
+    first = fetch_weights("inception_v3", server.url(), served["prefix"], cache=tmp_path, progress=False)
+    second = fetch_weights("inception_v3", server.url(), served["prefix"], cache=tmp_path, progress=False)
     assert second == first
     assert server.gets == 1
 
 
 def test_force_downloads_again(server, served, expected, tmp_path):
-    fetch_weights(server.url(), served["prefix"], cache=tmp_path, progress=False)
-    path = fetch_weights(server.url(), served["prefix"], cache=tmp_path, progress=False, force=True)
+    fetch_weights("inception_v3", server.url(), served["prefix"], cache=tmp_path, progress=False)
+    path = fetch_weights("inception_v3", server.url(), served["prefix"], cache=tmp_path, progress=False, force=True)
     assert server.gets == 2
     _assert_equal_weights(load_weights(path), expected)
 
 
 def test_hash_prefix_is_case_insensitive(server, served, tmp_path):
-    path = fetch_weights(server.url(), served["prefix"].upper(), cache=tmp_path, progress=False)
+    path = fetch_weights("inception_v3", server.url(), served["prefix"].upper(), cache=tmp_path, progress=False)
     assert path.is_file()
 
 
 def test_checkpoint_placed_by_hand_needs_no_network(server, served, expected, tmp_path):
     shutil.copy(served["folder"] / NAME, tmp_path / NAME)
-    path = fetch_weights(server.url(), served["prefix"], cache=tmp_path, progress=False)
+    path = fetch_weights("inception_v3", server.url(), served["prefix"], cache=tmp_path, progress=False)
     assert server.gets == 0
     _assert_equal_weights(load_weights(path), expected)
 
@@ -160,12 +162,12 @@ def test_checkpoint_placed_by_hand_needs_no_network(server, served, expected, tm
 def test_pyincept_cache_env_is_honoured(server, served, tmp_path, monkeypatch):
     cache = tmp_path / "from-env"
     monkeypatch.setenv("PYINCEPT_CACHE", str(cache))
-    path = fetch_weights(server.url(), served["prefix"], progress=False)
+    path = fetch_weights("inception_v3", server.url(), served["prefix"], progress=False)
     assert path == cache / "inception_v3_test.npz" and path.is_file()
 
 
 def test_progress_bar_goes_to_stderr(server, served, tmp_path, capfd):
-    fetch_weights(server.url(), served["prefix"], cache=tmp_path, progress=True)
+    fetch_weights("inception_v3", server.url(), served["prefix"], cache=tmp_path, progress=True)
     out, err = capfd.readouterr()
     assert out == ""
     assert NAME in err and "100%" in err
@@ -174,14 +176,20 @@ def test_progress_bar_goes_to_stderr(server, served, tmp_path, capfd):
 def test_default_weights_path(tmp_path, monkeypatch):
     monkeypatch.setenv("PYINCEPT_CACHE", str(tmp_path))
     assert default_weights_path() is None
-    (tmp_path / config.CONVERTED_FILENAME).write_bytes(b"")
-    assert default_weights_path() == tmp_path / config.CONVERTED_FILENAME
+    (tmp_path / "inception_v3_google-0cc3c7bd.npz").write_bytes(b"")
+    assert default_weights_path() == tmp_path / "inception_v3_google-0cc3c7bd.npz"
+    assert default_weights_path("googlenet") is None
+    (tmp_path / "googlenet-1378be20.npz").write_bytes(b"")
+    assert default_weights_path("googlenet") == tmp_path / "googlenet-1378be20.npz"
 
 
 def test_published_names_agree():
-    """The published URL's basename and stem give exactly the file names config declares."""
-    assert config.PUBLISHED_URL.rsplit("/", 1)[1] == config.PUBLISHED_FILENAME
-    assert Path(config.PUBLISHED_FILENAME).stem + ".npz" == config.CONVERTED_FILENAME
+    """Each weight set's URL basename is its file name and carries its hash prefix, as torchvision names them."""
+    for name in models():
+        for ws in get_spec(name).weights:
+            assert ws.url.rsplit("/", 1)[1] == ws.filename
+            assert Path(ws.filename).stem.endswith("-" + ws.sha256_prefix)
+            assert Path(ws.filename).stem + ".npz" == ws.converted_filename
 
 
 # --- failures: one line, and nothing left behind ----------------------------------------
@@ -196,7 +204,7 @@ def _one_line_error(excinfo):
 def test_wrong_hash_prefix_deletes_the_download(server, served, tmp_path):
     wrong = format((int(served["prefix"][0], 16) + 1) % 16, "x") + served["prefix"][1:]
     with pytest.raises(DownloadError) as excinfo:
-        fetch_weights(server.url(), wrong, cache=tmp_path, progress=False)
+        fetch_weights("inception_v3", server.url(), wrong, cache=tmp_path, progress=False)
     message = _one_line_error(excinfo)
     assert wrong in message and served["sha256"] in message and NAME in message
     assert list(tmp_path.iterdir()) == []
@@ -205,7 +213,7 @@ def test_wrong_hash_prefix_deletes_the_download(server, served, tmp_path):
 def test_bad_file_placed_by_hand_is_deleted(served, tmp_path, closed_port):
     (tmp_path / NAME).write_bytes(b"not the checkpoint")
     with pytest.raises(DownloadError) as excinfo:
-        fetch_weights(f"http://127.0.0.1:{closed_port}/{NAME}", served["prefix"], cache=tmp_path, progress=False)
+        fetch_weights("inception_v3", f"http://127.0.0.1:{closed_port}/{NAME}", served["prefix"], cache=tmp_path, progress=False)
     message = _one_line_error(excinfo)
     assert hashlib.sha256(b"not the checkpoint").hexdigest() in message and served["prefix"] in message
     assert list(tmp_path.iterdir()) == []
@@ -214,7 +222,7 @@ def test_bad_file_placed_by_hand_is_deleted(served, tmp_path, closed_port):
 def test_connection_refused_says_where_to_put_the_file(served, tmp_path, closed_port):
     url = f"http://127.0.0.1:{closed_port}/{NAME}"
     with pytest.raises(DownloadError) as excinfo:
-        fetch_weights(url, served["prefix"], cache=tmp_path, progress=False)
+        fetch_weights("inception_v3", url, served["prefix"], cache=tmp_path, progress=False)
     message = _one_line_error(excinfo)
     assert url in message and "refused" in message.lower()
     assert str(tmp_path / NAME) in message
@@ -223,7 +231,7 @@ def test_connection_refused_says_where_to_put_the_file(served, tmp_path, closed_
 
 def test_http_404(server, served, tmp_path):
     with pytest.raises(DownloadError) as excinfo:
-        fetch_weights(server.url("missing.pth"), served["prefix"], cache=tmp_path, progress=False)
+        fetch_weights("inception_v3", server.url("missing.pth"), served["prefix"], cache=tmp_path, progress=False)
     message = _one_line_error(excinfo)
     assert "404" in message and str(tmp_path / "missing.pth") in message
     assert list(tmp_path.iterdir()) == []
@@ -231,14 +239,14 @@ def test_http_404(server, served, tmp_path):
 
 def test_server_hanging_up_early(server, served, tmp_path):
     with pytest.raises(DownloadError) as excinfo:
-        fetch_weights(server.url(f"truncated/{NAME}"), "", cache=tmp_path, progress=False)
+        fetch_weights("inception_v3", server.url(f"truncated/{NAME}"), "", cache=tmp_path, progress=False)
     assert "10 of 1000 bytes" in _one_line_error(excinfo)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_timeout(server, served, tmp_path):
     with pytest.raises(DownloadError) as excinfo:
-        fetch_weights(server.url(f"slow/{NAME}"), served["prefix"], cache=tmp_path, progress=False, timeout=0.3)
+        fetch_weights("inception_v3", server.url(f"slow/{NAME}"), served["prefix"], cache=tmp_path, progress=False, timeout=0.3)
     assert "timed out" in _one_line_error(excinfo)
     assert list(tmp_path.iterdir()) == []
 
@@ -250,7 +258,7 @@ def test_ctrl_c_leaves_no_part_file(server, served, tmp_path, monkeypatch):
 
     monkeypatch.setattr(fetch, "tqdm", InterruptedBar)
     with pytest.raises(KeyboardInterrupt):
-        fetch_weights(server.url(), served["prefix"], cache=tmp_path, progress=False)
+        fetch_weights("inception_v3", server.url(), served["prefix"], cache=tmp_path, progress=False)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -258,15 +266,15 @@ def test_unwritable_cache_folder(served, tmp_path, closed_port):
     not_a_folder = tmp_path / "file"
     not_a_folder.write_bytes(b"")
     with pytest.raises(DownloadError) as excinfo:
-        fetch_weights(f"http://127.0.0.1:{closed_port}/{NAME}", served["prefix"], cache=not_a_folder)
+        fetch_weights("inception_v3", f"http://127.0.0.1:{closed_port}/{NAME}", served["prefix"], cache=not_a_folder)
     assert str(not_a_folder) in _one_line_error(excinfo)
 
 
 def test_bad_arguments():
     with pytest.raises(DownloadError, match="not hexadecimal"):
-        fetch_weights("http://127.0.0.1:9/x.pth", "0cc3-bd")
+        fetch_weights("inception_v3", "http://127.0.0.1:9/x.pth", "0cc3-bd")
     with pytest.raises(DownloadError, match="does not name a checkpoint"):
-        fetch_weights("http://127.0.0.1:9/", "0cc3c7bd")
+        fetch_weights("inception_v3", "http://127.0.0.1:9/", "0cc3c7bd")
 
 
 # --- the command line, in a subprocess ------------------------------------------------

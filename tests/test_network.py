@@ -16,7 +16,7 @@ import torch
 import pyincept
 from photos import PHOTOS, photo_batch
 from pyincept.errors import PyinceptError, WeightsError
-from pyincept.inception_v3 import Inception3, parameter_shapes, random_parameters
+from pyincept.models.inception_v3 import Inception3
 from torch_oracle import to_nchw, to_nhwc
 
 SIZES = [(299, 299), (311, 400)]
@@ -41,7 +41,7 @@ def assert_within_bar(actual, expected):
 def test_parameter_table_is_torchvisions_state_dict(tv_inception):
     """Every checkpoint key maps one to one, with the layout change as the only difference."""
     torch_shapes = {k: tuple(v.shape) for k, v in tv_inception.state_dict().items() if not k.endswith("num_batches_tracked")}
-    ours = parameter_shapes()
+    ours = Inception3().parameter_shapes()
     assert list(ours) == list(torch_shapes)
     for key, shape in torch_shapes.items():
         expected = {4: lambda s: (s[2], s[3], s[1], s[0]), 2: lambda s: (s[1], s[0])}.get(len(shape), lambda s: s)(shape)
@@ -175,7 +175,7 @@ def test_bad_input_shapes_get_clear_errors(shape, message):
 
 
 def test_random_init_is_seeded_and_sane():
-    a, b, c = random_parameters(0), random_parameters(0), random_parameters(1)
+    a, b, c = (Inception3().random_parameters(seed) for seed in (0, 0, 1))
     assert all(np.array_equal(a[k], b[k]) for k in a)
     assert not np.array_equal(a["fc.weight"], c["fc.weight"])
     x = photo_batch()[:2]
@@ -185,7 +185,7 @@ def test_random_init_is_seeded_and_sane():
 
 
 def test_weight_file_refuses_pickles_wrong_versions_and_bad_shapes(tmp_path):
-    params = random_parameters(0)
+    params = Inception3().random_parameters(0)
     path = tmp_path / "w.npz"
     pyincept.save_weights(path, params, {"note": "test"})
     loaded, meta = pyincept.load_weights(path)
@@ -233,11 +233,12 @@ def test_published_checkpoint_sees_grace_hoppers_uniform(tmp_path):
     """On the real published file: its hash prefix, and 'military uniform' in Grace Hopper's top-5."""
     from PIL import Image
 
-    from pyincept import config
     from pyincept.labels import imagenet_labels
-    from pyincept.weights import sha256_file
+    from pyincept.io.npz import sha256_file
 
-    assert sha256_file(PUBLISHED).startswith(config.PUBLISHED_SHA256_PREFIX)
+    from pyincept.models import get_spec
+
+    assert sha256_file(PUBLISHED).startswith(get_spec("inception_v3").default_weights.sha256_prefix)
     dst = tmp_path / "published.npz"
     pyincept.convert_checkpoint(PUBLISHED, dst)
 

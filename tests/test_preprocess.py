@@ -24,8 +24,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from photos import PHOTOS
-from pyincept import config
 from pyincept.errors import PyinceptError
+from pyincept.models import get_spec
 from pyincept.preprocess import ImageError, load_image, preprocess, preprocess_batch
 
 # The module itself (`pyincept.preprocess` may name the function once the package re-exports it).
@@ -107,7 +107,7 @@ def test_transform_input_maps_pixels_to_minus_one_one():
 def test_config_settings_paths_and_bytes_give_the_same_array():
     path = PHOTOS[0]
     expected = preprocess(Image.open(path))
-    np.testing.assert_array_equal(preprocess(path, **config.IMAGENET_PREPROCESSING), expected)
+    np.testing.assert_array_equal(preprocess(path, **get_spec("inception_v3").default_weights.preprocessing), expected)
     np.testing.assert_array_equal(preprocess(str(path)), expected)
     np.testing.assert_array_equal(preprocess(path.read_bytes()), expected)
 

@@ -1,10 +1,11 @@
-"""Kernels: the fast Numba CPU versions, re-exported here; plain-NumPy twins in `reference`;
-numba.cuda twins in `cuda` (imported only when asked for).
+"""Kernels: the fast Numba CPU versions (`cpu`, re-exported here), their plain-NumPy twins
+(`reference`), and numba.cuda twins (`cuda`, imported only when asked for).
 
-Model code imports kernels from this package only, never numba itself. A kernel set
-(this package, or `cuda`) is what `backend(device)` returns: the same functions, each
-working on that device's arrays, plus `empty`, `to_device`, `to_host` and `map_batch`
-(how a batch is split across the device's threads).
+Model code imports kernels from this package only, never numba itself. A backend is a module
+that provides every name in `CONTRACT`, each working on that device's arrays, with the same
+signatures: the math kernels, plus `empty`, `to_device`, `to_host` and `map_batch` (how a
+batch is split across the device's threads), `DEVICE` (its name) and `HAS_WINOGRAD` (whether it
+has the Winograd kernels, `WINOGRAD_CONTRACT`). `backend(device)` returns one, checked.
 """
 
 import sys
@@ -12,6 +13,9 @@ import sys
 from ..errors import PyinceptError
 
 from .cpu import (
+    DEVICE,
+    HAS_WINOGRAD,
+    adaptive_avg_pool2d,
     avg_pool2d,
     bias_act,
     concat_channels,
@@ -30,35 +34,47 @@ from .cpu import (
     winograd_weights,
 )
 
+# What every backend provides (a test holds cpu, reference and cuda to it).
+CONTRACT = (
+    "DEVICE", "HAS_WINOGRAD",
+    "conv2d", "bias_act", "max_pool2d", "avg_pool2d", "global_avg_pool2d", "adaptive_avg_pool2d",
+    "concat_channels", "linear", "relu", "softmax",
+    "empty", "to_device", "to_host", "map_batch",
+)
+# ... and, where HAS_WINOGRAD is True, these.
+WINOGRAD_CONTRACT = ("conv2d_winograd", "winograd_tile", "winograd_weights")
+DEVICES = ("cpu", "reference", "cuda")
+
 __all__ = [
-    "avg_pool2d",
-    "bias_act",
-    "concat_channels",
-    "conv2d",
-    "conv2d_winograd",
-    "empty",
-    "global_avg_pool2d",
-    "linear",
-    "map_batch",
-    "max_pool2d",
-    "relu",
-    "softmax",
-    "to_device",
-    "to_host",
-    "winograd_tile",
-    "winograd_weights",
+    "CONTRACT",
+    "DEVICES",
+    "WINOGRAD_CONTRACT",
+    "backend",
+    "missing_from_contract",
+    *sorted(name for name in CONTRACT + WINOGRAD_CONTRACT if name not in ("DEVICE", "HAS_WINOGRAD")),
 ]
 
-DEVICE = "cpu"
+
+def missing_from_contract(module):
+    """The names of the contract `module` lacks (empty for a complete backend)."""
+    wanted = CONTRACT + (WINOGRAD_CONTRACT if getattr(module, "HAS_WINOGRAD", False) else ())
+    return [name for name in wanted if not hasattr(module, name)]
 
 
 def backend(device):
-    """The kernel set for "cpu" or "cuda". CUDA is imported only here, and says clearly what is missing."""
+    """The kernel set for "cpu", "reference" or "cuda". CUDA is imported only here, and says
+    clearly what is missing; "reference" runs every layer on the plain-NumPy twins."""
     if device == "cpu":
-        return sys.modules[__name__]
-    if device == "cuda":
-        from . import cuda
+        module = sys.modules[__name__]
+    elif device == "reference":
+        from . import reference as module
+    elif device == "cuda":
+        from . import cuda as module
 
-        cuda.check_available()
-        return cuda
-    raise PyinceptError(f"unknown device {device!r}: use 'cpu' or 'cuda'")
+        module.check_available()
+    else:
+        raise PyinceptError(f"unknown device {device!r}: use one of {', '.join(DEVICES)}")
+    missing = missing_from_contract(module)
+    if missing:
+        raise PyinceptError(f"the {device} backend lacks {', '.join(missing)}")
+    return module

@@ -31,7 +31,7 @@ from numba.extending import intrinsic
 
 from .. import config
 from . import reference
-from .geometry import conv_output_hw, pad4, pair, pool_output_size
+from .geometry import adaptive_windows, conv_output_hw, pad4, pair, pool_output_size
 
 # --- threads ------------------------------------------------------------------------
 # Every Numba kernel here is serial, and BLAS runs single-threaded inside a forward pass.
@@ -44,6 +44,15 @@ from .geometry import conv_output_hw, pad4, pair, pool_output_size
 #              pooling alike;
 #   batch 1:   each layer splits its own output pixels, tiles or rows (`_side_by_side`),
 #              handing one half to a helper thread that waits for it spinning (`_Helper`).
+
+# Every kernel's Numba flags come from config: serial, no GIL held, cached on disk. Small
+# helpers of the hot loops are inlined into their callers by Numba itself (as calls they
+# were up to 25% slower on the Winograd transforms).
+_jit = njit(**config.JIT_OPTIONS)
+_jit_inline = njit(**config.JIT_INLINE_OPTIONS)
+
+DEVICE = "cpu"
+HAS_WINOGRAD = True             # conv2d_winograd, winograd_tile, winograd_weights below
 
 _threads = 1
 _blas = []                  # a _BlasLibrary for every BLAS library loaded
@@ -250,7 +259,7 @@ def _store_seq_cst(typingctx, flags, i, value):
     return sig, codegen
 
 
-@njit(cache=True, nogil=True)
+@_jit
 def _spin_until(flags, i, value, spins):
     """Wait, without the GIL, until flags[i] >= value: True, or False after `spins` reads."""
     for _ in range(spins):
@@ -259,13 +268,13 @@ def _spin_until(flags, i, value, spins):
     return False
 
 
-@njit(cache=True, nogil=True)
+@_jit
 def _set_flag(flags, i, value):
     """flags[i] = value, seq_cst (`_store_seq_cst`), from Python."""
     _store_seq_cst(flags, i, value)
 
 
-@njit(cache=True, nogil=True)
+@_jit
 def _publish_then_spin(flags, i, value, asleep, j, target, spins):
     """flags[i] = value, without the GIL, then `_spin_until(flags, j, target, spins)`; -1
     at once instead if flags[asleep] is set (someone to wake, which takes the GIL)."""
@@ -385,10 +394,6 @@ def _pool_of_threads():
 
 set_num_threads(config.num_threads())   # PYINCEPT_NUM_THREADS, else every core
 
-_jit = njit(**config.JIT_OPTIONS)
-# Small helpers of the hot loops, inlined into their callers by Numba itself (as calls
-# they measured up to 25% slower on the Winograd transforms).
-_jit_inline = njit(**config.JIT_OPTIONS, inline="always")
 
 # Constants of the kernels' arithmetic as float32: in Numba a float64 literal or an
 # integer times a float32 value computes in float64, at half the vector width and with
@@ -503,7 +508,7 @@ def conv2d(x, w, bias=None, stride=1, padding=0, relu=False, out=None, heads=())
     out: optional (N,OH,OW,K) float32 array to write into, e.g. a channel slice of a
          concat buffer.
     heads: epilogues of column ranges of the raw product (no bias or relu of its own),
-         for the members of a fused 1x1 (blocks.Fused1x1): each (k0, bias_i, relu_i, dst)
+         for the members of a fused 1x1 (fusion.Pointwise1x1): each (k0, bias_i, relu_i, dst)
          writes y[..., k0 : k0 + len(bias_i)] + bias_i, ReLU if relu_i, into dst.
 
     Each image's product (OH*OW rows) is cut into the pieces `_gemm_pieces` gives it:
@@ -1392,6 +1397,38 @@ def global_avg_pool2d(x):
     x = _check_nhwc(x, "x")
     out = np.empty((x.shape[0], 1, 1, x.shape[3]), np.float32)
     _global_avg_pool(x, out)
+    return out
+
+
+@_jit
+def _adaptive_avg_pool(x, rows, cols, out):
+    """Each output pixel's window summed pixel by pixel into float64 channel sums, as
+    _global_avg_pool does; rows[i] and cols[j] are window i's and j's (start, end)."""
+    N, H, W, C = x.shape
+    total = np.empty(C, np.float64)
+    for n in range(N):
+        for i in range(rows.shape[0]):
+            for j in range(cols.shape[0]):
+                total[:] = 0.0
+                for h in range(rows[i, 0], rows[i, 1]):
+                    for w in range(cols[j, 0], cols[j, 1]):
+                        src = x[n, h, w]
+                        for c in range(C):
+                            total[c] += src[c]
+                count = (rows[i, 1] - rows[i, 0]) * (cols[j, 1] - cols[j, 0])
+                for c in range(C):
+                    out[n, i, j, c] = total[c] / count
+
+
+def adaptive_avg_pool2d(x, output_size):
+    """Mean over each of an output_size grid of PyTorch's adaptive windows:
+    (N, H, W, C) -> (N, OH, OW, C). Accumulates in float64."""
+    x = _check_nhwc(x, "x")
+    OH, OW = pair(output_size)
+    rows = np.array(adaptive_windows(x.shape[1], OH), np.int64).reshape(OH, 2)
+    cols = np.array(adaptive_windows(x.shape[2], OW), np.int64).reshape(OW, 2)
+    out = np.empty((x.shape[0], OH, OW, x.shape[3]), np.float32)
+    _adaptive_avg_pool(x, rows, cols, out)
     return out
 
 

@@ -37,9 +37,10 @@ import numpy as np
 
 from .. import config
 from ..errors import PyinceptError
-from .geometry import conv_output_hw, pad4, pair, pool_output_size
+from .geometry import adaptive_windows, conv_output_hw, pad4, pair, pool_output_size
 
 DEVICE = "cuda"
+HAS_WINOGRAD = False    # no Winograd kernels on the GPU: every conv runs im2col + GEMM
 
 # --- is there a CUDA target at all? --------------------------------------------------
 # numba's own `numba.cuda` is deprecated in favour of NVIDIA's numba-cuda package, which
@@ -430,6 +431,34 @@ def global_avg_pool2d(x):
     return out
 
 
+@_jit
+def _adaptive_avg_pool(x, rows, cols, out):
+    """One thread per output value: the mean over its window, summed in float64 as cpu.py."""
+    N, OH, OW, C = out.shape
+    for e in range(cuda.grid(1), N * OH * OW * C, cuda.gridsize(1)):
+        c = e % C
+        j = (e // C) % OW
+        i = (e // (C * OW)) % OH
+        n = e // (C * OW * OH)
+        total = np.float64(0.0)
+        for h in range(rows[i, 0], rows[i, 1]):
+            for w in range(cols[j, 0], cols[j, 1]):
+                total += np.float64(x[n, h, w, c])
+        out[n, i, j, c] = total / ((rows[i, 1] - rows[i, 0]) * (cols[j, 1] - cols[j, 0]))
+
+
+def adaptive_avg_pool2d(x, output_size):
+    """Mean over each of an output_size grid of PyTorch's adaptive windows: (N, H, W, C) -> (N, OH, OW, C)."""
+    x = _check_nhwc(x, "x")
+    OH, OW = pair(output_size)
+    rows = cuda.to_device(np.array(adaptive_windows(x.shape[1], OH), np.int64).reshape(OH, 2))
+    cols = cuda.to_device(np.array(adaptive_windows(x.shape[2], OW), np.int64).reshape(OW, 2))
+    out = empty((x.shape[0], OH, OW, x.shape[3]))
+    if out.size:
+        _adaptive_avg_pool[_blocks(out.size), _THREADS](x, rows, cols, out)
+    return out
+
+
 # --- concatenation, linear, activations ---------------------------------------------------
 
 
@@ -545,7 +574,7 @@ if cuda is not None and not _simulating():
     class _DeviceArray(DeviceNDArray):
         """numba's device array, with channel slicing `a[..., k0:k1]` made possible and cheap.
 
-        blocks.py takes branch channels as `out[..., k0:k1]`. DeviceNDArray wants one
+        layers.py takes branch channels as `out[..., k0:k1]`. DeviceNDArray wants one
         index per axis, and for a strided view it lists every contiguous run of memory
         (a Python loop over N*H*W pixels: 70 ms for a batch of 32 at 35x35) only to learn
         that there is more than one. A strided view needs nothing but its shape, strides

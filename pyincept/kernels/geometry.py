@@ -56,3 +56,10 @@ def pool_output_size(size, kernel, stride, pad, ceil_mode):
     if ceil_mode and (out - 1) * stride >= size + pad:
         out -= 1
     return out
+
+
+def adaptive_windows(size, out):
+    """PyTorch's adaptive pooling windows along one axis: window i covers
+    floor(i * size / out) .. ceil((i + 1) * size / out) - 1, so the windows tile the input,
+    overlapping by a pixel where size is not a multiple of out (14 -> 4: 0-3, 3-6, 7-10, 10-13)."""
+    return [((i * size) // out, -(-((i + 1) * size) // out)) for i in range(out)]

@@ -18,7 +18,10 @@ by parallel stride-2 conv and pool branches), 6 (the module table).
 
 import numpy as np
 
-from .geometry import conv_output_size, pad4, pair, pool_output_size
+from .geometry import adaptive_windows, conv_output_size, pad4, pair, pool_output_size
+
+DEVICE = "reference"
+HAS_WINOGRAD = True
 
 
 def im2col(x, kernel_size, stride=1, padding=0):
@@ -306,6 +309,18 @@ def global_avg_pool2d(x):
     return x.mean(axis=(1, 2), keepdims=True, dtype=np.float64).astype(np.float32)
 
 
+def adaptive_avg_pool2d(x, output_size):
+    """Mean over each of an output_size grid of windows (`adaptive_windows`): (N, H, W, C) ->
+    (N, OH, OW, C). GoogLeNet's aux heads pool a 14x14 map to 4x4 this way."""
+    OH, OW = pair(output_size)
+    N, H, W, C = x.shape
+    y = np.empty((N, OH, OW, C), np.float32)
+    for i, (h0, h1) in enumerate(adaptive_windows(H, OH)):
+        for j, (w0, w1) in enumerate(adaptive_windows(W, OW)):
+            y[:, i, j, :] = x[:, h0:h1, w0:w1, :].mean(axis=(1, 2), dtype=np.float64)
+    return y
+
+
 def concat_channels(arrays, out=None):
     """Stack branch outputs along channels: [(N,H,W,K_i)] -> (N,H,W,sum K_i)."""
     return _deliver(np.concatenate(arrays, axis=3), out)
@@ -337,3 +352,29 @@ def _deliver(y, out):
         return y
     out[...] = y
     return out
+
+
+# --- the backend contract: arrays are plain NumPy, a batch runs whole --------------------
+
+
+def winograd_tile(in_channels, kernel_size=(3, 3)):
+    """The smallest tile of each filter, the easiest to follow: F(2x2, 3x3), F(2x2, 5x5),
+    F(4, 3) for 1x3 and 3x1 (the only one), F(2, 7) for 1x7 and 7x1."""
+    return 4 if tuple(kernel_size) in ((1, 3), (3, 1)) else 2
+
+
+def empty(shape):
+    return np.empty(shape, np.float32)
+
+
+def to_device(a):
+    return np.ascontiguousarray(a, dtype=np.float32)
+
+
+def to_host(a):
+    return np.asarray(a)
+
+
+def map_batch(fn, N):
+    """[fn(slice(0, N))]: the whole batch in one pass, on the calling thread."""
+    return [fn(slice(0, N))]

@@ -1,9 +1,10 @@
-"""Fetch the published Inception v3 checkpoint, check its hash, convert it into the cache.
+"""Fetch a model's published checkpoint, check its hash, convert it into the cache.
 
-What it is: `fetch_weights()` downloads torchvision's port of Google's checkpoint
-(`config.PUBLISHED_URL`) with the standard library, checks its SHA-256, and converts
-it once into pyincept's weight file with `weights.convert_checkpoint`. Later calls
-return the cached `.npz` without touching the network.
+What it is: `fetch_weights(model)` downloads the checkpoint its registry entry names
+(`WeightSet.url`: torchvision's port of Google's Inception v3, torchvision's GoogLeNet) with
+the standard library, checks its SHA-256, and converts it once into pyincept's weight file
+with `convert.convert_checkpoint`. Later calls return the cached `.npz` without touching
+the network.
 
 What it is not: a download manager. No retries, no resumed downloads, no mirror
 list, no proxy settings beyond what `urllib` reads from the environment. On a
@@ -12,8 +13,9 @@ it again: it is then checked and converted with no download.
 
 The cache folder (`config.cache_dir()`; `$PYINCEPT_CACHE` overrides) holds
 
-    inception_v3_google-0cc3c7bd.pth    the checkpoint, byte for byte as published
+    inception_v3_google-0cc3c7bd.pth    a checkpoint, byte for byte as published
     inception_v3_google-0cc3c7bd.npz    pyincept's weight file converted from it
+    googlenet-1378be20.pth, .npz        the same for GoogLeNet
 
 A file gets its final name only once it is whole and verified: a download lands in
 a `.part` file first, which is deleted on any failure, Ctrl-C included. A
@@ -35,26 +37,29 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from . import config
-from .errors import DownloadError
-from .weights import convert_checkpoint, sha256_file
+from .. import config
+from ..errors import DownloadError
+from ..models.registry import get_spec
+from .convert import convert_checkpoint
+from .npz import sha256_file
 
 # 1 MiB reads: few system calls, and a progress bar that still moves smoothly.
 CHUNK_BYTES = 1 << 20
 
 
-def default_weights_path():
-    """The converted published weights if `fetch_weights()` has run on this machine, else None."""
-    path = Path(config.cache_dir()) / config.CONVERTED_FILENAME
+def default_weights_path(model="inception_v3"):
+    """The model's converted published weights if `fetch_weights(model)` has run here, else None."""
+    path = Path(config.cache_dir()) / get_spec(model).default_weights.converted_filename
     return path if path.is_file() else None
 
 
-def fetch_weights(url=config.PUBLISHED_URL, hash_prefix=config.PUBLISHED_SHA256_PREFIX,
-                  cache=None, force=False, progress=True, timeout=30):
+def fetch_weights(model="inception_v3", url=None, hash_prefix=None, cache=None, force=False, progress=True, timeout=30):
     """Download, verify and convert a checkpoint once; return the path of its cached `.npz`.
 
-    url          where the torchvision checkpoint lives; its basename is the local file name
-    hash_prefix  hex digits the file's SHA-256 must start with ("" accepts any file)
+    model        a registered name: its default weight set says where and what to fetch
+    url          download from here instead (a mirror); its basename is the local file name
+    hash_prefix  hex digits the file's SHA-256 must start with (default: the weight set's;
+                 "" accepts any file)
     cache        folder for both files (default: `config.cache_dir()`)
     force        download and convert again even if both files are cached
     progress     a progress bar on stderr while downloading
@@ -63,6 +68,9 @@ def fetch_weights(url=config.PUBLISHED_URL, hash_prefix=config.PUBLISHED_SHA256_
     Raises DownloadError (no network, HTTP error, hash mismatch, unwritable cache);
     conversion raises CheckpointError or WeightsError.
     """
+    published = get_spec(model).default_weights
+    url = url or published.url
+    hash_prefix = published.sha256_prefix if hash_prefix is None else hash_prefix
     # torchvision names each file after the first 8 hex digits of its SHA-256, and
     # torch.hub's check_hash compares only that prefix. The full hash was never
     # published, so the prefix is all anyone can check.
@@ -71,7 +79,7 @@ def fetch_weights(url=config.PUBLISHED_URL, hash_prefix=config.PUBLISHED_SHA256_
         raise DownloadError(f"hash prefix {hash_prefix!r} is not hexadecimal")
     name = posixpath.basename(urllib.parse.unquote(urllib.parse.urlparse(url).path))
     if name in ("", ".", "..") or name.endswith(".npz"):
-        raise DownloadError(f"{url} does not name a checkpoint file (expected e.g. .../{config.PUBLISHED_FILENAME})")
+        raise DownloadError(f"{url} does not name a checkpoint file (expected e.g. .../{published.filename})")
 
     folder = Path(cache if cache is not None else config.cache_dir()).expanduser()
     checkpoint = folder / name
@@ -95,12 +103,12 @@ def fetch_weights(url=config.PUBLISHED_URL, hash_prefix=config.PUBLISHED_SHA256_
             raise DownloadError(f"{checkpoint}: SHA-256 is {actual}, expected it to start with {prefix}; "
                                 "deleted it, the next fetch downloads it again")
     else:
-        _download(url, checkpoint, prefix, progress, timeout)
-    convert_checkpoint(checkpoint, converted)
+        _download(url, checkpoint, prefix, progress, timeout, model)
+    convert_checkpoint(checkpoint, converted, model=model)
     return converted
 
 
-def _download(url, checkpoint, prefix, progress, timeout):
+def _download(url, checkpoint, prefix, progress, timeout, model):
     """Stream `url` into a `.part` file beside `checkpoint`, check the hash, then rename it into place."""
     try:
         fd, part = tempfile.mkstemp(prefix=checkpoint.name + ".", suffix=".part", dir=checkpoint.parent)
@@ -110,7 +118,7 @@ def _download(url, checkpoint, prefix, progress, timeout):
     part = Path(part)
     try:
         with os.fdopen(fd, "wb") as f:
-            actual = _stream(url, f, checkpoint, prefix, progress, timeout)
+            actual = _stream(url, f, checkpoint, prefix, progress, timeout, model)
         if not actual.startswith(prefix):
             raise DownloadError(f"{url}: downloaded file {checkpoint.name} has SHA-256 {actual}, expected it to "
                                 f"start with {prefix}; deleted it (a corrupted download, or the wrong hash prefix)")
@@ -121,7 +129,7 @@ def _download(url, checkpoint, prefix, progress, timeout):
         raise
 
 
-def _stream(url, f, checkpoint, prefix, progress, timeout):
+def _stream(url, f, checkpoint, prefix, progress, timeout, model):
     """Copy the response body into `f` chunk by chunk; return its SHA-256 hex digest."""
     request = urllib.request.Request(url, headers={"User-Agent": "pyincept"})
     digest, received, total = hashlib.sha256(), 0, None
@@ -140,19 +148,20 @@ def _stream(url, f, checkpoint, prefix, progress, timeout):
                     received += len(chunk)
                     bar.update(len(chunk))
     except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
-        raise _unreachable(url, _reason(e), checkpoint, prefix) from None
+        raise _unreachable(url, _reason(e), checkpoint, prefix, model) from None
     # http.client returns a short body without complaint when the server hangs up early.
     if total is not None and received != total:
-        raise _unreachable(url, f"connection closed after {received} of {total} bytes", checkpoint, prefix)
+        raise _unreachable(url, f"connection closed after {received} of {total} bytes", checkpoint, prefix, model)
     return digest.hexdigest()
 
 
-def _unreachable(url, reason, checkpoint, prefix):
+def _unreachable(url, reason, checkpoint, prefix, model):
     """The one-line error for a failed download: what failed, and where to put the file by hand."""
-    command = "pyincept weights fetch"
-    if url != config.PUBLISHED_URL:
+    published = get_spec(model).default_weights
+    command = "pyincept weights fetch" + (f" --model {model}" if model != "inception_v3" else "")
+    if url != published.url:
         command += f" --url {url}"
-    if prefix != config.PUBLISHED_SHA256_PREFIX:
+    if prefix != published.sha256_prefix:
         command += f" --hash-prefix {prefix}"
     return DownloadError(f"could not download {url} ({reason}); if this machine is offline, download the file "
                          f"elsewhere and put it at {checkpoint}, then run `{command}` again")

@@ -5,7 +5,7 @@ What this is: `read_checkpoint(path)` returns the state dict as an ordered `dict
 torch and never runs code from the file. What this is not: a general `torch.load`. Only plain
 dense tensors of ten dtypes are understood; whole pickled `nn.Module`s, TorchScript archives,
 and quantized, sparse, complex or float8 tensors are refused with a `CheckpointError`.
-Turning the arrays into pyincept weights (key and shape checks) is `weights.py`'s job.
+Turning the arrays into pyincept weights (key and shape checks) is `npz.py`'s and `convert.py`'s job.
 
 A checkpoint is a pickle that describes the object, plus the raw bytes of every tensor's
 *storage*: the flat buffer a tensor views through an element offset, a shape and strides

@@ -1,4 +1,4 @@
-"""pyincept's own weight file, and conversion from torchvision's checkpoint.
+"""pyincept's own weight file: the `.npz` format, and torch's layout turned into pyincept's.
 
 The file is a NumPy `.npz` (a zip of `.npy` arrays) read with `allow_pickle=False`:
 loading it can never run code. It holds
@@ -7,14 +7,15 @@ loading it can never run code. It holds
   conv weights HWIO `(R, S, C, K)` (torch stores OIHW `(K, C, R, S)`), linear
   weights `(in, out)` (torch stores `(out, in)`), batch-norm vectors unchanged;
 - `__format_version__`: an integer, bumped whenever the layout changes;
-- `__meta__`: a JSON string (source file, its SHA-256, pyincept version).
+- `__meta__`: a JSON string: the model's registered name (`model`), the source file and
+  its SHA-256, the preprocessing recipe the weights expect.
 
 Batch norm is kept unfolded in the file, so it stays a faithful copy of the
 checkpoint; the network folds it into the convolutions when it loads
-(`blocks.fold_batchnorm`).
+(`layers.fold_batchnorm`).
 
-Checkpoints are read by `checkpoint.read_checkpoint`, which never imports torch
-and never executes pickled code.
+Checkpoints are read by `checkpoint.read_checkpoint`, which never imports torch and never
+executes pickled code; `convert.py` turns one into this file.
 """
 
 import hashlib
@@ -26,8 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import config
-from .errors import CheckpointError, WeightsError
+from ..errors import CheckpointError, WeightsError
 
 FORMAT_VERSION = 1
 _FORMAT_KEY = "__format_version__"
@@ -53,7 +53,7 @@ def torch_to_pyincept(state):
     return params
 
 
-def check_parameters(params, expected_shapes, source):
+def check_parameters(params, expected_shapes, source, title=None):
     """Same key set, every shape equal; else one line naming the key(s) and both shapes."""
     missing = [k for k in expected_shapes if k not in params]
     unexpected = [k for k in params if k not in expected_shapes]
@@ -63,12 +63,17 @@ def check_parameters(params, expected_shapes, source):
             parts.append(f"{len(missing)} missing key(s) ({_first(missing)})")
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected key(s) ({_first(unexpected)})")
-        raise WeightsError(f"{source}: not an Inception v3 state dict: " + "; ".join(parts))
+        what = f"{_article(title)} {title} state dict" if title else "the model's state dict"
+        raise WeightsError(f"{source}: not {what}: " + "; ".join(parts))
     for key, shape in expected_shapes.items():
         if tuple(params[key].shape) != tuple(shape):
             raise WeightsError(
                 f"{source}: key {key!r} has shape {tuple(params[key].shape)}, expected {tuple(shape)}"
             )
+
+
+def _article(title):
+    return "an" if title[0].lower() in "aeiou" else "a"
 
 
 def _first(keys, n=3):
@@ -127,37 +132,6 @@ def sha256_file(path, chunk=1 << 20):
     return digest.hexdigest()
 
 
-def convert_checkpoint(src, dst, expected_shapes=None):
-    """torchvision checkpoint (.pth) -> pyincept weight file (.npz). Returns the metadata written.
-
-    expected_shapes: {key: shape} in pyincept layout; defaults to Inception v3's.
-    """
-    from .checkpoint import read_checkpoint  # the restricted reader; never imports torch
-
-    if expected_shapes is None:
-        # Imported here, not at the top: the network module loads weight files through
-        # this module, and the converter only needs the network's parameter table.
-        from .inception_v3 import parameter_shapes
-
-        expected_shapes = parameter_shapes()
-    src, dst = Path(src), Path(dst)
-    state = read_checkpoint(src)
-    params = torch_to_pyincept(state)
-    check_parameters(params, expected_shapes, src)
-    meta = {
-        "source": src.name,
-        "source_sha256": sha256_file(src),
-        "converted_by": "pyincept",
-        "layout": "NHWC activations; conv weights HWIO; linear weights (in, out)",
-        "preprocessing": config.IMAGENET_PREPROCESSING,
-    }
-    try:
-        save_weights(dst, params, meta)
-    except OSError as e:
-        raise WeightsError(f"{dst}: cannot write ({_one_line(e)})") from None
-    return meta
-
-
 def _one_line(error):
     text = str(error).strip().splitlines()
     return text[0] if text else type(error).__name__
@@ -167,7 +141,6 @@ __all__ = [
     "FORMAT_VERSION",
     "CheckpointError",
     "check_parameters",
-    "convert_checkpoint",
     "load_weights",
     "save_weights",
     "sha256_file",

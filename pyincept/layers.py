@@ -1,0 +1,345 @@
+"""What every network in the family is made of: BasicConv2d, Linear, Pool, the Inception
+module as a table of branches (Block), and Taps, which catches named outputs on the way.
+
+An Inception module runs several branches on the same input (1x1, factorised 3x3 / 5x5 /
+7x7 convolutions, and a pooling branch) and concatenates their outputs along channels
+(Szegedy et al. 2014, "Going deeper with convolutions", section 4; 2015, "Rethinking the
+Inception Architecture", sections 2-6). A Block says exactly that: `self.branches` lists
+each branch's steps in torchvision's `forward` order, and running the block runs each
+branch, its last step writing straight into its slice of one preallocated output, so the
+concatenation costs nothing. An optimisation (fusion.py) may be laid over that table;
+the table itself stays the readable definition.
+
+Names, channel counts, kernel sizes and paddings are torchvision's, so a checkpoint key
+such as `Mixed_5b.branch3x3dbl_2.conv.weight` maps to exactly one array here. What this
+is not: a trainable module system. Layers hold inference weights and call kernels.
+
+Shapes are NHWC throughout: (N, H, W, C).
+"""
+
+import numpy as np
+
+from . import kernels
+from .kernels.geometry import conv_output_hw, pad4, pair, pool_output_size
+
+BN_EPS = 0.001  # torchvision's BasicConv2d: nn.BatchNorm2d(out_channels, eps=0.001)
+
+
+class Layer:
+    """Anything that runs kernels. `ops` is the kernel set it calls: the CPU kernels by
+    default; `Network.to(device)` hands every layer another backend's twins instead."""
+
+    ops = kernels
+    name = None
+
+    def use(self, ops):
+        """Run on `ops` from now on, moving this layer's weights there (once)."""
+        self.ops = ops
+
+    def parameter_shapes(self):
+        return {}
+
+    def load(self, params):
+        pass
+
+    def layer_names(self):
+        """The names `run` can tap in this layer: its own, when it has one."""
+        return [self.name] if self.name else []
+
+
+class Taps:
+    """Collects named intermediate outputs during one forward pass.
+
+    `wanted` holds dotted layer names (`Mixed_5b.branch_pool`, `inception4a`). Layers call
+    `record(name, y)`; only wanted names are copied out (an output may be a view into its
+    module's concat buffer; a copy keeps the caller's arrays independent of pyincept's).
+    """
+
+    def __init__(self, wanted=(), to_host=None):
+        self.wanted = set(wanted)
+        self.outputs = {}
+        self.to_host = to_host or kernels.to_host
+
+    def record(self, name, y):
+        if name in self.wanted:
+            self.outputs[name] = np.array(self.to_host(y), dtype=np.float32, copy=True)
+        return y
+
+
+def fold_batchnorm(w, gamma, beta, mean, var, eps=BN_EPS):
+    """Fold inference batch norm into the convolution before it.
+
+    BN(conv(x)) = gamma * (w*x - mean) / sqrt(var + eps) + beta, and that is a convolution
+    with the same kernel shape: each output channel k's filter is scaled by
+    gamma[k] / sqrt(var[k] + eps), and the bias is beta[k] - mean[k] * that scale. One conv
+    with a bias replaces conv + four per-channel vector ops, for free at load time.
+    w is HWIO (R, S, C, K); the vectors are (K,). Computed in float64, stored float32.
+    """
+    scale = gamma.astype(np.float64) / np.sqrt(var.astype(np.float64) + eps)   # (K,)
+    folded_w = np.empty(w.shape, np.float32)                                    # (R, S, C, K)
+    np.multiply(w, scale, out=folded_w, casting="unsafe")                      # in float64, rounded once
+    folded_b = (beta - mean.astype(np.float64) * scale).astype(np.float32)      # (K,)
+    return folded_w, folded_b
+
+
+class BasicConv2d(Layer):
+    """conv (no bias) -> BatchNorm(eps) -> ReLU, run as one conv with a folded bias."""
+
+    def __init__(self, name, in_channels, out_channels, kernel_size, stride=1, padding=0, eps=BN_EPS):
+        self.name = name
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size = pair(kernel_size)
+        self.stride = stride
+        self.padding = padding
+        self.eps = eps
+        self.folded = None                # host copy (weight (R, S, C, K), bias (K,)), BN folded in
+        self.weight = self.bias = None    # the same, on the device `ops` runs on
+        self.algorithm = "im2col"         # or "winograd": used where winograd_applies()
+        self.winograd = None              # the weight in the Winograd domain, when used
+
+    def parameter_shapes(self):
+        """{checkpoint key: shape in pyincept layout} for this layer."""
+        R, S = self.kernel_size
+        K = self.out_channels
+        shapes = {f"{self.name}.conv.weight": (R, S, self.in_channels, K)}
+        for field in ("weight", "bias", "running_mean", "running_var"):
+            shapes[f"{self.name}.bn.{field}"] = (K,)
+        return shapes
+
+    def load(self, params):
+        p = self.name
+        self.folded = fold_batchnorm(
+            params[f"{p}.conv.weight"], params[f"{p}.bn.weight"], params[f"{p}.bn.bias"],
+            params[f"{p}.bn.running_mean"], params[f"{p}.bn.running_var"], eps=self.eps,
+        )
+        self.use(self.ops)
+
+    def use(self, ops):
+        self.ops = ops
+        if self.folded is None:
+            return
+        self.weight, self.bias = (ops.to_device(a) for a in self.folded)
+        self.winograd = None
+        if self.winograd_applies():                  # a 3x3's tile goes by what measured faster
+            tile = ops.winograd_tile(self.in_channels, self.kernel_size)
+            self.winograd = ops.winograd_weights(self.folded[0], tile)
+
+    def winograd_applies(self):
+        """Winograd serves the stride-1 3x3 convs, the 5x5 ones padded by 2, and the 1x3 / 3x1
+        and 1x7 / 7x1 ones padded only along their own axis, when asked for and the backend
+        has it. An unpadded 5x5 on a 5x5 map (v3's aux head) makes one output pixel, where
+        F(2x2, 5x5) would do 1.4x the multiply-adds."""
+        top, bottom, left, right = pad4(self.padding)
+        shape_ok = (self.kernel_size == (3, 3)
+                    or (self.kernel_size == (5, 5) and (top, bottom, left, right) == (2, 2, 2, 2))
+                    or (self.kernel_size in ((1, 3), (1, 7)) and not (top or bottom))
+                    or (self.kernel_size in ((3, 1), (7, 1)) and not (left or right)))
+        return self.algorithm == "winograd" and shape_ok and self.stride in (1, (1, 1)) and self.ops.HAS_WINOGRAD
+
+    def set_algorithm(self, algorithm):
+        self.algorithm = algorithm
+        self.use(self.ops)
+
+    def is_pointwise(self):
+        """A 1x1 conv at stride 1 without padding: a per-pixel matrix product (fusion.py)."""
+        return self.kernel_size == (1, 1) and pair(self.stride) == (1, 1) and pad4(self.padding) == (0, 0, 0, 0)
+
+    def output_shape(self, shape):
+        N, H, W, _ = shape
+        OH, OW = conv_output_hw(H, W, self.kernel_size, pair(self.stride), pad4(self.padding))
+        return N, OH, OW, self.out_channels
+
+    def __call__(self, x, taps, out=None):
+        if self.winograd is not None:
+            y = self.ops.conv2d_winograd(x, self.winograd, self.bias, self.padding, relu=True, out=out,
+                                         kernel_size=self.kernel_size)
+        else:
+            y = self.ops.conv2d(x, self.weight, self.bias, self.stride, self.padding, relu=True, out=out)
+        return taps.record(self.name, y)
+
+
+class Linear(Layer):
+    """y = x @ w + b, with w stored (in, out). A (N, H, W, C) input is flattened first.
+
+    torch flattens NCHW activations, so a layer fed a map bigger than 1x1 (GoogLeNet's aux
+    heads: 4x4x128) reads its input features in (C, H, W) order; `input_chw` reorders the
+    weight rows once, at load time, into the (H, W, C) order NHWC activations flatten in.
+    """
+
+    def __init__(self, name, in_features, out_features, relu=False, input_chw=None):
+        self.name = name
+        self.in_features, self.out_features = in_features, out_features
+        self.relu = relu
+        self.input_chw = input_chw
+        self.host = None                  # (weight (in, out), bias (out,)) on the host
+        self.weight = self.bias = None    # the same, on the device `ops` runs on
+
+    def parameter_shapes(self):
+        return {f"{self.name}.weight": (self.in_features, self.out_features), f"{self.name}.bias": (self.out_features,)}
+
+    def load(self, params):
+        weight, bias = (np.ascontiguousarray(params[f"{self.name}.{f}"], np.float32) for f in ("weight", "bias"))
+        if self.input_chw is not None:
+            C, H, W = self.input_chw                                       # rows (c, h, w) -> (h, w, c)
+            weight = np.ascontiguousarray(weight.reshape(C, H, W, -1).transpose(1, 2, 0, 3).reshape(weight.shape))
+        self.host = (weight, bias)
+        self.use(self.ops)
+
+    def use(self, ops):
+        self.ops = ops
+        if self.host is not None:
+            self.weight, self.bias = (ops.to_device(a) for a in self.host)
+
+    def output_shape(self, shape):
+        return shape[0], self.out_features
+
+    def __call__(self, x, taps, out=None):
+        y = self.ops.linear(x.reshape(x.shape[0], -1), self.weight, self.bias)     # (N, out)
+        if self.relu:
+            y = self.ops.relu(y)
+        return taps.record(self.name, y)
+
+
+class Pool(Layer):
+    """A parameter-free step: a pooling kernel, by its name in the kernel set, with fixed settings.
+
+    `name` may be None for a pool that torchvision writes inline in `forward` (v3's
+    `F.avg_pool2d(x, 3, 1, 1)` before branch_pool): it then has no tap of its own.
+    """
+
+    def __init__(self, name, kernel, **settings):
+        self.name, self.kernel, self.settings = name, kernel, settings
+
+    def output_shape(self, shape):
+        N, H, W, C = shape
+        if self.kernel == "global_avg_pool2d":
+            return N, 1, 1, C
+        if self.kernel == "adaptive_avg_pool2d":
+            return (N, *pair(self.settings["output_size"]), C)
+        k = pair(self.settings["kernel_size"])
+        s = pair(self.settings.get("stride") or self.settings["kernel_size"])
+        p = pair(self.settings.get("padding", 0))
+        ceil = self.settings.get("ceil_mode", False)
+        return N, pool_output_size(H, k[0], s[0], p[0], ceil), pool_output_size(W, k[1], s[1], p[1], ceil), C
+
+    def __call__(self, x, taps, out=None):
+        kernel = getattr(self.ops, self.kernel)
+        y = kernel(x, **self.settings, out=out) if out is not None else kernel(x, **self.settings)
+        return taps.record(self.name, y)
+
+
+def avg_pool(kernel_size, stride=None, padding=0, count_include_pad=True, name=None):
+    return Pool(name, "avg_pool2d", kernel_size=kernel_size, stride=stride, padding=padding,
+                count_include_pad=count_include_pad)
+
+
+def max_pool(kernel_size, stride=None, padding=0, ceil_mode=False, name=None):
+    return Pool(name, "max_pool2d", kernel_size=kernel_size, stride=stride, padding=padding, ceil_mode=ceil_mode)
+
+
+class Split(Layer):
+    """Two or more layers on the same input, outputs side by side: v3's expanded filter banks
+    (Mixed_7b-c), where a 1x3 and a 3x1 conv both read one tensor and both join the concat."""
+
+    def __init__(self, *layers):
+        self.layers = layers
+
+    def output_shape(self, shape):
+        shapes = [layer.output_shape(shape) for layer in self.layers]
+        return (*shapes[0][:3], sum(s[3] for s in shapes))
+
+    def __call__(self, x, taps, out=None):
+        out = self.ops.empty(self.output_shape(x.shape)) if out is None else out
+        for layer, dst in zip(self.layers, channel_slices(out, [layer.out_channels for layer in self.layers])):
+            layer(x, taps, out=dst)
+        return out
+
+
+def channel_slices(out, widths):
+    """Split a (N, H, W, sum(widths)) buffer into consecutive channel views, one per branch."""
+    views, k0 = [], 0
+    for width in widths:
+        views.append(out[..., k0 : k0 + width])
+        k0 += width
+    assert k0 == out.shape[3]
+    return views
+
+
+class Block(Layer):
+    """A named group of layers, loaded and listed together: every attribute that is a layer.
+
+    An Inception module sets `self.branches`, torchvision's `forward` as data: one list of
+    steps per branch, in order, each step a layer called as step(y, taps[, out]). Calling
+    the block runs every branch on the input, the last step of each into its channel slice
+    of the output. `plan` (fusion.py), when set, computes some branches' first steps
+    together and the block carries on from there.
+    """
+
+    branches = None
+    plan = None
+
+    def __init__(self, name):
+        self.name = name
+
+    def layers(self):
+        """The weighted layers (BasicConv2d, Linear), in the order the attributes were set."""
+        return [v for v in vars(self).values() if isinstance(v, (BasicConv2d, Linear))]
+
+    def steps(self):
+        """Every layer the block calls, pools included: branch by branch, then the rest."""
+        found = []
+        candidates = [inner for branch in self.branches or () for step in branch
+                      for inner in (step, *(step.layers if isinstance(step, Split) else ()))]
+        for step in candidates + [v for v in vars(self).values() if isinstance(v, Layer)]:
+            if all(step is not f for f in found):
+                found.append(step)
+        return found
+
+    def use(self, ops):
+        self.ops = ops
+        for step in self.steps():
+            step.use(ops)
+        if self.plan is not None:
+            self.plan.use(ops)
+
+    def parameter_shapes(self):
+        shapes = {}
+        for layer in self.layers():
+            shapes.update(layer.parameter_shapes())
+        return shapes
+
+    def load(self, params):
+        for layer in self.layers():
+            layer.load(params)
+        if self.plan is not None:
+            self.plan.load()
+
+    def layer_names(self):
+        """Every tap inside the block, in the order a branch table lists them."""
+        return [name for step in self.steps() for name in step.layer_names()]
+
+    def _conv(self, branch, *args, **kwargs):
+        return BasicConv2d(f"{self.name}.{branch}", *args, **kwargs)
+
+    def output_shape(self, shape):
+        shapes = [self._branch_shape(branch, shape) for branch in self.branches]
+        return (*shapes[0][:3], sum(s[3] for s in shapes))
+
+    @staticmethod
+    def _branch_shape(branch, shape):
+        for step in branch:
+            shape = step.output_shape(shape)
+        return shape
+
+    def __call__(self, x, taps):
+        widths = [self._branch_shape(branch, x.shape)[3] for branch in self.branches]
+        out = self.ops.empty(self.output_shape(x.shape))                      # every branch's slice
+        slices = channel_slices(out, widths)
+        started = self.plan(x, taps, slices) if self.plan is not None else {}
+        for i, (branch, dst) in enumerate(zip(self.branches, slices)):
+            y, done = started.get(i, (x, 0))                                 # (its input, steps already run)
+            for step in branch[done:-1]:
+                y = step(y, taps)
+            if done < len(branch):
+                branch[-1](y, taps, out=dst)
+        return taps.record(self.name, out)

@@ -1,0 +1,230 @@
+"""What every network of the family shares: a table of stages run in order, optional
+auxiliary heads, named outputs, loading, devices and the two knobs (fusion, algorithm).
+
+A model file (inception_v3.py, googlenet.py) only declares its stages, one per line as in
+its paper's table, and which stage each auxiliary head reads; running, tapping, loading
+and moving to a device are the same for all of them and live here.
+
+Input is NHWC float32 `(N, H, W, 3)`, exactly the tensor torchvision's network sees with
+`transform_input=False`; preprocessing (the recipe that travels with the weights,
+registry.py) lives outside the model. Output is logits `(N, num_classes)`.
+
+What it is not: a training framework. Dropout is the identity (inference), and batch
+norm is folded into the convolutions when weights load.
+"""
+
+import numpy as np
+
+from .. import fusion, kernels
+from ..errors import PyinceptError, WeightsError
+from ..io.npz import check_parameters
+from ..layers import BasicConv2d, Block, Taps
+
+ALGORITHMS = ("winograd", "im2col")
+DEFAULT_SEED = 0
+
+
+class Network:
+    """A network for inference. Subclasses set `stages` (and `aux`) and call `_finish`.
+
+    Class attributes each model sets: `title` ("Inception v3", for messages), `min_size`
+    (H, W) the smallest input its stages accept, `feature_layer` (the bottleneck a new top
+    layer is trained on) and `classifier` (the stage a retrained head replaces).
+    """
+
+    title = "network"
+    min_size = (1, 1)
+    feature_layer = "avgpool"
+    classifier = "fc"
+
+    def _finish(self, stages, aux, num_classes, fuse, algorithm):
+        """stages: the layers in the order data flows; aux: {name: (head, stage it reads)}."""
+        self.stages = stages
+        self.aux = dict(aux)
+        for part in stages + [head for head, _ in self.aux.values()]:
+            setattr(self, part.name, part)              # model.Mixed_5b, model.aux1: torchvision's names
+        self.num_classes = num_classes
+        self.meta = {}
+        self.ops = kernels
+        self.set_fuse(fuse)
+        self.set_algorithm(algorithm)
+
+    # --- the two knobs ----------------------------------------------------------
+
+    def set_fuse(self, fuse):
+        """fuse=True: lay fusion.Pointwise1x1 over every module whose 1x1 convs can share one
+        GEMM; False: every module runs its branch table in torchvision's order."""
+        for part in self.parts():
+            if isinstance(part, Block):
+                fusion.fuse(part, fuse)
+        self.fuse = bool(fuse)
+        return self
+
+    def set_algorithm(self, algorithm):
+        """How the stride-1 3x3, 5x5, 1x3, 3x1, 1x7 and 7x1 convs run: "winograd" (fewer
+        multiply-adds, within float rounding of im2col; the CPU's default) or "im2col" (the
+        readable path). A backend without Winograd (CUDA) runs im2col either way."""
+        if algorithm not in ALGORITHMS:
+            raise PyinceptError(f"unknown algorithm {algorithm!r}: use one of {', '.join(ALGORITHMS)}")
+        for layer in self.conv_layers():
+            layer.set_algorithm(algorithm)
+        self.algorithm = algorithm
+        return self
+
+    def conv_layers(self):
+        """Every BasicConv2d, stages and aux heads alike."""
+        layers = []
+        for part in self.parts():
+            layers.extend(part.layers() if isinstance(part, Block) else [part])
+        return [layer for layer in layers if isinstance(layer, BasicConv2d)]
+
+    def to(self, device):
+        """Run on "cpu", "reference" (the plain-NumPy twins) or "cuda": weights move to the
+        device once; later calls move only x and the outputs."""
+        ops = kernels.backend(device)
+        for part in self.parts():
+            part.use(ops)
+        self.ops = ops
+        return self
+
+    @property
+    def device(self):
+        return self.ops.DEVICE
+
+    # --- parameters ---------------------------------------------------------------
+
+    def parts(self):
+        """Every stage, each aux head right after the stage it reads (execution order)."""
+        parts = []
+        for stage in self.stages:
+            parts.append(stage)
+            parts.extend(head for head, source in self.aux.values() if source == stage.name)
+        return parts
+
+    def parameter_shapes(self):
+        """{checkpoint key: shape in pyincept layout} for every parameter, aux heads included."""
+        shapes = {}
+        for part in self.parts():
+            shapes.update(part.parameter_shapes())
+        return shapes
+
+    def expected_shapes(self, params):
+        """parameter_shapes(), less any aux head none of whose keys `params` holds."""
+        absent = [name for name, (head, _) in self.aux.items()
+                  if not any(key in params for key in head.parameter_shapes())]
+        shapes = {}
+        for part in self.parts():
+            if part.name not in absent:
+                shapes.update(part.parameter_shapes())
+        return shapes
+
+    def compare_parameters(self, params):
+        """(missing keys, unexpected keys, [(key, its shape, the expected shape)]) against `params`."""
+        expected = self.expected_shapes(params)
+        missing = [k for k in expected if k not in params]
+        unexpected = [k for k in params if k not in expected]
+        reshaped = [(k, tuple(params[k].shape), tuple(s)) for k, s in expected.items()
+                    if k in params and tuple(params[k].shape) != tuple(s)]
+        return missing, unexpected, reshaped
+
+    def load_parameters(self, params, source="weights", meta=None):
+        """Check keys and shapes against the architecture, then fold BN and keep the weights.
+
+        An aux head whose keys are all absent (a state dict saved with aux_logits=False) is
+        dropped from the model; one with some keys missing is an error like any other.
+        """
+        expected = self.expected_shapes(params)
+        check_parameters(params, expected, source, self.title)
+        for name, (head, _) in list(self.aux.items()):
+            if not any(key in expected for key in head.parameter_shapes()):
+                del self.aux[name]
+                delattr(self, name)
+        for part in self.parts():
+            part.load(params)
+        self.meta = dict(meta or {})
+        return self
+
+    def random_parameters(self, seed=DEFAULT_SEED):
+        """Deterministic random weights, for study and benchmarks.
+
+        He-normal convolutions (std sqrt(2 / fan_in)) with identity batch norm keep
+        activations O(1) through every convolution; torchvision's truncated normals would
+        grow or shrink them by orders of magnitude without calibrated BN statistics.
+        """
+        rng = np.random.default_rng(seed)
+        params = {}
+        for key, shape in self.parameter_shapes().items():
+            if key.endswith((".bn.weight", ".bn.running_var")):
+                value = np.ones(shape)
+            elif key.endswith((".bn.bias", ".bn.running_mean")) or (key.endswith(".bias") and len(shape) == 1):
+                value = np.zeros(shape)
+            else:
+                fan_in = int(np.prod(shape[:-1]))                 # HWIO or (in, out): all but the last axis
+                gain = 2.0 if ".conv." in key else 1.0
+                value = rng.standard_normal(shape) * np.sqrt(gain / fan_in)
+            params[key] = value.astype(np.float32)
+        return params
+
+    # --- names ------------------------------------------------------------------------
+
+    def layer_names(self):
+        """Every name `run` accepts, in execution order (each aux head after the stage it reads)."""
+        names = []
+        for part in self.parts():
+            if isinstance(part, Block):
+                names.extend(part.layer_names())
+            names.append(part.name)
+        return names
+
+    # --- forward ------------------------------------------------------------------------
+
+    def __call__(self, x):
+        """Logits (N, num_classes) for an NHWC float32 batch (N, H, W, 3)."""
+        return self.run(x, [self.classifier])[self.classifier]
+
+    def run(self, x, outputs=None):
+        """Run the network as far as needed and return {name: NHWC array} for each name.
+
+        Names are dotted torchvision names: a stage (`Mixed_6e`, `inception4a`, `fc`), a
+        layer inside one (`Mixed_5b.branch_pool`, `inception3a.branch2.1`), or an aux head
+        (`AuxLogits`, `aux1.fc2`). Stops after the last stage needed. A batch runs in
+        micro-batches spread over the device's threads (`kernels.map_batch`); the outputs
+        are joined back along the batch axis.
+        """
+        outputs = [self.classifier] if outputs is None else [outputs] if isinstance(outputs, str) else list(outputs)
+        x = self._check_input(x)
+        known = self.layer_names()
+        for name in outputs:
+            if name not in known:
+                raise PyinceptError(f"unknown layer {name!r}; `pyincept layers` lists the names")
+        parts = self.ops.map_batch(lambda batch: self._run(x[batch], outputs), len(x))
+        if len(parts) == 1:
+            return parts[0]
+        return {name: np.concatenate([part[name] for part in parts]) for name in outputs}
+
+    def _run(self, x, outputs):
+        """`run` for one micro-batch, on the thread that calls it."""
+        taps = Taps(outputs, to_host=self.ops.to_host)
+        x = self.ops.to_device(x)
+        stage_names = [s.name for s in self.stages]
+        wanted_heads = {n.split(".")[0] for n in outputs} & set(self.aux)
+        last = max(stage_names.index(self.aux[top][1] if top in self.aux else top)
+                   for top in (n.split(".")[0] for n in outputs))
+        for stage in self.stages[: last + 1]:
+            x = stage(x, taps)
+            for name in wanted_heads:
+                head, source = self.aux[name]
+                if source == stage.name:
+                    head(x, taps)
+        return {name: taps.outputs[name] for name in outputs}
+
+    def _check_input(self, x):
+        if self.stages[0].weight is None:
+            raise WeightsError("model has no weights loaded")
+        x = np.asarray(x)
+        if x.ndim != 4 or x.shape[3] != 3:
+            raise PyinceptError(f"input must be NHWC (N, H, W, 3), got shape {x.shape}")
+        H, W = self.min_size
+        if x.shape[1] < H or x.shape[2] < W:
+            raise PyinceptError(f"input is {x.shape[1]}x{x.shape[2]}; {self.title} needs at least {H}x{W}")
+        return np.ascontiguousarray(x, dtype=np.float32)

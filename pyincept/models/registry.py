@@ -1,0 +1,108 @@
+"""The family: model name -> its network and the weight sets that travel with it.
+
+    pyincept.models()                                  # ['googlenet', 'inception_v3']
+    model = pyincept.create_model("googlenet")         # seeded random init
+    model = pyincept.load_model("googlenet.npz")       # whichever model the file holds
+    pyincept.detect_model(params)                      # which model a state dict's keys and shapes fit
+
+A weight file records its model's name (`meta["model"]`, written by `pyincept convert`);
+files written before the registry existed hold Inception v3 and are recognised by their keys.
+"""
+
+from ..errors import PyinceptError, WeightsError
+from ..io.npz import load_weights
+from . import googlenet, inception_v3
+from .network import DEFAULT_SEED
+
+MODELS = {spec.name: spec for spec in (googlenet.SPEC, inception_v3.SPEC)}
+
+
+def models():
+    """The registered model names, sorted."""
+    return sorted(MODELS)
+
+
+def get_spec(name):
+    """The ModelSpec of `name`; a one-line error naming the choices otherwise."""
+    try:
+        return MODELS[name]
+    except (KeyError, TypeError):
+        raise PyinceptError(f"unknown model {name!r}; choose one of {', '.join(models())}") from None
+
+
+def create_model(name, weights=None, device="cpu", seed=DEFAULT_SEED, fuse=True, algorithm="winograd"):
+    """Build model `name`.
+
+    weights: None for a deterministic random init (`seed`), or the path of a pyincept weight
+    file (`.npz`, from `pyincept convert` or `pyincept weights fetch`), which must hold this model.
+    device: "cpu", "reference" (the plain-NumPy twins, for study) or "cuda" (the `cuda` extra).
+    fuse: lay the 1x1 fusion plan over every module that has one (exact up to float rounding).
+    algorithm: "winograd" or "im2col" for the stride-1 3x3, 5x5, 1x3, 3x1, 1x7 and 7x1 convs.
+    """
+    spec = get_spec(name)
+    model = spec.network(num_classes=spec.num_classes, fuse=fuse, algorithm=algorithm)
+    if weights is None:
+        model.load_parameters(model.random_parameters(seed), source=f"random init (seed {seed})",
+                              meta={"random_seed": seed, "model": name})
+    else:
+        params, meta = load_weights(weights)
+        held = meta.get("model") or detect_model(params, weights)
+        if held != name:
+            raise WeightsError(f"{weights} holds {held} weights, not {name}; load it with pyincept.load_model")
+        model.load_parameters(params, source=str(weights), meta=meta)
+    model.spec = spec
+    return model.to(device) if device != "cpu" else model
+
+
+def load_model(path, device="cpu", fuse=True, algorithm="winograd"):
+    """Build whichever registered model the weight file at `path` holds."""
+    _, meta = load_weights(path)                     # np.load is lazy: the arrays are read once, below
+    name = meta.get("model")
+    if name is None:
+        name = detect_model(load_weights(path)[0], path)
+    return create_model(get_spec(name).name, weights=path, device=device, fuse=fuse, algorithm=algorithm)
+
+
+def detect_model(params, source="weights"):
+    """The registered model whose parameter table `params` (pyincept layout) fits exactly.
+
+    An aux head's keys may be absent all together (a state dict saved with aux_logits=False).
+    Otherwise a one-line WeightsError names the nearest model and the keys that differ.
+    """
+    scored = []
+    for name in models():
+        network = MODELS[name].network()
+        missing, unexpected, reshaped = network.compare_parameters(params)
+        if not (missing or unexpected or reshaped):
+            return name
+        expected = network.expected_shapes(params)
+        matching = sum(1 for k, s in expected.items() if k in params and tuple(params[k].shape) == tuple(s))
+        scored.append((matching / max(len(expected), len(params), 1), name, missing, unexpected, reshaped))
+    _, name, missing, unexpected, reshaped = max(scored)
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing key(s) ({_first(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected key(s) ({_first(unexpected)})")
+    if reshaped:
+        shown = _first([f"{k!r} has shape {got}, expected {want}" for k, got, want in reshaped], quote=False)
+        parts.append(f"{len(reshaped)} key(s) of another shape ({shown})")
+    raise WeightsError(f"{source}: not a checkpoint of any model pyincept knows; nearest is {name}: " + "; ".join(parts))
+
+
+def _first(items, n=3, quote=True):
+    shown = ", ".join(repr(k) if quote else k for k in items[:n])
+    return shown + (", ..." if len(items) > n else "")
+
+
+# --- shortcuts, as torchvision spells them ------------------------------------------------
+
+
+def inception_v3(weights=None, seed=DEFAULT_SEED, device="cpu", fuse=True, algorithm="winograd"):
+    """Inception v3 (Szegedy et al. 2015); `create_model("inception_v3", ...)`."""
+    return create_model("inception_v3", weights, device, seed, fuse, algorithm)
+
+
+def googlenet(weights=None, seed=DEFAULT_SEED, device="cpu", fuse=True, algorithm="winograd"):
+    """GoogLeNet, Inception v1 (Szegedy et al. 2014); `create_model("googlenet", ...)`."""
+    return create_model("googlenet", weights, device, seed, fuse, algorithm)
