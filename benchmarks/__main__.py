@@ -1,14 +1,15 @@
 """pyincept against PyTorch and ONNX Runtime, on the same weights and the same machine.
 
-    python -m benchmarks [--quick] [--no-scale] [--out FILE]      (from the repository root)
+    python -m benchmarks [--model NAME] [--quick] [--no-scale] [--out FILE]      (from the repository root)
 
-One run measures, each in a fresh process started one at a time (`benchmarks/worker.py`):
-batch-1 latency and batch-8/32 throughput of every engine (interleaved over rounds),
-peak memory of each engine alone, pyincept's start-up with a warm and a cold Numba
-cache, numpy's sgemm on Inception v3's own GEMM shapes (the ceiling), the time of
-each of pyincept's stages, its determinism, and how it scales with batch and input
-size. The Markdown report goes to stdout (progress to stderr). `benchmarks/README.md`
-says what each number means.
+One run measures one model of the registry (`--model`, default inception_v3; googlenet at
+224x224 too), each measurement in a fresh process started one at a time
+(`benchmarks/worker.py`): batch-1 latency and batch-8/32 throughput of every engine
+(interleaved over rounds), peak memory of each engine alone, pyincept's start-up with a
+warm and a cold Numba cache, numpy's sgemm on the model's own GEMM shapes (the ceiling),
+the time of each of pyincept's stages, its determinism, and how it scales with batch and
+input size. The Markdown report goes to stdout (progress to stderr).
+`benchmarks/README.md` says what each number means.
 
 Exit status: 0 when every measurement ran (engines that are not installed are skipped
 and say so), 1 when a measurement crashed; never the targets, which are informational.
@@ -29,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks import engines, report
-from benchmarks.worker import RESULT_PREFIX
+from benchmarks.worker import GEMM_SHAPES_BY_MODEL, RESULT_PREFIX
 
 ROOT = Path(__file__).resolve().parent.parent     # where `python -m benchmarks.worker` resolves
 
@@ -70,10 +71,12 @@ QUICK = {
 
 
 class Suite:
-    """Runs workers one at a time and collects what they report."""
+    """Runs workers one at a time and collects what they report: every worker on `model`
+    (a registry name) at input size `size` (square) unless its arguments say `--size`."""
 
-    def __init__(self, workdir, threads, verbose=True):
+    def __init__(self, workdir, threads, verbose=True, model=engines.DEFAULT_MODEL, size=299):
         self.workdir, self.threads, self.verbose = Path(workdir), threads, verbose
+        self.model, self.size = model, size
         self.errors = []
         self.t0 = time.perf_counter()
 
@@ -91,7 +94,9 @@ class Suite:
     def worker(self, task, *args, env=None, timeout=1800):
         """Run `python -m benchmarks.worker TASK ARGS` -> (result dict or None, wall seconds)."""
         cmd = [sys.executable, "-m", "benchmarks.worker", task, *map(str, args),
-               "--workdir", str(self.workdir), "--threads", str(self.threads)]
+               "--workdir", str(self.workdir), "--threads", str(self.threads), "--model", self.model]
+        if "--size" not in args:
+            cmd += ["--size", str(self.size)]
         t0 = time.perf_counter()
         try:
             p = subprocess.run(cmd, cwd=ROOT, env=self.env(env), capture_output=True, text=True, timeout=timeout)
@@ -108,7 +113,13 @@ class Suite:
         return json.loads(lines[-1][len(RESULT_PREFIX):]), wall
 
 
+class Refused(Exception):
+    """A run that cannot be what was asked for; main prints its one line and exits 2."""
+
+
 def main(argv=None):
+    from pyincept.models.registry import get_spec, models
+
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -116,6 +127,8 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true",
                         help="CI smoke run: few repeats, batch 1 and 2, tiny scale table, one memory measurement, "
                              "no cold-cache start (under 90 s on 2 cores)")
+    parser.add_argument("--model", default=engines.DEFAULT_MODEL, choices=models(),
+                        help=f"the network every engine runs, at its own input size (default {engines.DEFAULT_MODEL})")
     parser.add_argument("--no-scale", action="store_true", help="skip the scale section (batch and input size sweeps)")
     parser.add_argument("--out", help="also write the report to this file")
     parser.add_argument("--json", help="also write every raw sample (seconds, MiB) to this JSON file")
@@ -131,6 +144,11 @@ def main(argv=None):
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
     args = parser.parse_args(argv)
     plan = {**(QUICK if args.quick else FULL), "threads": args.threads, "seed": args.seed, "no_scale": args.no_scale}
+    spec = get_spec(args.model)
+    size = spec.input_size[0]                       # every registered model is square; so are the scale points
+    plan.update({"model": args.model, "model_title": spec.title, "input_size": list(spec.input_size),
+                 "scale_size": size,                # the input-size sweep keeps v3's steps, from the model's size
+                 "scale_sizes": [s - FULL["scale_size"] + size for s in plan["scale_sizes"]]})
     if args.rounds:
         plan["rounds"] = args.rounds
     chosen = [e.strip() for e in args.engines.split(",") if e.strip()]
@@ -146,6 +164,9 @@ def main(argv=None):
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="pyincept-bench-"))
     try:
         res = run(plan, chosen, workdir, args.quiet)
+    except Refused as e:
+        print(f"python -m benchmarks: error: {e}", file=sys.stderr)
+        return 2
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -170,22 +191,31 @@ def main(argv=None):
 
 def run(plan, chosen, workdir, quiet=False):
     """Every measurement of the plan; returns the results dict `report.render` reads."""
-    suite = Suite(workdir, plan["threads"], verbose=not quiet)
+    model = plan.get("model", engines.DEFAULT_MODEL)
+    suite = Suite(workdir, plan["threads"], verbose=not quiet, model=model,
+                  size=plan.get("input_size", [plan["scale_size"]])[0])
     res = {"plan": plan, "engines": {}, "times": {}, "usage": {}, "loadavg": {}, "load_s": {}, "rss": {},
            "coldstart": {}, "gemm": [], "layers": None, "determinism": None, "scale": None, "accuracy": {},
            "macs_per_image": None, "prepared": {}}
 
-    suite.log(f"writing the shared weights to {workdir}")
-    prepared, _ = suite.worker("prepare", "--seed", plan["seed"])
-    res["prepared"] = prepared["written"] if prepared else {}
     if plan.get("baseline"):
         res["baseline"] = extract_baseline(plan["baseline"], workdir / "baseline")
+        if model != engines.DEFAULT_MODEL and "error" not in res["baseline"]:       # every revision has v3
+            held = baseline_models(res["baseline"]["folder"])
+            if model not in held:
+                raise Refused(f"--baseline {plan['baseline']}: pyincept at {res['baseline']['commit']} has no "
+                              f"{model} (it has {', '.join(held) or 'no model it can import'}); run without --baseline")
+    suite.log(f"writing the shared weights of {model} to {workdir}")
+    prepared, _ = suite.worker("prepare", "--seed", plan["seed"])
+    res["prepared"] = prepared["written"] if prepared else {}
+    res["aux_left_out"] = prepared.get("aux_left_out", []) if prepared else []
+    onnx = engines.onnx_model(model)
     for name in chosen:
-        why = engines.missing(name, workdir)
+        why = engines.missing(name, workdir, model)
         if name == engines.BASELINE and why is None:
             why = res["baseline"].get("error")
-        if why is None and name == "ort" and "failed" in res["prepared"].get(engines.ONNX_MODEL, ""):
-            why = res["prepared"][engines.ONNX_MODEL]
+        if why is None and name == "ort" and "failed" in res["prepared"].get(onnx, ""):
+            why = res["prepared"][onnx]
         label = engines.label(name)
         if name == engines.BASELINE:
             label = f"pyincept at {res['baseline'].get('commit') or plan['baseline']} (baseline)"
@@ -225,7 +255,9 @@ def run(plan, chosen, workdir, quiet=False):
         suite.log("pyincept determinism")
         res["determinism"], _ = suite.worker("determinism", "--batch", plan["determinism_batch"])
     suite.log("GEMM ceiling")
-    gemm, _ = suite.worker("gemm", "--seconds", plan["gemm_seconds"])
+    gemm, _ = suite.worker("gemm", "--seconds", plan["gemm_seconds"]) if model in GEMM_SHAPES_BY_MODEL else (None, None)
+    if model not in GEMM_SHAPES_BY_MODEL:
+        res["gemm_skipped"] = f"no GEMM shapes of {model} in `benchmarks/worker.py:GEMM_SHAPES_BY_MODEL`"
     for row in gemm["shapes"] if gemm else []:
         row["median"] = float(np.median(row["times"]))
         row["gflops"] = report.gflops(row["M"] * row["K"] * row["N"], row["median"])
@@ -238,6 +270,16 @@ def run(plan, chosen, workdir, quiet=False):
     res["errors"] = suite.errors
     res["elapsed_s"] = time.perf_counter() - suite.t0
     return res
+
+
+def baseline_models(folder):
+    """The model names the pyincept package extracted in `folder` has: its `pyincept.models()`,
+    or ["inception_v3"] for one from before the registry; [] when it cannot be imported."""
+    probe = ("import sys; sys.path.insert(0, sys.argv[1]); import pyincept; "
+             "m = getattr(pyincept, 'models', None); print(*(m() if callable(m) else ['inception_v3']))")
+    p = subprocess.run([sys.executable, "-c", probe, str(Path(folder).resolve())], cwd=folder,
+                       capture_output=True, text=True)
+    return p.stdout.split() if p.returncode == 0 else []
 
 
 def extract_baseline(rev, folder):

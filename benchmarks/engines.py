@@ -1,13 +1,15 @@
-"""The engines under test, all holding the same weights.
+"""The engines under test, all holding the same weights of one model of the registry
+(`--model`, default `inception_v3`; `googlenet` too, see `TORCHVISION`).
 
 - `pyincept`: this package, on the `.npz` written by `pyincept.save_weights`.
-- `torch`: torchvision's `inception_v3` in eager mode, NCHW, under `torch.inference_mode()`.
+- `torch`: torchvision's twin (`inception_v3`, `googlenet`) in eager mode, NCHW, under
+  `torch.inference_mode()`.
 - `torch-cl`: the same model and input in `torch.channels_last` memory format.
 - `ort`: ONNX Runtime's CPU execution provider on an ONNX export of that torchvision model
   (graph optimisations on, which folds batch norm into the convolutions as pyincept does).
 
-One set of random weights, `pyincept.inception_v3.random_parameters(seed)`, is written
-once by `prepare` in each engine's own format: pyincept's `.npz`, a torch state dict
+One set of random weights, `<Network>().random_parameters(seed)` (`Inception3`, `GoogLeNet`),
+is written once by `prepare` in each engine's own format: pyincept's `.npz`, a torch state dict
 (`.pt`, conv weights HWIO -> OIHW, fc (in, out) -> (out, in)) and the ONNX file. Each
 engine then loads only its own file, so a torch process never imports numba and a
 pyincept process never imports torch: peak memory is each engine's own. The accuracy
@@ -37,10 +39,40 @@ ENGINES = {
 BASELINE = "pyincept-base"
 BASELINE_SOURCE = "PYINCEPT_BENCH_BASELINE"      # the worker's environment: the extracted package's folder
 
+DEFAULT_MODEL = "inception_v3"
 PYINCEPT_WEIGHTS = "pyincept.npz"
 TORCH_WEIGHTS = "torchvision.pt"
-ONNX_MODEL = "inception_v3.onnx"
+ONNX_MODEL = "inception_v3.onnx"        # the default model's; onnx_model(name) for any
 ONNX_OPSET = 17
+
+# model -> (torchvision.models constructor, its keyword arguments): the torch engines' twin.
+# Inception v3 keeps its AuxLogits head (as it always has here); GoogLeNet's aux1/aux2 are
+# dropped, and `prepare` leaves their weights out of every engine's file. In eval mode no
+# engine runs an aux head, so they only ever cost memory.
+TORCHVISION = {
+    "inception_v3": ("inception_v3", {"aux_logits": True, "init_weights": False, "transform_input": False}),
+    "googlenet": ("googlenet", {"aux_logits": False, "init_weights": False, "transform_input": False}),
+}
+
+
+def onnx_model(model=DEFAULT_MODEL):
+    """The ONNX file's name for `model` (`inception_v3.onnx`, `googlenet.onnx`)."""
+    return f"{model}.onnx"
+
+
+def keeps_aux(model=DEFAULT_MODEL):
+    """Whether the engines hold `model`'s aux heads (only where the torch twin keeps them)."""
+    return model in TORCHVISION and TORCHVISION[model][1]["aux_logits"]
+
+
+def pyincept_model(pyincept, model, path):
+    """`model` built by package `pyincept` (today's or a baseline's) from the weight file at path.
+
+    Inception v3 goes through `pyincept.inception_v3(path)`, which every revision has (so a
+    baseline from before the registry loads too); any other through `create_model`."""
+    if model == DEFAULT_MODEL:
+        return pyincept.inception_v3(path)
+    return pyincept.create_model(model, path)
 
 
 def label(name):
@@ -55,14 +87,14 @@ def installed(module):
         return False
 
 
-def missing(name, workdir=None):
-    """Why engine `name` cannot run here (a short phrase), or None when it can."""
+def missing(name, workdir=None, model=DEFAULT_MODEL):
+    """Why engine `name` cannot run here on `model` (a short phrase), or None when it can."""
     absent = [m for m in ENGINES[name if name != BASELINE else "pyincept"][1] if not installed(m)]
     if absent:
         return f"not installed ({', '.join(absent)})"
     if workdir is not None:
         need = {"pyincept": PYINCEPT_WEIGHTS, BASELINE: PYINCEPT_WEIGHTS, "torch": TORCH_WEIGHTS,
-                "torch-cl": TORCH_WEIGHTS, "ort": ONNX_MODEL}[name]
+                "torch-cl": TORCH_WEIGHTS, "ort": onnx_model(model)}[name]
         if not (Path(workdir) / need).exists():
             why = " (exporting it needs torch and torchvision)" if name == "ort" else ""
             return f"no {need}{why}"
@@ -72,10 +104,11 @@ def missing(name, workdir=None):
 # --- the same weights, three formats ---------------------------------------------------
 
 
-def torchvision_state_dict(params, model=None):
-    """pyincept parameters -> a state dict torchvision's Inception v3 loads with strict=True.
+def torchvision_state_dict(params, model=None, name=DEFAULT_MODEL):
+    """pyincept parameters -> a state dict torchvision's twin of model `name` (Inception v3 by
+    default) loads with strict=True; `model`: that torch module, if already built.
 
-    The inverse of `pyincept.weights.torch_to_pyincept`: conv weights HWIO (R, S, C, K) ->
+    The inverse of `pyincept.io.npz.torch_to_pyincept`: conv weights HWIO (R, S, C, K) ->
     OIHW (K, C, R, S) is `transpose(3, 2, 0, 1)`, linear (in, out) -> (out, in) is `.T`,
     batch-norm vectors as they are. Keys torch keeps that hold no weights
     (`num_batches_tracked`) come from the model's own state dict.
@@ -83,7 +116,7 @@ def torchvision_state_dict(params, model=None):
     import numpy as np
     import torch
 
-    model = model if model is not None else torchvision_model()
+    model = model if model is not None else torchvision_model(name=name)
     state = model.state_dict()
     for key, value in params.items():
         if value.ndim == 4:
@@ -96,44 +129,66 @@ def torchvision_state_dict(params, model=None):
     return state
 
 
-def torchvision_model(state=None):
-    """torchvision's Inception v3, eval mode, no input transform (pyincept's contract)."""
+def torchvision_model(state=None, name=DEFAULT_MODEL):
+    """torchvision's twin of model `name` (Inception v3 by default), eval mode, no input
+    transform (pyincept's contract), aux heads as `TORCHVISION` says."""
     import torchvision
 
-    model = torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=False, transform_input=False)
+    constructor, kwargs = TORCHVISION[name]
+    model = getattr(torchvision.models, constructor)(weights=None, **kwargs)
     if state is not None:
         model.load_state_dict(state, strict=True)
     return model.eval()
 
 
-def prepare(workdir, seed):
-    """Write the weights for every engine that can be built here; returns {file: note}."""
-    from pyincept.inception_v3 import random_parameters
-    from pyincept.weights import save_weights
+def aux_left_out(model=DEFAULT_MODEL):
+    """The aux heads of `model` whose weights no engine holds (none where `keeps_aux`)."""
+    from pyincept.models.registry import get_spec
+
+    return [] if keeps_aux(model) else list(get_spec(model).network().aux)
+
+
+def random_parameters(model, seed):
+    """`model`'s `random_parameters(seed)`, less the weights of the heads `aux_left_out` names."""
+    from pyincept.models.registry import get_spec
+
+    network = get_spec(model).network()
+    params = network.random_parameters(seed)
+    for head in aux_left_out(model):
+        for key in network.aux[head][0].parameter_shapes():
+            del params[key]
+    return params
+
+
+def prepare(workdir, seed, model=DEFAULT_MODEL):
+    """Write `model`'s weights for every engine that can be built here; returns {file: note}."""
+    from pyincept.io.npz import save_weights
+    from pyincept.models.registry import get_spec
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    params = random_parameters(seed)
-    save_weights(workdir / PYINCEPT_WEIGHTS, params, meta={"random_seed": seed, "made_by": "benchmarks"})
+    params = random_parameters(model, seed)
+    save_weights(workdir / PYINCEPT_WEIGHTS, params, meta={"random_seed": seed, "made_by": "benchmarks", "model": model})
     written = {PYINCEPT_WEIGHTS: f"pyincept.save_weights(random_parameters({seed}))"}
-    if missing("torch") is None:
+    if missing("torch") is None and model in TORCHVISION:
         import torch
 
-        model = torchvision_model(torchvision_state_dict(params))
-        torch.save(model.state_dict(), workdir / TORCH_WEIGHTS)
+        model_t = torchvision_model(torchvision_state_dict(params, name=model), name=model)
+        torch.save(model_t.state_dict(), workdir / TORCH_WEIGHTS)
         written[TORCH_WEIGHTS] = "the same weights as a torchvision state dict (OIHW)"
+        onnx = onnx_model(model)
         try:
-            export_onnx(model, workdir / ONNX_MODEL)
-            written[ONNX_MODEL] = f"torch.onnx.export of that model (opset {ONNX_OPSET}, dynamic batch, dynamo=False)"
+            export_onnx(model_t, workdir / onnx, get_spec(model).input_size)
+            written[onnx] = f"torch.onnx.export of that model (opset {ONNX_OPSET}, dynamic batch, dynamo=False)"
         except Exception as e:  # noqa: BLE001 - an exporter failure skips ort, and the report says why
-            written[ONNX_MODEL] = f"export failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            written[onnx] = f"export failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     return written
 
 
-def export_onnx(model, path):
+def export_onnx(model, path, input_size=(299, 299)):
     import torch
 
-    x = torch.zeros(1, 3, 299, 299)
+    x = torch.zeros(1, 3, *input_size)
     with torch.no_grad():
         torch.onnx.export(
             model, (x,), str(path), input_names=["x"], output_names=["logits"],
@@ -156,8 +211,8 @@ class Runner:
         return self.forward(self.to_native(x_nhwc))
 
 
-def load(name, workdir, threads):
-    """Load engine `name` from its file in workdir, using `threads` threads."""
+def load(name, workdir, threads, model=DEFAULT_MODEL):
+    """Load engine `name` holding `model` from its file in workdir, using `threads` threads."""
     workdir = Path(workdir)
     if name in ("pyincept", BASELINE):
         # Threads: PYINCEPT_NUM_THREADS (numba) and OPENBLAS_NUM_THREADS, set by the caller
@@ -172,8 +227,8 @@ def load(name, workdir, threads):
         if name == BASELINE and Path(pyincept.__file__).resolve().parent.parent != source:
             raise RuntimeError(f"the baseline imported {pyincept.__file__}, not the package in {source}")
 
-        model = pyincept.inception_v3(workdir / PYINCEPT_WEIGHTS)
-        return Runner(model, lambda x: np.ascontiguousarray(x, dtype=np.float32))
+        net = pyincept_model(pyincept, model, workdir / PYINCEPT_WEIGHTS)
+        return Runner(net, lambda x: np.ascontiguousarray(x, dtype=np.float32))
     if name in ("torch", "torch-cl"):
         import torch
 
@@ -182,16 +237,16 @@ def load(name, workdir, threads):
             torch.set_num_interop_threads(1)
         except RuntimeError:  # already set, or parallel work already ran
             pass
-        model = torchvision_model(torch.load(workdir / TORCH_WEIGHTS, weights_only=True))
+        net = torchvision_model(torch.load(workdir / TORCH_WEIGHTS, weights_only=True), name=model)
         layout = torch.channels_last if name == "torch-cl" else torch.contiguous_format
-        model = model.to(memory_format=layout)
+        net = net.to(memory_format=layout)
 
         def to_native(x):
             return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(memory_format=layout)
 
         def forward(x):
             with torch.inference_mode():
-                return model(x).numpy()
+                return net(x).numpy()
 
         return Runner(forward, to_native)
     if name == "ort":
@@ -203,7 +258,7 @@ def load(name, workdir, threads):
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        session = ort.InferenceSession(str(workdir / ONNX_MODEL), options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(workdir / onnx_model(model)), options, providers=["CPUExecutionProvider"])
 
         def to_native(x):
             return np.ascontiguousarray(x.transpose(0, 3, 1, 2), dtype=np.float32)

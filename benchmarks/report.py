@@ -6,8 +6,9 @@ Everything here is pure formatting and arithmetic on the results `__main__` coll
 
 - a time is the median of its samples, shown with min and max where it matters;
 - throughput is batch / median seconds per batch (img/s);
-- GFLOP/s is 2 * MACs / seconds, MACs from `pyincept.summary.layer_table`
-  (5.713 GMACs = 11.43 GFLOP per 299x299 image, conv and fc only);
+- GFLOP/s is 2 * MACs / seconds, MACs of the model measured from `pyincept.summary.layer_table`
+  (Inception v3: 5.713 GMACs = 11.43 GFLOP per 299x299 image; GoogLeNet: 1.498 GMACs =
+  3.00 GFLOP per 224x224 image; conv and fc only);
 - a ratio is pyincept's number divided by the other engine's: below 1 is better for
   latency and memory, above 1 is better for throughput.
 """
@@ -133,13 +134,26 @@ def times_x(r):
     return None if r is None else f"{r:.2f}x"
 
 
+# --- the model ---------------------------------------------------------------------------------
+
+DEFAULT_MODEL = "inception_v3"          # a report of it reads as it did before `--model` existed
+
+
+def model_of(plan):
+    """(registry name, title, "HxW") of the model the run measured (Inception v3 when unsaid)."""
+    h, w = plan.get("input_size", (299, 299))
+    return plan.get("model", DEFAULT_MODEL), plan.get("model_title", "Inception v3"), f"{h}x{w}"
+
+
 # --- the report ------------------------------------------------------------------------------
 
 
 def render(res):
     """The whole report, from the results dict built by `benchmarks.__main__`."""
     plan = res["plan"]
-    out = [f"# pyincept benchmark{' (quick smoke run: few repeats, no conclusions)' if plan['quick'] else ''}", "",
+    model, title, size = model_of(plan)
+    which = "" if model == DEFAULT_MODEL else f": {title}, {size}"
+    out = [f"# pyincept benchmark{which}{' (quick smoke run: few repeats, no conclusions)' if plan['quick'] else ''}", "",
            "What each number means and how to read the ratios: `benchmarks/README.md`.", ""]
     out += header(res)
     out += headline(res)
@@ -181,7 +195,9 @@ def header(res):
         f"torch: set_num_threads, 1 inter-op; onnxruntime: intra_op_num_threads, inter_op 1, ORT_ENABLE_ALL)",
         f"- **Weights**: `random_parameters({plan['seed']})`, the same for every engine "
         f"(files: {', '.join(f'`{k}`' for k, note in res['prepared'].items() if 'failed' not in note)}); "
-        "inputs: standard-normal NHWC images, moved to each engine's layout before the clock starts",
+        "inputs: standard-normal NHWC images, moved to each engine's layout before the clock starts"
+        + (f"; the aux heads ({', '.join(res['aux_left_out'])}) are left out of every engine's copy (none runs "
+           "them at inference)" if res.get("aux_left_out") else ""),
         f"- **Method**: every measurement in a fresh process, one at a time; engines interleaved over "
         f"{plan['rounds']} round(s); times are medians of {_repeats(plan)} per round",
         "",
@@ -281,7 +297,7 @@ def latency_section(res):
                      times_x(ratio(s["median"], _median(res, "torch", 1)))] + usage_cells(res, name, 1) +
                     [" / ".join(f"{a:.1f}" for a in res["loadavg"].get(name, []))])
     return section("Latency, batch 1",
-            "One image at a time, 299x299. Lower is better; ratios are this engine's median over the other's. "
+            f"One image at a time, {model_of(res['plan'])[2]}. Lower is better; ratios are this engine's median over the other's. "
             + USAGE_NOTE + " `1-min load after`: the load average when each round's process ended (the engine's own "
             "threads account for about the thread count of it).",
             head, rows)
@@ -342,11 +358,16 @@ def startup_section(res):
     rows = [[key, num(r["import_s"], 3), num(r["load_s"], 3), num(r["first_forward_s"], 3), num(r["total_s"], 3),
              num(r["wall_s"], 3), num(r["peak_rss_mib"], 0)] for key, r in cs.items()]
     return section("Start-up (pyincept)",
-            "A fresh process: `import pyincept`, `inception_v3(weights.npz)`, one batch-1 forward. "
+            f"A fresh process: `import pyincept`, `{_builder(res['plan'])}`, one batch-1 forward. "
             "`total` is timed inside the process from before the import; `process wall` adds the interpreter's own "
             "start and exit. Warm: the second of two runs sharing a Numba cache. Cold: an empty `NUMBA_CACHE_DIR`, so "
             "every kernel compiles.",
             head, rows)
+
+
+def _builder(plan):
+    model = model_of(plan)[0]
+    return "inception_v3(weights.npz)" if model == DEFAULT_MODEL else f'create_model("{model}", weights.npz)'
 
 
 def gemm_ceiling(res):
@@ -355,15 +376,20 @@ def gemm_ceiling(res):
 
 
 def gemm_section(res):
+    if res.get("gemm_skipped"):
+        return ["## GEMM ceiling", "", f"Not measured: {res['gemm_skipped']}.", ""]
     if not res["gemm"]:
         return []
+    model, title, size = model_of(res["plan"])
+    own = "Inception v3's own GEMM shapes at batch 1. The best v3 shape" if model == DEFAULT_MODEL else (
+        f"{title}'s own GEMM shapes at batch 1, {size}. The best {title} shape")
     with_torch = any("torch_gflops" in r for r in res["gemm"])
     head = ["GEMM", "M", "K", "N", "numpy median ms", "numpy GFLOP/s"] + (["torch.matmul GFLOP/s"] if with_torch else [])
     rows = [[r["name"], r["M"], r["K"], r["N"], ms(r["median"], 2), num(r["gflops"])] +
             ([num(r.get("torch_gflops"))] if with_torch else []) for r in res["gemm"]]
     return section("GEMM ceiling",
             f"`np.matmul` on float32 (numpy's OpenBLAS sgemm, the GEMM pyincept calls, {res['plan']['threads']} threads) "
-            "on Inception v3's own GEMM shapes at batch 1. The best v3 shape is the ceiling used for "
+            f"on {own} is the ceiling used for "
             f"`% of GEMM ceiling` above: **{num(gemm_ceiling(res))} GFLOP/s**. It is numpy's ceiling, not the "
             "machine's: an engine with its own GEMM or convolution kernels (onnxruntime's MLAS, torch's oneDNN) "
             "can pass 100%."
@@ -414,9 +440,11 @@ def stages_section(res):
              num(100 * s["macs"] / all_macs), num(gflops(s["macs"], t))] for s, t in stages]
     rows.append(["**sum of stages**", "", ms(total, 2), "100.0", num(all_macs / 1e9, 3), "100.0", num(gflops(all_macs, total))])
     whole = statistics.median(L["whole_times"])
+    aux = L.get("aux", ["AuxLogits"])                          # results from before --model: Inception v3's
+    aux = f"{', '.join(aux)} not run" if aux else "the model holds no aux heads"
     return section("Where pyincept's time goes (batch 1)",
-            f"Each stage of `model.stages` timed on its own, called one by one as `Inception3.run` calls them "
-            f"(AuxLogits not run), median of {len(L['whole_times'])}; `model(x)` end to end: {ms(whole)} ms. "
+            f"Each stage of `model.stages` timed on its own, called one by one as `{L.get('network', 'Inception3')}.run` "
+            f"calls them ({aux}), median of {len(L['whole_times'])}; `model(x)` end to end: {ms(whole)} ms. "
             "MACs from `pyincept.summary.layer_table`.",
             head, rows)
 

@@ -3,7 +3,9 @@
 The suite (`python -m benchmarks`) starts one of these per measurement, one at a time,
 so every engine runs alone: its own imports, its own thread pools, its own peak memory.
 Thread counts arrive through the environment (PYINCEPT_NUM_THREADS, OPENBLAS_NUM_THREADS,
-OMP_NUM_THREADS, set by the suite) and `--threads` (torch, onnxruntime).
+OMP_NUM_THREADS, set by the suite) and `--threads` (torch, onnxruntime). The model is
+`--model` (a registry name, default inception_v3) and its input size `--size` (the suite
+passes the model's own; a torch or onnxruntime worker never imports pyincept to look it up).
 
 Each task prints its result as one line, `BENCH-RESULT {json}`, last on stdout.
 
@@ -14,7 +16,7 @@ Each task prints its result as one line, `BENCH-RESULT {json}`, last on stdout.
     layers       pyincept: time of each stage of `model.stages` at batch 1
     determinism  pyincept: an image alone vs inside a batch; two runs bit-for-bit
     scale        pyincept: time and peak memory at one batch size and input size
-    gemm         numpy sgemm GFLOP/s on Inception v3's own GEMM shapes
+    gemm         numpy sgemm GFLOP/s on the model's own GEMM shapes (GEMM_SHAPES)
 
 Nothing heavy is imported at module level: `coldstart` starts its clock before numpy.
 """
@@ -71,7 +73,7 @@ def timed(fn, repeats, warmups=1):
 def task_prepare(args):
     from benchmarks import engines
 
-    return {"written": engines.prepare(args.workdir, args.seed)}
+    return {"written": engines.prepare(args.workdir, args.seed, args.model), "aux_left_out": engines.aux_left_out(args.model)}
 
 
 def task_time(args):
@@ -81,9 +83,9 @@ def task_time(args):
     from benchmarks import engines
 
     t0 = time.perf_counter()
-    runner = engines.load(args.engine, args.workdir, args.threads)
+    runner = engines.load(args.engine, args.workdir, args.threads, args.model)
     load_s = time.perf_counter() - t0
-    x_all = images(max(args.batches))
+    x_all = images(max(args.batches), size=args.size)
     out = {"load_s": load_s, "times": {}, "usage": {}}
     for batch, repeats in zip(args.batches, args.repeats):
         x = runner.to_native(x_all[:batch])
@@ -92,7 +94,7 @@ def task_time(args):
         out["times"][str(batch)] = times
         out["usage"][str(batch)] = usage
     if args.logits_out:
-        np.save(args.logits_out, runner(images(2, seed=ACCURACY_SEED)).astype(np.float32))
+        np.save(args.logits_out, runner(images(2, size=args.size, seed=ACCURACY_SEED)).astype(np.float32))
     out["peak_rss_mib"] = peak_rss_mib()
     return out
 
@@ -101,9 +103,9 @@ def task_rss(args):
     """Peak RSS of one engine alone: after loading, then after a warm-up and a timed pass."""
     from benchmarks import engines
 
-    runner = engines.load(args.engine, args.workdir, args.threads)
+    runner = engines.load(args.engine, args.workdir, args.threads, args.model)
     after_load = peak_rss_mib()
-    x = runner.to_native(images(args.batch))
+    x = runner.to_native(images(args.batch, size=args.size))
     seconds = clock(lambda: runner.forward(x), repeats=1, warmups=1)[0]
     return {"batch": args.batch, "after_load_mib": after_load, "peak_rss_mib": peak_rss_mib(), "seconds": seconds}
 
@@ -114,19 +116,20 @@ def task_coldstart(args):
     import pyincept
 
     t_import = time.perf_counter()
-    model = pyincept.inception_v3(f"{args.workdir}/pyincept.npz")
+    path = f"{args.workdir}/pyincept.npz"       # as engines.pyincept_model builds it, without importing that
+    model = pyincept.inception_v3(path) if args.model == "inception_v3" else pyincept.create_model(args.model, path)
     t_load = time.perf_counter()
-    model(images(1))
+    model(images(1, size=args.size))
     t_first = time.perf_counter()
     return {"import_s": t_import - t0, "load_s": t_load - t_import, "first_forward_s": t_first - t_load,
             "total_s": t_first - t0, "peak_rss_mib": peak_rss_mib()}
 
 
 def run_stages(model, x, on_stage):
-    """Run one image stage by stage exactly as `Inception3.run` does (through the kernel
-    set's `map_batch`, so with the same threads; no taps wanted, AuxLogits not run),
+    """Run one image stage by stage exactly as `Network.run` does (through the kernel
+    set's `map_batch`, so with the same threads; no taps wanted, aux heads not run),
     calling on_stage(stage, seconds) after each."""
-    from pyincept.blocks import Taps
+    from pyincept.layers import Taps
 
     def staged(batch):
         taps = Taps([])
@@ -134,7 +137,7 @@ def run_stages(model, x, on_stage):
         for stage in model.stages:
             t0 = time.perf_counter()
             if stage.name == "fc":
-                y = y.reshape(y.shape[0], -1)                              # (N, 2048)
+                y = y.reshape(y.shape[0], -1)                              # (N, 2048) in v3
             y = stage(y, taps)
             on_stage(stage, time.perf_counter() - t0)
         return model.ops.to_host(y)
@@ -148,10 +151,11 @@ def task_layers(args):
     import numpy as np
 
     import pyincept
+    from benchmarks.engines import pyincept_model
     from pyincept.summary import layer_table
 
-    model = pyincept.inception_v3(f"{args.workdir}/pyincept.npz")
-    x = images(1)
+    model = pyincept_model(pyincept, args.model, f"{args.workdir}/pyincept.npz")
+    x = images(1, size=args.size)
     np.testing.assert_array_equal(run_stages(model, x, lambda s, t: None), model(x))   # same computation
     samples = {s.name: [] for s in model.stages}
     whole = []
@@ -160,10 +164,10 @@ def task_layers(args):
     for _ in range(args.repeats):                                   # staged and whole passes alternate: same load
         run_stages(model, x, lambda s, t: samples[s.name].append(t))
         whole += clock(lambda: model(x), 1, warmups=0)
-    macs = {r["name"]: r["macs"] for r in layer_table()}
+    macs = {r["name"]: r["macs"] for r in layer_table((args.size, args.size), model=args.model)}
     stages = [{"name": s.name, "kind": type(s).__name__, "times": samples[s.name], "macs": macs[s.name]}
               for s in model.stages]
-    return {"stages": stages, "whole_times": whole}
+    return {"stages": stages, "whole_times": whole, "network": type(model).__name__, "aux": list(model.aux)}
 
 
 def task_determinism(args):
@@ -171,11 +175,12 @@ def task_determinism(args):
     import numpy as np
 
     import pyincept
+    from benchmarks.engines import pyincept_model
 
     from threadpoolctl import threadpool_info
 
-    model = pyincept.inception_v3(f"{args.workdir}/pyincept.npz")
-    x = images(args.batch)
+    model = pyincept_model(pyincept, args.model, f"{args.workdir}/pyincept.npz")
+    x = images(args.batch, size=args.size)
     batched = model(x)
     alone = np.concatenate([model(x[i : i + 1]) for i in range(args.batch)])
     scale = float(np.abs(batched).max())
@@ -194,14 +199,15 @@ def task_determinism(args):
 
 def task_scale(args):
     import pyincept
+    from benchmarks.engines import pyincept_model
     from pyincept.summary import layer_table, totals
 
-    model = pyincept.inception_v3(f"{args.workdir}/pyincept.npz")
+    model = pyincept_model(pyincept, args.model, f"{args.workdir}/pyincept.npz")
     after_load = peak_rss_mib()
     x = images(args.batch, size=args.size)
     times = clock(lambda: model(x), args.repeats, warmups=1)
     peak = peak_rss_mib()
-    macs = totals(layer_table((args.size, args.size)))["macs"]      # after the peak is read: it runs a model too
+    macs = totals(layer_table((args.size, args.size), model=args.model))["macs"]   # after the peak is read: it runs a model too
     return {"batch": args.batch, "size": args.size, "times": times, "after_load_mib": after_load,
             "peak_rss_mib": peak, "macs_per_image": macs}
 
@@ -214,6 +220,19 @@ GEMM_SHAPES = [
     ("Mixed_7b.branch3x3dbl_2, im2col", 64, 4032, 384),
     ("square, not in v3 (reference)", 2048, 2048, 2048),
 ]
+# Every model's, at batch 1 and its own input size; GoogLeNet's at 224x224 (its fused 1x1s
+# leave out branch4, whose max pool does not commute with the conv: fusion.py).
+GEMM_SHAPES_BY_MODEL = {
+    "inception_v3": GEMM_SHAPES,
+    "googlenet": [
+        ("conv1, im2col", 12544, 147, 64),
+        ("conv3, im2col", 3136, 576, 192),
+        ("inception3a, fused 1x1s", 784, 192, 176),
+        ("inception4e, fused 1x1s", 196, 528, 448),
+        ("inception5b.branch2.1, im2col", 49, 1728, 384),
+        ("square, not in GoogLeNet (reference)", 2048, 2048, 2048),
+    ],
+}
 
 
 def task_gemm(args):
@@ -228,7 +247,7 @@ def task_gemm(args):
 
     rng = np.random.default_rng(0)
     shapes = [(name, rng.standard_normal((M, K), dtype=np.float32), rng.standard_normal((K, N), dtype=np.float32))
-              for name, M, K, N in GEMM_SHAPES]
+              for name, M, K, N in GEMM_SHAPES_BY_MODEL[args.model]]
 
     def seconds(matmul, a, b, c):
         once = clock(lambda: matmul(a, b, out=c), 1, warmups=1)[0]
@@ -266,7 +285,8 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--batches", type=int, nargs="+", default=[1])
     parser.add_argument("--repeats", type=int, nargs="+", default=[5])
-    parser.add_argument("--size", type=int, default=299)
+    parser.add_argument("--model", default="inception_v3", help="a registry name (pyincept.models())")
+    parser.add_argument("--size", type=int, default=299, help="input size (square): the model's, or a scale point's")
     parser.add_argument("--seconds", type=float, default=0.5, help="gemm: about this long per shape")
     parser.add_argument("--logits-out")
     args = parser.parse_args(argv)

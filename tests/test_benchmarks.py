@@ -1,5 +1,5 @@
 """The benchmark suite: `python -m benchmarks --quick` runs end to end (with every engine
-installed here, and with torch and onnxruntime hidden), and its pure parts are right:
+installed here, with torch and onnxruntime hidden, and on GoogLeNet), and its pure parts are right:
 the torchvision state dict holds pyincept's weights, and the report's arithmetic and
 targets say what they should. No timing thresholds: numbers on a shared CI machine mean
 nothing, only that the suite measures and reports.
@@ -68,6 +68,53 @@ def test_quick_suite_runs_and_reports(tmp_path):
         assert "**onnxruntime**: skipped" in text
 
 
+def test_quick_suite_on_googlenet(tmp_path):
+    """`--model googlenet`: the same suite on GoogLeNet at 224x224, every engine on the same weights."""
+    p = run_suite(tmp_path, "--model", "googlenet", "--no-scale")
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    text = p.stdout
+    assert text.startswith("# pyincept benchmark: GoogLeNet, 224x224 (quick smoke run"), text[:200]
+    for header in HEADERS:
+        assert header in text, header
+    assert "One image at a time, 224x224." in text
+    assert "GoogLeNet's own GEMM shapes at batch 1, 224x224" in text and "| inception3a, fused 1x1s |" in text
+    assert "as `GoogLeNet.run` calls them (the model holds no aux heads)" in text
+    assert "| inception5b | Inception |" in text and "| fc | Linear |" in text
+    assert "the aux heads (aux1, aux2) are left out of every engine's copy" in text
+    assert "`create_model(\"googlenet\", weights.npz)`" in text
+    assert "Inception v3" not in text and "Inception3" not in text and "299x299" not in text
+    assert "## Errors" not in text
+    if importlib.util.find_spec("torch"):
+        assert "`googlenet.onnx`" in text
+        assert "PASS** (required) pyincept vs torchvision logits" in text
+        accuracy = text.split("## Accuracy")[1].split("## ")[0]
+        rows = [line.split(" | ") for line in accuracy.splitlines() if line.startswith("| torch") or
+                line.startswith("| onnxruntime")]
+        engines_compared = {row[0].lstrip("| ") for row in rows}
+        want = {"torch eager NCHW", "torch eager channels_last"} | (
+            {"onnxruntime"} if importlib.util.find_spec("onnxruntime") else set())
+        assert engines_compared == want, accuracy
+        for row in rows:
+            assert float(row[3]) <= 1e-3 and row[4].startswith("yes"), row       # Δ ÷ max |logit|, top-1
+
+
+def test_baseline_without_the_model_is_refused(tmp_path):
+    """`--baseline REV --model googlenet` where REV's pyincept has no GoogLeNet: one line, exit 2."""
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    git = lambda *a: subprocess.run(["git", "-C", str(ROOT), *a], capture_output=True, text=True)  # noqa: E731
+    root = git("rev-list", "--max-parents=0", "HEAD").stdout.split()[-1]     # the first commit: Inception v3 alone
+    if git("cat-file", "-e", f"{root}:pyincept/models/googlenet.py").returncode == 0:
+        pytest.skip("a shallow clone: its oldest commit already has GoogLeNet")
+    p = run_suite(tmp_path, "--model", "googlenet", "--baseline", root, "--workdir", str(tmp_path / "work"))
+    assert p.returncode == 2, p.stdout[-2000:] + p.stderr[-3000:]
+    assert p.stdout == ""
+    lines = p.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"python -m benchmarks: error: --baseline {root}: "), p.stderr
+    assert "has no googlenet (it has " in lines[0]
+    assert not (tmp_path / "work" / engines.PYINCEPT_WEIGHTS).exists()      # refused before anything ran
+
+
 HIDE = '''import sys
 class _Hide:
     """Pretend torch, torchvision, onnx and onnxruntime are not installed."""
@@ -96,10 +143,10 @@ def test_quick_suite_without_torch_or_onnxruntime(tmp_path):
 def test_torchvision_state_dict_holds_pyincepts_weights():
     torch = pytest.importorskip("torch")
     pytest.importorskip("torchvision")
-    from pyincept.inception_v3 import Inception3, random_parameters
-    from pyincept.weights import torch_to_pyincept
+    from pyincept.models.inception_v3 import Inception3
+    from pyincept.io.npz import torch_to_pyincept
 
-    params = random_parameters(3)
+    params = Inception3().random_parameters(3)
     state = engines.torchvision_state_dict(params)
     back = torch_to_pyincept({k: v.numpy() for k, v in state.items()})          # pyincept's own converter
     assert back.keys() == params.keys()
@@ -114,12 +161,38 @@ def test_torchvision_state_dict_holds_pyincepts_weights():
     assert (ours.argmax(1) == theirs.argmax(1)).all()
 
 
+def test_googlenet_weights_in_torchvision():
+    """GoogLeNet's weights, aux heads left out, load strictly into torchvision's twin (aux_logits=False),
+    and both compute the same logits."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("torchvision")
+    from pyincept.models.googlenet import GoogLeNet
+
+    params = engines.random_parameters("googlenet", 3)
+    assert engines.aux_left_out("googlenet") == ["aux1", "aux2"] and engines.aux_left_out("inception_v3") == []
+    assert not [k for k in params if k.startswith(("aux1.", "aux2."))]
+    state = engines.torchvision_state_dict(params, name="googlenet")
+    model = engines.torchvision_model(state, name="googlenet")             # strict=True: no key left over
+    assert model.aux1 is None and model.aux2 is None
+
+    x = np.random.default_rng(0).standard_normal((2, 224, 224, 3)).astype(np.float32)
+    ours = GoogLeNet().load_parameters(params)(x)
+    with torch.inference_mode():
+        theirs = model(torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()).numpy()
+    assert np.abs(ours - theirs).max() <= 1e-3 * np.abs(theirs).max()
+    assert (ours.argmax(1) == theirs.argmax(1)).all()
+
+
 def test_missing_engine_says_why(tmp_path):
     assert engines.missing("pyincept") is None
     assert engines.missing("pyincept", tmp_path) == f"no {engines.PYINCEPT_WEIGHTS}"
     if engines.installed("onnxruntime"):
         assert "needs torch" in engines.missing("ort", tmp_path)
     assert not engines.installed("surely_not_a_module_here")
+    (tmp_path / engines.ONNX_MODEL).touch()                                   # Inception v3's, not GoogLeNet's
+    if engines.installed("onnxruntime"):
+        assert engines.missing("ort", tmp_path) is None
+        assert engines.missing("ort", tmp_path, "googlenet").startswith("no googlenet.onnx")
 
 
 # --- the report's arithmetic ---------------------------------------------------------------
@@ -203,6 +276,25 @@ def test_render_has_every_section_and_the_ratios():
     assert "ceiling used for `% of GEMM ceiling` above: **200.0 GFLOP/s**" in text   # the square is not the ceiling
     text = report.render(fake_results(batches=(1, 2), rss_batch=2, ort=False))
     assert "**onnxruntime**: skipped, not installed (onnxruntime)" in text
+
+
+def test_render_names_the_model():
+    """A GoogLeNet run's report says GoogLeNet and 224x224 where an Inception v3 run's says neither."""
+    res = fake_results()
+    v3 = report.render(res)
+    assert v3.startswith("# pyincept benchmark\n") and "One image at a time, 299x299." in v3
+    assert "as `Inception3.run` calls them (AuxLogits not run)" in v3
+    res["plan"].update({"model": "googlenet", "model_title": "GoogLeNet", "input_size": [224, 224]})
+    res["layers"].update({"network": "GoogLeNet", "aux": []})
+    res["aux_left_out"] = ["aux1", "aux2"]
+    text = report.render(res)
+    assert text.startswith("# pyincept benchmark: GoogLeNet, 224x224\n")
+    assert "One image at a time, 224x224." in text and "299" not in text
+    assert "on GoogLeNet's own GEMM shapes at batch 1, 224x224. The best GoogLeNet shape is the ceiling" in text
+    assert "as `GoogLeNet.run` calls them (the model holds no aux heads)" in text
+    assert "the aux heads (aux1, aux2) are left out of every engine's copy" in text
+    res["gemm_skipped"] = "no GEMM shapes of googlenet"
+    assert "## GEMM ceiling\n\nNot measured: no GEMM shapes of googlenet." in report.render(res)
 
 
 def test_gpu_benchmark_without_a_gpu_says_why():
