@@ -22,11 +22,11 @@ from torch_oracle import to_nchw
 TESTS = Path(__file__).parent
 
 
-def calibrated_inception_v3(seed=0):
-    torch.manual_seed(seed)
+def calibrate_batchnorm(model, x, seed=0):
+    """Random BN affine parameters, then running statistics measured on x (NHWC) and its
+    mirror image by one train-mode pass with momentum=None (a cumulative average). Returns
+    the model in eval mode."""
     generator = torch.Generator().manual_seed(seed)
-    model = torchvision.models.inception_v3(weights=None, aux_logits=True, transform_input=False, init_weights=True)
-    x = photo_batch()
     x = np.concatenate([x, x[:, :, ::-1]])                      # photos and their mirror images
     with torch.no_grad():
         for bn in model.modules():
@@ -39,6 +39,12 @@ def calibrated_inception_v3(seed=0):
         model.train()
         model(to_nchw(np.ascontiguousarray(x)))
     return model.eval()
+
+
+def calibrated_inception_v3(seed=0):
+    torch.manual_seed(seed)
+    model = torchvision.models.inception_v3(weights=None, aux_logits=True, transform_input=False, init_weights=True)
+    return calibrate_batchnorm(model, photo_batch(), seed)
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ import torchvision
 from PIL import Image
 
 import pyincept
-from conftest import run_cli
+from conftest import calibrate_batchnorm, run_cli
 from photos import PHOTOS, photo_batch
 from pyincept import fusion
 from pyincept.errors import PyinceptError
@@ -29,21 +29,8 @@ SIZES = [(224, 224), (256, 320)]
 def calibrated_googlenet(seed=0, aux_logits=True):
     """torchvision's GoogLeNet with random weights and BN statistics measured on the photographs."""
     torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
     model = torchvision.models.googlenet(weights=None, aux_logits=aux_logits, transform_input=False, init_weights=True)
-    x = photo_batch((224, 224))
-    x = np.concatenate([x, x[:, :, ::-1]])                      # photos and their mirror images
-    with torch.no_grad():
-        for bn in model.modules():
-            if isinstance(bn, torch.nn.BatchNorm2d):
-                K = bn.num_features
-                bn.weight.copy_(torch.rand(K, generator=generator) + 0.5)
-                bn.bias.copy_(torch.randn(K, generator=generator) * 0.2)
-                bn.reset_running_stats()
-                bn.momentum = None                              # cumulative average
-        model.train()
-        model(to_nchw(np.ascontiguousarray(x)))
-    return model.eval()
+    return calibrate_batchnorm(model, photo_batch((224, 224)), seed)
 
 
 @pytest.fixture(scope="module")
