@@ -134,3 +134,4 @@ SPEC = ModelSpec(
         ),
     ),
 )
+GoogLeNet.spec = SPEC

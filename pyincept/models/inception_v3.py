@@ -218,3 +218,4 @@ SPEC = ModelSpec(
         ),
     ),
 )
+Inception3.spec = SPEC

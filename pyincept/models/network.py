@@ -33,6 +33,7 @@ class Network:
     """
 
     title = "network"
+    spec = None            # its registry entry (models/spec.py), set by the model file
     min_size = (1, 1)
     feature_layer = "avgpool"
     classifier = "fc"

@@ -40,27 +40,27 @@ def create_model(name, weights=None, device="cpu", seed=DEFAULT_SEED, fuse=True,
     algorithm: "winograd" or "im2col" for the stride-1 3x3, 5x5, 1x3, 3x1, 1x7 and 7x1 convs.
     """
     spec = get_spec(name)
-    model = spec.network(num_classes=spec.num_classes, fuse=fuse, algorithm=algorithm)
     if weights is None:
-        model.load_parameters(model.random_parameters(seed), source=f"random init (seed {seed})",
-                              meta={"random_seed": seed, "model": name})
-    else:
-        params, meta = load_weights(weights)
-        held = meta.get("model") or detect_model(params, weights)
-        if held != name:
-            raise WeightsError(f"{weights} holds {held} weights, not {name}; load it with pyincept.load_model")
-        model.load_parameters(params, source=str(weights), meta=meta)
-    model.spec = spec
-    return model.to(device) if device != "cpu" else model
+        return _build(spec, spec.network().random_parameters(seed), {"random_seed": seed, "model": name},
+                      f"random init (seed {seed})", device, fuse, algorithm)
+    params, meta = load_weights(weights)
+    held = meta.get("model") or detect_model(params, weights)
+    if held != name:
+        raise WeightsError(f"{weights} holds {held} weights, not {name}; load it with pyincept.load_model")
+    return _build(spec, params, meta, str(weights), device, fuse, algorithm)
 
 
 def load_model(path, device="cpu", fuse=True, algorithm="winograd"):
     """Build whichever registered model the weight file at `path` holds."""
-    _, meta = load_weights(path)                     # np.load is lazy: the arrays are read once, below
-    name = meta.get("model")
-    if name is None:
-        name = detect_model(load_weights(path)[0], path)
-    return create_model(get_spec(name).name, weights=path, device=device, fuse=fuse, algorithm=algorithm)
+    params, meta = load_weights(path)
+    spec = get_spec(meta.get("model") or detect_model(params, path))
+    return _build(spec, params, meta, str(path), device, fuse, algorithm)
+
+
+def _build(spec, params, meta, source, device, fuse, algorithm):
+    model = spec.network(num_classes=spec.num_classes, fuse=fuse, algorithm=algorithm)
+    model.load_parameters(params, source=source, meta=meta)
+    return model.to(device) if device != "cpu" else model
 
 
 def detect_model(params, source="weights"):
