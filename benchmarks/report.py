@@ -423,7 +423,7 @@ def determinism_section(res):
                                    f"{d['alone_vs_batch_max_rel']:.2e} of the largest logit; top-1 equal: "
                                    f"{yes(d['top1_agree'])})") +
             f", under OpenBLAS's {' / '.join(map(str, d.get('blas') or ['?']))} kernel. Every product holds one "
-            "image's rows, cut by that image's geometry alone (`kernels/cpu.py:_gemm_pieces`).",
+            "image's rows, cut by that image's geometry alone (`kernels/conv.py:_gemm_pieces`).",
             f"- The same batch twice: bit-for-bit identical: {yes(d['batch_rerun_identical'])}; "
             f"the same single image twice: {yes(d['single_rerun_identical'])}.", ""]
 

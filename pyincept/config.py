@@ -18,16 +18,15 @@ import os
 # Flags for every @njit in pyincept.kernels. cache=True writes compiled machine
 # code beside the source (or to NUMBA_CACHE_DIR) so later imports skip the JIT.
 # The CPU kernels are serial (no parallel=True): threads come from running batch
-# shards side by side, see kernels/cpu.py, so no Numba threading layer is involved.
+# shards side by side, see kernels/runtime.py, so no Numba threading layer is involved.
 JIT_OPTIONS = {"cache": True, "nogil": True, "fastmath": False, "error_model": "numpy"}
 # The same, for the small helpers of the hot loops, which Numba inlines into their callers.
 JIT_INLINE_OPTIONS = {**JIT_OPTIONS, "inline": "always"}
 
 # --- Batches ----------------------------------------------------------------------
 # The CPU runs a batch in micro-batches of at most this many images, spread over its
-# threads. Activation memory grows with the micro-batch, not the batch. Measured at
-# batch 32 on 2 cores: 2 gives a peak RSS of 540-551 MiB at 17.6-17.9 img/s (batch 8);
-# 4 gave 606-699 MiB (glibc's per-thread arenas make it vary) at 18.2 img/s.
+# threads. Activation memory grows with the micro-batch, not the batch; 2 keeps it small
+# at nearly the speed of 4 (benchmarks/NOTES.md).
 MICRO_BATCH = 2
 
 # --- CUDA (optional: pip install "pyincept[cuda]") --------------------------------

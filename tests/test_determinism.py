@@ -5,7 +5,7 @@ thread count and micro-batch, and beside concurrent callers (README, "Determinis
 It must not rest on which kernel OpenBLAS picks: its AVX2 ("Haswell") kernel sums a
 row in another order when the product has another number of rows, which broke the
 promise on every AVX2-only CPU before the products were cut per image
-(`kernels/cpu.py:_gemm_pieces`). OpenBLAS picks its kernel once, when it loads, so each
+(`kernels/conv.py:_gemm_pieces`). OpenBLAS picks its kernel once, when it loads, so each
 kernel gets a fresh process (`determinism_check.py`) with OPENBLAS_CORETYPE set:
 Haswell (AVX2), Prescott (SSE3, the generic kernels), SkylakeX (AVX-512) where the CPU
 has it, and the variables unset (OpenBLAS's own choice, what users run).

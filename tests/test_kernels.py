@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pyincept.kernels import cpu
+from pyincept.kernels import conv, cpu, runtime, winograd
 from pyincept.kernels import reference as ref
 from strategies import conv_geometry, pool_geometry, seeds
 from torch_oracle import hwio_to_oihw, to_nchw, to_nhwc
@@ -161,7 +161,7 @@ WINOGRAD_KINDS = [((3, 3), 2), ((3, 3), 4), ((5, 5), 2), ((1, 3), 4), ((3, 1), 4
 def test_each_image_gets_the_same_bits_alone_and_in_any_batch(kind, N, H, W, C, K, stride, split, seed):
     """conv2d (im2col, a 1x1, a stride) and conv2d_winograd: image i of a batch is exactly
     what image i alone gives, whole or split between a lone image's two threads. Every
-    product holds one image's rows, cut by its own geometry (`cpu._gemm_pieces`), so no
+    product holds one image's rows, cut by its own geometry (`conv._gemm_pieces`), so no
     BLAS kernel can sum it another way for its batch-mates."""
     rng = np.random.default_rng(seed)
     (R, S), tile = kind or (((1, 1), (3, 3), (1, 7))[seed % 3], None)
@@ -188,7 +188,7 @@ def test_winograd_in_chunks_of_tiles(monkeypatch, r, tile):
     pad = r // 2
     whole = cpu.conv2d_winograd(x, u, b, pad, relu=True, kernel_size=(r, r))
     for floats in (1, len(u) * 10 * 3):
-        monkeypatch.setattr(cpu, "_WINOGRAD_FLOATS", floats)
+        monkeypatch.setattr(winograd, "_WINOGRAD_FLOATS", floats)
         close(cpu.conv2d_winograd(x, u, b, pad, relu=True, kernel_size=(r, r)), whole)
     close(whole, ref.conv2d(x, w, b, 1, pad, relu=True), atol=4e-5)
 
@@ -292,7 +292,7 @@ def test_pools_read_views_as_their_contiguous_copies(geometry, seed, before, aft
     flat = randn(rng, offset + N * H * W * width + 3)                 # a buffer with room around the array
     views = [flat[offset : offset + N * H * W * width].reshape(N, H, W, width)[..., before : before + C],
              randn(rng, N, 2 * H, W, C)[:, ::2]]
-    parent, c0 = cpu._channel_window(views[0])
+    parent, c0 = runtime._channel_window(views[0])
     if np.shares_memory(parent, flat):                                # read in place: exactly x's memory
         window = parent[..., c0 : c0 + C]
         assert parent.flags.c_contiguous and window.ctypes.data == views[0].ctypes.data
@@ -330,7 +330,7 @@ def test_pools_write_into_views(geometry, seed, before, after):
 
 def test_a_modules_pool_branch_columns_are_pooled_in_place():
     raw = randn(np.random.default_rng(3), 2, 17, 17, 768)             # Mixed_6b's fused 1x1 output
-    parent, c0 = cpu._channel_window(raw[..., 576:])
+    parent, c0 = runtime._channel_window(raw[..., 576:])
     assert parent.base is raw and parent.shape == raw.shape and c0 == 576
 
 
@@ -455,7 +455,7 @@ def test_conv2d_tiles_large_inputs_through_bounded_scratch(monkeypatch, scratch_
     rng = np.random.default_rng(4)
     x, w, b = randn(rng, 2, 23, 19, 6), randn(rng, 3, 3, 6, 5), randn(rng, 5)
     whole = cpu.conv2d(x, w, b, 1, 1, relu=True)
-    monkeypatch.setattr(cpu, "_SCRATCH_FLOATS", scratch_floats)
+    monkeypatch.setattr(conv, "_SCRATCH_FLOATS", scratch_floats)
     tiled = cpu.conv2d(x, w, b, 1, 1, relu=True)
     close(tiled, whole)
     close(tiled, ref.conv2d(x, w, b, 1, 1, relu=True))
@@ -512,20 +512,20 @@ def test_blas_has_one_thread_inside_every_pass_and_its_count_back_after():
 
     code = (
         "import threading, numpy as np, pyincept\n"
-        "from pyincept.kernels import cpu\n"
-        "seen, unfold = set(), cpu._unfold\n"
+        "from pyincept.kernels import conv, runtime\n"
+        "seen, unfold = set(), conv._unfold\n"
         "def spy(*args):\n"
-        "    seen.add(cpu._blas[0].get_threads())\n"
+        "    seen.add(runtime._blas[0].get_threads())\n"
         "    return unfold(*args)\n"
-        "cpu._unfold = spy\n"
+        "conv._unfold = spy\n"
         "model, x = pyincept.inception_v3(), np.zeros((5, 80, 80, 3), np.float32)\n"
         "calls = [threading.Thread(target=model, args=(x[:n],)) for n in (1, 5, 1, 2)]\n"
         "for t in calls: t.start()\n"
         "for t in calls: t.join()\n"
-        "print(sorted(seen), cpu._blas[0].get_threads())\n"
+        "print(sorted(seen), runtime._blas[0].get_threads())\n"
         "t = threading.Thread(target=pyincept.set_num_threads, args=(1,)); t.start(); t.join()\n"
         "model(x[:1])\n"
-        "print(cpu._blas[0].get_threads())\n"
+        "print(runtime._blas[0].get_threads())\n"
     )
     env = dict(__import__("os").environ, PYINCEPT_NUM_THREADS="2")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout.split("\n")
@@ -565,7 +565,7 @@ def alone(run):
 
 def counting_helper(monkeypatch):
     """The (first, last) of every half handed to the helper thread, as a list that fills in."""
-    real, started = cpu._split_helper(), []
+    real, started = runtime._split_helper(), []
 
     class Counting:
         lock = real.lock
@@ -577,7 +577,7 @@ def counting_helper(monkeypatch):
         def wait(self):
             real.wait()
 
-    monkeypatch.setattr(cpu, "_split_helper", lambda: Counting())
+    monkeypatch.setattr(runtime, "_split_helper", lambda: Counting())
     return started
 
 
@@ -596,12 +596,12 @@ def test_one_image_alone_splits_each_layer_across_two_threads(monkeypatch):
 
     whole = [layer(x) for layer in layers]
     submitted = counting_helper(monkeypatch)
-    monkeypatch.setattr(cpu, "_SPLIT_MIN_OPS", 0)
+    monkeypatch.setattr(runtime, "_SPLIT_MIN_OPS", 0)
     for layer, expected in zip(layers, whole):
         submitted.clear()
         np.testing.assert_array_equal(alone(lambda: layer(x)), expected)
         assert submitted, "the layer gave no half away"
-    monkeypatch.setattr(cpu, "_SPLIT_MIN_OPS", x.size * 9 + 1)
+    monkeypatch.setattr(runtime, "_SPLIT_MIN_OPS", x.size * 9 + 1)
     for layer, expected in zip(layers[-2:], whole[-2:]):
         submitted.clear()
         np.testing.assert_array_equal(alone(lambda: layer(x)), expected)
@@ -644,8 +644,8 @@ def test_one_image_splits_a_weight_heavy_layer_by_output_channels(monkeypatch):
 def test_the_helper_thread_wakes_from_sleep_and_hands_back_errors(monkeypatch):
     """After spinning SPINS reads the helper sleeps, and a later half still runs; an
     exception in the helper's half reaches the caller, and the helper goes on serving."""
-    monkeypatch.setattr(cpu._Helper, "SPINS", 10)
-    helper, ran = cpu._Helper(), []
+    monkeypatch.setattr(runtime._Helper, "SPINS", 10)
+    helper, ran = runtime._Helper(), []
     for _ in range(3):
         time.sleep(0.02)                                  # long enough for the helper to fall asleep
         assert helper.flags[helper.HELPER_ASLEEP] == 1

@@ -130,7 +130,7 @@ def test_named_outputs_match_torchvision_layers(tv_inception, converted):
 def test_batches_split_across_threads_give_each_images_own_result(monkeypatch, threads, micro_batch):
     """A batch runs in micro-batches on concurrent shards (kernels.map_batch). Each image's
     logits and taps are the same bits alone and inside the batch (every product is cut per
-    image, `cpu._gemm_pieces`), and two runs of the same batch are bit-identical.
+    image, `conv._gemm_pieces`), and two runs of the same batch are bit-identical.
     tests/test_determinism.py holds every layer to this under each OpenBLAS kernel."""
     from pyincept import config
     from pyincept.kernels import cpu

@@ -1,0 +1,185 @@
+"""The per-channel kernels on the CPU: the bias + ReLU epilogue every conv ends with,
+concatenation, linear layers (BLAS, or a fixed-order kernel), ReLU and softmax.
+The readable twins are in `reference.py`; the shape letters are `cpu.py`'s.
+"""
+
+import numpy as np
+
+from .runtime import F0, _as_f32, _channel_window, _check_nhwc, _jit, _output, _output_window, _side_by_side
+
+
+@_jit
+def _finish_rows(src, s0, bias, relu, dst, d0, first, last):
+    """The conv epilogue on rows first .. last-1: dst[i, d0 + k] = max(0, src[i, s0 + k] + bias[k])
+    for k < K = len(bias). src and dst are whole C-contiguous (M, *) arrays, or one array:
+    a branch's columns are passed as their parent and first column (`_channel_window`),
+    which is how a branch writes straight into its module's concatenated output. With
+    the layout known LLVM vectorises the loop: 5x faster than on the strided slices."""
+    K = bias.shape[0]
+    for i in range(first, last):
+        a = src[i, s0 : s0 + K]                         # indexed from 0: no negative-index checks
+        b = dst[i, d0 : d0 + K]
+        for k in range(K):
+            v = a[k] + bias[k]
+            if relu and v < 0.0:
+                v = F0
+            b[k] = v
+
+
+@_jit
+def _finish_in_place(acc, bias, relu):
+    """`_finish_rows` of all of a C-contiguous acc onto itself."""
+    m, K = acc.shape
+    for i in range(m):
+        for k in range(K):
+            v = acc[i, k] + bias[k]
+            if relu and v < 0.0:
+                v = F0
+            acc[i, k] = v
+
+
+def bias_act(x, bias, relu=True, out=None):
+    """y = max(0, x + bias) over channels (relu=False: just the bias). x may be a channel slice."""
+    x = _check_nhwc(x, "x", contiguous=False)
+    bias = _as_f32(bias)
+    if bias.shape != (x.shape[3],):
+        raise ValueError(f"bias must be ({x.shape[3]},), got {bias.shape}")
+    out = _output(out, x.shape)
+    src, s0 = _channel_window(x)
+    window = _output_window(out)
+    if window is None:
+        np.copyto(out, bias_act(x, bias, relu))
+        return out
+    dst, d0 = window
+    src, dst = _pixels(src), _pixels(dst)                              # (M, *) both
+    _side_by_side(lambda first, last: _finish_rows(src, s0, bias, relu, dst, d0, first, last), len(src),
+                  ops=out.size)
+    return out
+
+
+def _pixels(a):
+    """(N, H, W, K) -> a (N*H*W, K) view of the same memory (a channel slice stays a view)."""
+    view = a.view()
+    view.shape = (a.shape[0] * a.shape[1] * a.shape[2], a.shape[3])   # raises rather than copy
+    return view
+
+
+# --- concatenation, linear, activations -------------------------------------------
+
+
+@_jit
+def _copy_into(src, out, k0):
+    N, H, W, K = src.shape
+    for job in range(N * H):
+        n = job // H
+        h = job % H
+        for w in range(W):
+            for k in range(K):
+                out[n, h, w, k0 + k] = src[n, h, w, k]
+
+
+def concat_channels(arrays, out=None):
+    """Stack branch outputs along channels: [(N,H,W,K_i)] -> (N,H,W,sum K_i).
+
+    Inception modules avoid calling this: their branches write straight into slices
+    of `out`. It is here for anything assembled after the fact.
+    """
+    arrays = [_check_nhwc(a, f"arrays[{i}]") for i, a in enumerate(arrays)]
+    if not arrays:
+        raise ValueError("concat_channels needs at least one array")
+    N, H, W, _ = arrays[0].shape
+    for i, a in enumerate(arrays):
+        if a.shape[:3] != (N, H, W):
+            raise ValueError(f"arrays[{i}] has shape {a.shape}, expected ({N}, {H}, {W}, *)")
+    out = _output(out, (N, H, W, sum(a.shape[3] for a in arrays)))
+    k0 = 0
+    for a in arrays:
+        _copy_into(a, out, k0)
+        k0 += a.shape[3]
+    return out
+
+
+@_jit
+def _linear_columns(x, w, out, k0, k1):
+    """out[n, k] = sum over i of x[n, i] * w[i, k], for columns k0 .. k1-1 of every row n.
+
+    One row of w at a time, added into every image's outputs: each sum runs over i in
+    order, the same float32 operations whatever the batch or the column split. A BLAS
+    picks its kernel (and summation order) by shape: a matrix-vector product and a
+    matrix product give one image's logits other bits (benchmarks/NOTES.md).
+    """
+    N, I = x.shape
+    for n in range(N):
+        out[n, k0:k1] = 0.0
+    I4 = I - I % 4
+    for i in range(0, I4, 4):                           # four rows of w per pass over out: the same
+        w0, w1, w2, w3 = w[i, k0:k1], w[i + 1, k0:k1], w[i + 2, k0:k1], w[i + 3, k0:k1]   # sums in the
+        for n in range(N):                              # same order, fewer passes over out
+            a0, a1, a2, a3 = x[n, i], x[n, i + 1], x[n, i + 2], x[n, i + 3]
+            o = out[n, k0:k1]
+            for k in range(k1 - k0):
+                o[k] = (((o[k] + a0 * w0[k]) + a1 * w1[k]) + a2 * w2[k]) + a3 * w3[k]
+    for i in range(I4, I):
+        row = w[i, k0:k1]
+        for n in range(N):
+            a = x[n, i]
+            o = out[n, k0:k1]
+            for k in range(k1 - k0):
+                o[k] += a * row[k]
+
+
+def linear(x, w, bias=None):
+    """Fully connected layer. x (N, I), w (I, O) -> (N, O), then the bias epilogue.
+    Each image's outputs are the same bits alone and in any batch (`_linear_columns`)."""
+    x, w = _as_f32(x), _as_f32(w)
+    if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[0]:
+        raise ValueError(f"linear: x {x.shape} and w {w.shape} do not chain as (N, I) @ (I, O)")
+    N, O = x.shape[0], w.shape[1]
+    acc = np.empty((N, O), np.float32)
+    # Bound by reading w: each thread of a lone image reads its own half of the columns.
+    x, w = np.ascontiguousarray(x), np.ascontiguousarray(w)
+    _side_by_side(lambda k0, k1: _linear_columns(x, w, acc, k0, k1), O)
+    if bias is not None:
+        _finish_in_place(acc, _as_f32(bias), False)
+    return acc
+
+
+@_jit
+def _relu(x, out):
+    flat_in = x.reshape(-1)
+    flat_out = out.reshape(-1)
+    for i in range(flat_in.size):
+        v = flat_in[i]
+        flat_out[i] = v if v > 0.0 else 0.0
+
+
+def relu(x):
+    x = np.ascontiguousarray(_as_f32(x))
+    out = np.empty_like(x)
+    _relu(x, out)
+    return out
+
+
+@_jit
+def _softmax(x, out):
+    N, K = x.shape
+    for n in range(N):
+        m = -np.inf
+        for k in range(K):
+            m = max(m, x[n, k])
+        total = 0.0
+        for k in range(K):
+            e = np.exp(x[n, k] - m)          # shifted by the max: exp never overflows
+            out[n, k] = e
+            total += e
+        for k in range(K):
+            out[n, k] = out[n, k] / total
+
+
+def softmax(x):
+    """Row-wise softmax over the last axis."""
+    x = _as_f32(x)
+    flat = np.ascontiguousarray(x.reshape(-1, x.shape[-1]))
+    out = np.empty_like(flat)
+    _softmax(flat, out)
+    return out.reshape(x.shape)
