@@ -1,11 +1,11 @@
-"""Retrain the top layer: transfer learning on Inception v3's bottleneck features.
+"""Retrain the top layer: transfer learning on a network's bottleneck features (any registered model).
 
 The parked-car classifier this project grew from did not train Inception v3; it kept the
 network and retrained only its last layer (TensorFlow's "How to Retrain Inception's Final
 Layer for New Categories", after Donahue et al. 2014, "DeCAF", and Yosinski et al. 2014,
 "How transferable are features in deep neural networks?"). Everything up to the global
-average pool is a fixed feature extractor: each image becomes 2048 numbers, the
-"bottleneck", computed once and cached on disk. A new softmax layer, 2048 -> K classes,
+average pool is a fixed feature extractor: each image becomes D numbers (2048 for v3, 1024
+for GoogLeNet), the "bottleneck", computed once and cached on disk. A new softmax layer, D -> K classes,
 is then trained on those vectors: multinomial logistic regression, a convex problem that
 takes seconds where a forward pass takes a fifth of a second per image.
 
@@ -20,7 +20,7 @@ as good as the ImageNet features are for the new classes. Augmentation (`augment
 random crops and horizontal flips) makes extra bottlenecks for the training images; it
 does not change the network.
 
-Shape letters: N images, D = 2048 bottleneck features, K classes.
+Shape letters: N images, D bottleneck features, K classes.
 """
 
 import hashlib
@@ -39,9 +39,10 @@ from .errors import PyinceptError
 from .predict import find_images, preprocessing_for
 from .preprocess import ImageError, load_image, preprocess
 
-FEATURE_LAYER = "avgpool"          # the bottleneck: (N, 1, 1, 2048), just before fc
+# Each model names its bottleneck (`Network.feature_layer`): the global average pool just
+# before fc, 2048-d for Inception v3, 1024-d for GoogLeNet.
 HEAD_FORMAT_VERSION = 1
-BOTTLENECK_FORMAT_VERSION = 1      # bump to orphan every cached bottleneck
+BOTTLENECK_FORMAT_VERSION = 2      # bump to orphan every cached bottleneck (2: keys name the model)
 OPTIMIZERS = ("sgd", "adam", "lbfgs")
 DEFAULT_LEARNING_RATE = {"sgd": 0.001, "adam": 0.001, "lbfgs": None}   # L-BFGS finds its own step
 MOMENTUM = 0.9
@@ -383,17 +384,18 @@ def weights_identity(model):
     return None
 
 
-def bottleneck_key(image_sha256, weights_id, view, preprocessing):
+def bottleneck_key(image_sha256, weights_id, view, preprocessing, model="inception_v3", layer="avgpool"):
     """The cache key of one bottleneck: a SHA-256 over everything that determines it.
 
     The image's bytes (not its name: a changed file is a new key, a renamed one is not),
-    the weights, the augmentation view, the preprocessing settings and the layer.
+    the model and its weights, the augmentation view, the preprocessing settings and the layer.
     """
     material = {
         "format": BOTTLENECK_FORMAT_VERSION,
         "image_sha256": image_sha256,
         "weights": weights_id,
-        "layer": FEATURE_LAYER,
+        "model": model,
+        "layer": layer,
         "view": view,
         "preprocessing": preprocessing,
     }
@@ -494,7 +496,7 @@ def compute_bottlenecks(paths, views_of, model, cache, weights_id, preprocessing
                 data = _read_bytes(path)
                 digest = hashlib.sha256(data).hexdigest()
                 views = views_of(digest)
-                keys = [bottleneck_key(digest, weights_id, view, preprocessing) for view in views]
+                keys = [bottleneck_key(digest, weights_id, view, preprocessing, model.spec.name, layer) for view in views]
                 vectors = [cache.get(key, D) for key in keys]
                 missing = [j for j, v in enumerate(vectors) if v is None]
                 image = _decode(data, path) if missing else None
@@ -622,7 +624,8 @@ def retrain(data_dir, model, *, epochs=50, learning_rate=None, batch_size=32, op
     head.meta = {
         "weights": report["weights"],
         "trained_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "feature_layer": FEATURE_LAYER,
+        "model": model.spec.name,
+        "feature_layer": model.feature_layer,
         "preprocessing": settings,
         "hyperparameters": hyperparameters,
         "metrics": {key: report[key] for key in ("train_accuracy", "validation_accuracy", "test_accuracy",

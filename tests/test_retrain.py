@@ -256,6 +256,18 @@ def test_head_file_round_trip_without_pickle(trained, tmp_path):
     assert np.array_equal(loaded.weight, head.weight) and np.array_equal(loaded.bias, head.bias)
 
 
+def test_googlenet_retrains_on_its_1024_d_pool_in_the_same_cache(dataset, cache):
+    """Any registered model: GoogLeNet's head takes its 1024-d bottleneck, its cached entries
+    never collide with v3's (the key names the model), and `classify --head` answers with it."""
+    model = pyincept.googlenet()
+    head, report = pyincept.retrain(dataset, model, cache_dir=cache, **OPTIONS)
+    assert head.weight.shape == (1024, 3) and head.meta["model"] == "googlenet"
+    assert report["bottlenecks_computed"] == 3 * PER_CLASS                   # none taken from v3's entries
+    assert report["test_accuracy"] >= 0.5, report["confusion_matrix"]
+    attach_head(model, head)
+    assert model(np.zeros((1, 64, 64, 3), np.float32)).shape == (1, 3)
+
+
 def test_attach_head_makes_the_model_answer_with_its_classes(trained):
     head, _ = trained
     model = pyincept.inception_v3()
