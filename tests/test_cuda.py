@@ -199,6 +199,7 @@ def test_every_kernel_compiles_for_a_gpu():
         "    '_bias_act': (A4, C1, b, A4),\n"
         "    '_pool': (A4, i, i, i, i, i, i, b, b, A4),\n"
         "    '_global_avg_pool': (A4, C4),\n"
+        "    '_adaptive_avg_pool': (A4, T.Array(T.int64, 2, 'C'), T.Array(T.int64, 2, 'C'), C4),\n"
         "    '_copy_into': (A4, A4, i),\n"
         "    '_relu': (C1, C1),\n"
         "    '_softmax': (C2, C2),\n"
@@ -418,6 +419,12 @@ class TestUnderSimulator:
         assert y.shape == (2, 1, 1, 7)
         flat = y.reshape(y.shape[0], -1)                                  # Inception3.run before fc
         np.testing.assert_array_equal(self.cuda.to_host(flat), cpu.global_avg_pool2d(x).reshape(2, -1))
+
+    def test_adaptive_avg_pool_as_googlenets_aux_heads(self):
+        rng = np.random.default_rng(5)
+        x = randn(rng, 2, 14, 9, 3)                                          # 14 -> 4 overlaps, 9 -> 4 too
+        y = self.cuda.adaptive_avg_pool2d(self.up(x, True, rng), (4, 4))
+        np.testing.assert_allclose(self.cuda.to_host(y), cpu.adaptive_avg_pool2d(x, (4, 4)), rtol=1e-6, atol=1e-7)
 
     def test_concat_channels_into_a_slice(self):
         rng = np.random.default_rng(4)

@@ -361,6 +361,17 @@ def test_global_avg_pool2d(N, H, W, C, seed):
     close(ref.global_avg_pool2d(x), expected, atol=1e-6)
 
 
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 2), st.integers(1, 20), st.integers(1, 20), st.integers(1, 6),
+       st.integers(1, 6), st.integers(1, 6), seeds)
+def test_adaptive_avg_pool2d_matches_torch_for_any_sizes(N, H, W, C, OH, OW, seed):
+    """PyTorch's adaptive windows (overlapping where H is no multiple of OH, and OH > H too)."""
+    x = randn(np.random.default_rng(seed), N, H, W, C)
+    expected = to_nhwc(F.adaptive_avg_pool2d(to_nchw(x), (OH, OW)))
+    close(cpu.adaptive_avg_pool2d(x, (OH, OW)), expected, atol=1e-6)
+    close(ref.adaptive_avg_pool2d(x, (OH, OW)), expected, atol=1e-6)
+
+
 # --- concat, linear, activations ---------------------------------------------------------
 
 
