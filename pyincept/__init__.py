@@ -3,7 +3,7 @@
 The public API:
 
     import pyincept
-    pyincept.models()                                    # ['googlenet', 'inception_v3']
+    pyincept.models()                                    # ['googlenet', 'inception_v3', 'inception_v3_fid']
     model = pyincept.inception_v3("inception_v3.npz")   # or weights=None: seeded random init
     model = pyincept.load_model("googlenet.npz")        # whichever model the file holds
     model = pyincept.create_model("googlenet", device="reference")   # the plain-NumPy twins

@@ -76,7 +76,7 @@ def classify(inputs, model, top=5, batch_size=8, labels=None, head=None, preproc
     if batch_size < 1:
         raise PyinceptError(f"--batch-size must be at least 1, got {batch_size}")
     settings = preprocessing or preprocessing_for(model)
-    labels = labels or imagenet_labels()
+    labels = labels or labels_for(model)
     from tqdm import tqdm
 
     inputs = list(inputs)
@@ -98,6 +98,17 @@ def classify(inputs, model, top=5, batch_size=8, labels=None, head=None, preproc
                     results[i].top = top_k(p, min(top, len(labels)), labels)
             bar.update(len(chunk))
             yield from results
+
+
+def labels_for(model):
+    """The class names of the model's logits (its weights' label set); a one-line error for a
+    model whose classes have no names (the FID Inception's 1008)."""
+    kind = model.spec.default_weights.labels if model.spec else "imagenet"
+    names = getattr(model, "labels", None) or (imagenet_labels() if kind == "imagenet" else None)
+    if names is None or len(names) != model.num_classes:
+        raise PyinceptError(f"{model.title} has {model.num_classes} unnamed classes: classify needs a --head, "
+                            "or use its features")
+    return names
 
 
 def preprocessing_for(model):

@@ -26,10 +26,10 @@ PACKAGE = Path(pyincept.__file__).parent
 
 
 def test_models_lists_the_family_and_create_model_builds_each():
-    assert pyincept.models() == ["googlenet", "inception_v3"]
+    assert pyincept.models() == ["googlenet", "inception_v3", "inception_v3_fid"]
     assert isinstance(pyincept.create_model("googlenet"), pyincept.GoogLeNet)
     assert isinstance(pyincept.create_model("inception_v3"), pyincept.Inception3)
-    with pytest.raises(PyinceptError, match="unknown model 'resnet'; choose one of googlenet, inception_v3"):
+    with pytest.raises(PyinceptError, match="unknown model 'resnet'; choose one of googlenet, inception_v3, inception_v3_fid"):
         pyincept.create_model("resnet")
 
 
@@ -39,7 +39,8 @@ def test_parameters_and_macs_are_torchvisions_published_figures():
     published = {"googlenet": torchvision.models.GoogLeNet_Weights.IMAGENET1K_V1.meta,
                  "inception_v3": torchvision.models.Inception_V3_Weights.IMAGENET1K_V1.meta}
     rows = {line.split()[0]: line for line in result.stdout.splitlines()[2:]}
-    assert set(rows) == set(published)
+    assert set(rows) == set(published) | {"inception_v3_fid"}
+    assert "pt_inception-2015-12-05-6726825d.pth" in rows["inception_v3_fid"]
     for name, meta in published.items():
         spec = get_spec(name)
         assert f"{meta['_ops']:.2f}" in rows[name] and spec.default_weights.filename in rows[name]

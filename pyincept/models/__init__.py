@@ -1,6 +1,7 @@
 """The family: one file per network with its blocks beside it, the registry that names them.
 
     inception_v3.py   Inception v3 (Szegedy et al. 2015), torchvision's
+    inception_v3_fid.py  the FID Inception: TensorFlow's 2015 graph, as pytorch-fid patches v3
     googlenet.py      GoogLeNet, Inception v1 (Szegedy et al. 2014), torchvision's
     network.py        what they share: stages, aux heads, taps, loading, devices
     spec.py           what travels with the weights (URL, hash, recipe, sizes)

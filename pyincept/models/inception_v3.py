@@ -68,7 +68,7 @@ class InceptionC(Block):
     """17x17 module (Mixed_6b-e), 7x7 factorised into 1x7 and 7x1:
     1x1 | 1x1->1x7->7x1 | 1x1->7x1->1x7->7x1->1x7 | avgpool->1x1."""
 
-    pool = staticmethod(avg_pool)
+    pool = staticmethod(avg_pool)   # F.avg_pool2d(x, 3, 1, 1); FID's variant overrides it
 
     def __init__(self, name, in_channels, channels_7x7):
         super().__init__(name)
@@ -115,7 +115,7 @@ class InceptionE(Block):
     """8x8 module (Mixed_7b-c), expanded filter banks: 1x1 | 1x1->(1x3 and 3x1) |
     1x1->3x3->(1x3 and 3x1) | avgpool->1x1. Each split branch fills two slices."""
 
-    pool = staticmethod(avg_pool)
+    pool = staticmethod(avg_pool)   # F.avg_pool2d(x, 3, 1, 1); FID's variants override it
 
     def __init__(self, name, in_channels):
         super().__init__(name)
@@ -162,7 +162,13 @@ class Inception3(Network):
     title = "Inception v3"
     min_size = (MIN_SIZE, MIN_SIZE)
 
+    # The module classes by kind; the FID variant (inception_v3_fid.py) swaps in its patched
+    # ones, as pytorch-fid and tinygrad do (tinygrad's `cls_map`).
+    blocks = {"A": None, "C": None, "E_1": None, "E_2": None}
+
     def __init__(self, num_classes=NUM_CLASSES, fuse=True, algorithm="winograd", aux_logits=True):
+        A, C = self.blocks["A"] or InceptionA, self.blocks["C"] or InceptionC
+        E_1, E_2 = self.blocks["E_1"] or InceptionE, self.blocks["E_2"] or InceptionE
         # One stage per line, as in the paper's table; shapes for a 299x299x3 input.
         stages = [
             BasicConv2d("Conv2d_1a_3x3", 3, 32, 3, stride=2),           # 149x149x32
@@ -172,17 +178,17 @@ class Inception3(Network):
             BasicConv2d("Conv2d_3b_1x1", 64, 80, 1),                   # 73x73x80
             BasicConv2d("Conv2d_4a_3x3", 80, 192, 3),                  # 71x71x192
             Pool("maxpool2", "max_pool2d", kernel_size=3, stride=2),   # 35x35x192
-            InceptionA("Mixed_5b", 192, pool_features=32),             # 35x35x256
-            InceptionA("Mixed_5c", 256, pool_features=64),             # 35x35x288
-            InceptionA("Mixed_5d", 288, pool_features=64),             # 35x35x288
+            A("Mixed_5b", 192, pool_features=32),             # 35x35x256
+            A("Mixed_5c", 256, pool_features=64),             # 35x35x288
+            A("Mixed_5d", 288, pool_features=64),             # 35x35x288
             InceptionB("Mixed_6a", 288),                               # 17x17x768
-            InceptionC("Mixed_6b", 768, channels_7x7=128),             # 17x17x768
-            InceptionC("Mixed_6c", 768, channels_7x7=160),             # 17x17x768
-            InceptionC("Mixed_6d", 768, channels_7x7=160),             # 17x17x768
-            InceptionC("Mixed_6e", 768, channels_7x7=192),             # 17x17x768
+            C("Mixed_6b", 768, channels_7x7=128),             # 17x17x768
+            C("Mixed_6c", 768, channels_7x7=160),             # 17x17x768
+            C("Mixed_6d", 768, channels_7x7=160),             # 17x17x768
+            C("Mixed_6e", 768, channels_7x7=192),             # 17x17x768
             InceptionD("Mixed_7a", 768),                               # 8x8x1280
-            InceptionE("Mixed_7b", 1280),                              # 8x8x2048
-            InceptionE("Mixed_7c", 2048),                              # 8x8x2048
+            E_1("Mixed_7b", 1280),                              # 8x8x2048
+            E_2("Mixed_7c", 2048),                              # 8x8x2048
             Pool("avgpool", "global_avg_pool2d"),                      # 1x1x2048
             Linear("fc", 2048, num_classes),                           # 1000
         ]

@@ -1,6 +1,6 @@
 """The family: model name -> its network and the weight sets that travel with it.
 
-    pyincept.models()                                  # ['googlenet', 'inception_v3']
+    pyincept.models()                                  # ['googlenet', 'inception_v3', 'inception_v3_fid']
     model = pyincept.create_model("googlenet")         # seeded random init
     model = pyincept.load_model("googlenet.npz")       # whichever model the file holds
     pyincept.detect_model(params)                      # which model a state dict's keys and shapes fit
@@ -11,10 +11,10 @@ files written before the registry existed hold Inception v3 and are recognised b
 
 from ..errors import PyinceptError, WeightsError
 from ..io.npz import load_weights
-from . import googlenet, inception_v3
+from . import googlenet, inception_v3, inception_v3_fid
 from .network import DEFAULT_SEED
 
-MODELS = {spec.name: spec for spec in (googlenet.SPEC, inception_v3.SPEC)}
+MODELS = {spec.name: spec for spec in (googlenet.SPEC, inception_v3.SPEC, inception_v3_fid.SPEC)}
 
 
 def models():
