@@ -145,7 +145,7 @@ def _cmd_activations(args):
     from .visualize import activation_grid, save_grid
 
     model = load_model(args.weights, args.device, args.model)
-    if args.layer not in model.layer_names():
+    if model.resolve(args.layer) not in model.layer_names():
         raise PyinceptError(f"unknown layer {args.layer!r}; `pyincept layers` lists the names")
     x = preprocess(load_image(args.image), **preprocessing_for(model))[None]
     activations = model.run(x, [args.layer])[args.layer][0]

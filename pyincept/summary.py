@@ -56,6 +56,11 @@ def layer_table(input_size=None, include_aux=False, model="inception_v3"):
             rows.extend(branches)
         else:
             rows.append(_leaf_row(part, shapes[part.name], is_aux))
+    graph_names = {}                                 # layer -> its first alias, e.g. the TF graph's name
+    for alias, layer in network.aliases.items():
+        graph_names.setdefault(layer, alias)
+    for row in rows:
+        row["alias"] = graph_names.get(row["name"])
     return rows
 
 
@@ -71,7 +76,7 @@ def format_table(rows):
     """An aligned text table, branch rows indented under their module, and totals lines."""
     header = ("layer", "kind", "output", "params", "MACs")
     body = [
-        ("  " + r["name"] if "." in r["name"] else r["name"], r["kind"],
+        (("  " if "." in r["name"] else "") + r["name"] + (f" ({r['alias']})" if r.get("alias") else ""), r["kind"],
          "x".join(map(str, r["shape"])), f"{r['params']:,}", f"{r['macs']:,}")
         for r in rows
     ]

@@ -153,3 +153,34 @@ def test_commands_take_the_model_from_the_weight_file(tmp_path):
     assert mismatch.returncode == 1 and "holds googlenet weights, not inception_v3" in mismatch.stderr
     random = run_cli("layers", "--model", "googlenet", "--size", "100", "100", check=True).stdout
     assert "inception5b" in random
+
+
+def test_the_2015_graphs_names_are_aliases_on_both_v3_models(tmp_path):
+    """`mixed/tower_2/conv` (the seed's 35x35x32 tensor) is Mixed_5b.branch_pool, `mixed_10` Mixed_7c,
+    `pool_3` the 2048-d pool, with or without ":0"; `softmax` the logits through softmax."""
+    x = photo_batch((160, 160))[:2]
+    for name in ("inception_v3", "inception_v3_fid"):
+        model = pyincept.create_model(name, seed=3)
+        out = model.run(x, ["mixed/tower_2/conv:0", "mixed/tower_2/conv", "mixed_10", "mixed_7/join", "pool_3",
+                            "softmax", "Mixed_5b.branch_pool", "Mixed_7c", "Mixed_6e", "avgpool", "fc"])
+        for alias, layer in (("mixed/tower_2/conv:0", "Mixed_5b.branch_pool"), ("mixed/tower_2/conv", "Mixed_5b.branch_pool"),
+                             ("mixed_10", "Mixed_7c"), ("mixed_7/join", "Mixed_6e"), ("pool_3", "avgpool")):
+            np.testing.assert_array_equal(out[alias], out[layer])
+        z = out["fc"].astype(np.float64)
+        expected = np.exp(z - z.max(1, keepdims=True))
+        np.testing.assert_allclose(out["softmax"], expected / expected.sum(1, keepdims=True), rtol=1e-5, atol=1e-7)
+        with pytest.raises(PyinceptError, match="unknown layer 'mixed_11'"):
+            model.run(x, ["mixed_11"])
+    table = run_cli("layers", "--model", "inception_v3_fid", check=True).stdout
+    assert "Mixed_5b.branch_pool (mixed/tower_2/conv)" in table and "Mixed_7c (mixed_10)" in table
+    assert "avgpool (pool_3)" in table and "Mixed_6e (mixed_7)" in table
+    from PIL import Image
+    image = tmp_path / "p.png"
+    Image.fromarray((np.random.default_rng(0).random((90, 90, 3)) * 255).astype(np.uint8)).save(image)
+    grids = []
+    for layer in ("mixed/tower_2/conv", "Mixed_5b.branch_pool"):
+        run_cli("activations", image, "--layer", layer, "--weights", "random", "--out", tmp_path / f"{len(grids)}.png",
+                "--cols", "4", "--pad", "0", check=True)
+        grids.append(np.asarray(Image.open(tmp_path / f"{len(grids)}.png")))
+    np.testing.assert_array_equal(grids[0], grids[1])
+    assert grids[0].shape[:2] == (8 * 35, 4 * 35)                              # the seed's 8 x 4 grid at 299x299

@@ -85,10 +85,10 @@ def test_blog_layer_row_and_format():
     row = next(r for r in rows if r["name"] == "Mixed_5b.branch_pool")
     # 1x1 conv 192 -> 32: 192*32 weights + 2*32 BN; 35*35 positions * 32 outputs * 192 MACs each.
     assert row == {"name": "Mixed_5b.branch_pool", "kind": "conv 1x1", "shape": (35, 35, 32),
-                   "params": 6_208, "macs": 7_526_400, "aux": False}
+                   "params": 6_208, "macs": 7_526_400, "aux": False, "alias": "mixed/tower_2/conv"}
     text = format_table(rows)
     line = next(s for s in text.splitlines() if "Mixed_5b.branch_pool" in s)
-    assert line.split() == ["Mixed_5b.branch_pool", "conv", "1x1", "35x35x32", "6,208", "7,526,400"]
+    assert line.split() == ["Mixed_5b.branch_pool", "(mixed/tower_2/conv)", "conv", "1x1", "35x35x32", "6,208", "7,526,400"]
     assert "maxpool1" in text and "max_pool2d 3x3/2" in text
     assert text.splitlines()[-1] == "total: 23.83 M params (23,834,568), 5.713 GMACs (5,713,216,096)"
     with_aux = format_table(layer_table(include_aux=True)).splitlines()

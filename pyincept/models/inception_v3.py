@@ -156,11 +156,29 @@ class InceptionAux(Block):
         return taps.record(self.name, y)
 
 
+# The names of TensorFlow's 2015-12-05 Inception graph (the one the seed's post opened, and
+# the FID tools' network): `mixed` .. `mixed_10` are Mixed_5b .. Mixed_7c, `mixed_7/join`
+# is mixed_7's concatenated output, `pool_3` the 2048-d pool FID uses. Any of them also
+# with a tensor's ":0". `softmax` is the logits through softmax.
+TF_GRAPH_NAMES = {
+    "conv": "Conv2d_1a_3x3", "conv_1": "Conv2d_2a_3x3", "conv_2": "Conv2d_2b_3x3", "pool": "maxpool1",
+    "conv_3": "Conv2d_3b_1x1", "conv_4": "Conv2d_4a_3x3", "pool_1": "maxpool2",
+    **{("mixed" if i == 0 else f"mixed_{i}"): name for i, name in enumerate(
+        ["Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e",
+         "Mixed_7a", "Mixed_7b", "Mixed_7c"])},
+    "mixed/tower_2/conv": "Mixed_5b.branch_pool",        # the seed's 35x35x32 picture
+    "mixed_7/join": "Mixed_6e",
+    "pool_3": "avgpool",
+    "softmax": "softmax",
+}
+
+
 class Inception3(Network):
     """Inception v3 for inference. Build it with `pyincept.inception_v3(...)`."""
 
     title = "Inception v3"
     min_size = (MIN_SIZE, MIN_SIZE)
+    aliases = TF_GRAPH_NAMES
 
     # The module classes by kind; the FID variant (inception_v3_fid.py) swaps in its patched
     # ones, as pytorch-fid and tinygrad do (tinygrad's `cls_map`).

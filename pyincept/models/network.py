@@ -21,6 +21,7 @@ from ..io.npz import check_parameters
 from ..layers import BasicConv2d, Block, Taps
 
 ALGORITHMS = ("winograd", "im2col")
+SOFTMAX = "softmax"        # a derived output: the classifier's logits through softmax
 DEFAULT_SEED = 0
 
 
@@ -34,6 +35,7 @@ class Network:
 
     title = "network"
     spec = None            # its registry entry (models/spec.py), set by the model file
+    aliases = {}           # other names of some layers ({alias: layer name}), e.g. the TF graph's
     min_size = (1, 1)
     feature_layer = "avgpool"
     classifier = "fc"
@@ -168,8 +170,14 @@ class Network:
 
     # --- names ------------------------------------------------------------------------
 
+    def resolve(self, name):
+        """The layer a name means: itself, or what an alias (`aliases`, with or without a
+        TensorFlow tensor's ":0") stands for. Unknown names come back unchanged."""
+        bare = name[:-2] if name.endswith(":0") else name
+        return self.aliases.get(bare, name)
+
     def layer_names(self):
-        """Every name `run` accepts, in execution order (each aux head after the stage it reads)."""
+        """Every name `run` accepts (aliases aside), in execution order (each aux head after the stage it reads)."""
         names = []
         for part in self.parts():
             if isinstance(part, Block):
@@ -192,16 +200,21 @@ class Network:
         micro-batches spread over the device's threads (`kernels.map_batch`); the outputs
         are joined back along the batch axis.
         """
-        outputs = [self.classifier] if outputs is None else [outputs] if isinstance(outputs, str) else list(outputs)
+        asked = [self.classifier] if outputs is None else [outputs] if isinstance(outputs, str) else list(outputs)
         x = self._check_input(x)
-        known = self.layer_names()
-        for name in outputs:
-            if name not in known:
+        known = set(self.layer_names()) | {SOFTMAX}
+        layers = {name: self.resolve(name) for name in asked}                  # alias -> layer
+        for name, layer in layers.items():
+            if layer not in known:
                 raise PyinceptError(f"unknown layer {name!r}; `pyincept layers` lists the names")
-        parts = self.ops.map_batch(lambda batch: self._run(x[batch], outputs), len(x))
-        if len(parts) == 1:
-            return parts[0]
-        return {name: np.concatenate([part[name] for part in parts]) for name in outputs}
+        wanted = sorted({self.classifier if layer == SOFTMAX else layer for layer in layers.values()})
+        parts = self.ops.map_batch(lambda batch: self._run(x[batch], wanted), len(x))
+        out = parts[0] if len(parts) == 1 else {n: np.concatenate([part[n] for part in parts]) for n in wanted}
+        return {name: self._softmax(out[self.classifier]) if layer == SOFTMAX else out[layer]
+                for name, layer in layers.items()}
+
+    def _softmax(self, logits):
+        return np.asarray(self.ops.to_host(self.ops.softmax(self.ops.to_device(logits))))
 
     def _run(self, x, outputs):
         """`run` for one micro-batch, on the thread that calls it."""
