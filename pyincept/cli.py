@@ -175,12 +175,11 @@ def _cmd_layers(args):
 
 
 def _model_of(path):
-    """The registered name of the model a weight file holds (from its metadata, else its keys)."""
+    """The registered name of the model a weight file holds."""
     from .io.npz import load_weights
-    from .models.registry import detect_model
+    from .models.registry import held_model
 
-    params, meta = load_weights(path)
-    return meta.get("model") or detect_model(params, path)
+    return held_model(*load_weights(path), path)
 
 
 def _cmd_models(args):

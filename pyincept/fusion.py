@@ -56,7 +56,7 @@ class Pointwise1x1:
                 if reason is None and pooled is None:
                     pooled = (i, branch[1])
                 else:
-                    refused[branch[1].name if len(branch) > 1 else f"branch {i}"] = reason or "one pooled branch per GEMM"
+                    refused[branch[1].name] = reason or "one pooled branch per GEMM"
         if len(members) + (pooled is not None) < 2:
             return None
         plan = cls(block, members, pooled, refused)

@@ -249,7 +249,8 @@ class Split(Layer):
         return (*shapes[0][:3], sum(s[3] for s in shapes))
 
     def __call__(self, x, taps, out=None):
-        out = self.ops.empty(self.output_shape(x.shape)) if out is None else out
+        if out is None:
+            out = self.ops.empty(self.output_shape(x.shape))
         for layer, dst in zip(self.layers, channel_slices(out, [layer.out_channels for layer in self.layers])):
             layer(x, taps, out=dst)
         return out
@@ -332,9 +333,9 @@ class Block(Layer):
         return shape
 
     def __call__(self, x, taps):
-        widths = [self._branch_shape(branch, x.shape)[3] for branch in self.branches]
-        out = self.ops.empty(self.output_shape(x.shape))                      # every branch's slice
-        slices = channel_slices(out, widths)
+        shapes = [self._branch_shape(branch, x.shape) for branch in self.branches]
+        out = self.ops.empty((*shapes[0][:3], sum(s[3] for s in shapes)))    # every branch's slice
+        slices = channel_slices(out, [s[3] for s in shapes])
         started = self.plan(x, taps, slices) if self.plan is not None else {}
         for i, (branch, dst) in enumerate(zip(self.branches, slices)):
             y, done = started.get(i, (x, 0))                                 # (its input, steps already run)

@@ -20,9 +20,13 @@ def convert_checkpoint(src, dst, model=None):
     None to recognise it from the keys (a one-line error names the nearest model otherwise)."""
     src, dst = Path(src), Path(dst)
     params = torch_to_pyincept(read_checkpoint(src))
-    name = get_spec(model).name if model is not None else detect_model(params, src)
-    spec = get_spec(name)
-    check_parameters(params, spec.network().expected_shapes(params), src, spec.title)   # a forced model is checked too
+    if model is None:
+        name = detect_model(params, src)                      # an exact fit, or a one-line error
+        spec = get_spec(name)
+    else:
+        spec = get_spec(model)
+        name = spec.name
+        check_parameters(params, spec.network().expected_shapes(params), src, spec.title)
     published = next((ws for ws in spec.weights if ws.filename == src.name), spec.default_weights)
     meta = {
         "model": name,

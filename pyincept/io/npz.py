@@ -53,31 +53,39 @@ def torch_to_pyincept(state):
     return params
 
 
-def check_parameters(params, expected_shapes, source, title=None):
-    """Same key set, every shape equal; else one line naming the key(s) and both shapes."""
+def parameter_mismatch(params, expected_shapes):
+    """(missing keys, unexpected keys, [(key, its shape, the expected shape)]) of `params`
+    against a parameter table."""
     missing = [k for k in expected_shapes if k not in params]
     unexpected = [k for k in params if k not in expected_shapes]
+    reshaped = [(k, tuple(params[k].shape), tuple(s)) for k, s in expected_shapes.items()
+                if k in params and tuple(params[k].shape) != tuple(s)]
+    return missing, unexpected, reshaped
+
+
+def check_parameters(params, expected_shapes, source, title=None):
+    """Same key set, every shape equal; else one line naming the key(s) and both shapes."""
+    missing, unexpected, reshaped = parameter_mismatch(params, expected_shapes)
     if missing or unexpected:
         parts = []
         if missing:
-            parts.append(f"{len(missing)} missing key(s) ({_first(missing)})")
+            parts.append(f"{len(missing)} missing key(s) ({first_keys(missing)})")
         if unexpected:
-            parts.append(f"{len(unexpected)} unexpected key(s) ({_first(unexpected)})")
+            parts.append(f"{len(unexpected)} unexpected key(s) ({first_keys(unexpected)})")
         what = f"{_article(title)} {title} state dict" if title else "the model's state dict"
         raise WeightsError(f"{source}: not {what}: " + "; ".join(parts))
-    for key, shape in expected_shapes.items():
-        if tuple(params[key].shape) != tuple(shape):
-            raise WeightsError(
-                f"{source}: key {key!r} has shape {tuple(params[key].shape)}, expected {tuple(shape)}"
-            )
+    if reshaped:
+        key, got, want = reshaped[0]
+        raise WeightsError(f"{source}: key {key!r} has shape {got}, expected {want}")
 
 
 def _article(title):
     return "an" if title[0].lower() in "aeiou" else "a"
 
 
-def _first(keys, n=3):
-    shown = ", ".join(repr(k) for k in keys[:n])
+def first_keys(keys, n=3, quote=True):
+    """The first n of `keys` for a one-line message, then "..." if there are more."""
+    shown = ", ".join(repr(k) if quote else k for k in keys[:n])
     return shown + (", ..." if len(keys) > n else "")
 
 

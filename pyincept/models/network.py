@@ -17,7 +17,7 @@ import numpy as np
 
 from .. import fusion, kernels
 from ..errors import PyinceptError, WeightsError
-from ..io.npz import check_parameters
+from ..io.npz import check_parameters, parameter_mismatch
 from ..layers import BasicConv2d, Block, Taps
 
 ALGORITHMS = ("winograd", "im2col")
@@ -60,7 +60,6 @@ class Network:
         for part in self.parts():
             if isinstance(part, Block):
                 fusion.fuse(part, fuse)
-        self.fuse = bool(fuse)
         return self
 
     def set_algorithm(self, algorithm):
@@ -123,12 +122,7 @@ class Network:
 
     def compare_parameters(self, params):
         """(missing keys, unexpected keys, [(key, its shape, the expected shape)]) against `params`."""
-        expected = self.expected_shapes(params)
-        missing = [k for k in expected if k not in params]
-        unexpected = [k for k in params if k not in expected]
-        reshaped = [(k, tuple(params[k].shape), tuple(s)) for k, s in expected.items()
-                    if k in params and tuple(params[k].shape) != tuple(s)]
-        return missing, unexpected, reshaped
+        return parameter_mismatch(params, self.expected_shapes(params))
 
     def load_parameters(self, params, source="weights", meta=None):
         """Check keys and shapes against the architecture, then fold BN and keep the weights.

@@ -10,7 +10,7 @@ files written before the registry existed hold Inception v3 and are recognised b
 """
 
 from ..errors import PyinceptError, WeightsError
-from ..io.npz import load_weights
+from ..io.npz import first_keys, load_weights
 from . import googlenet, inception_v3, inception_v3_fid
 from .network import DEFAULT_SEED
 
@@ -41,10 +41,12 @@ def create_model(name, weights=None, device="cpu", seed=DEFAULT_SEED, fuse=True,
     """
     spec = get_spec(name)
     if weights is None:
-        return _build(spec, spec.network().random_parameters(seed), {"random_seed": seed, "model": name},
-                      f"random init (seed {seed})", device, fuse, algorithm)
+        model = spec.network(num_classes=spec.num_classes, fuse=fuse, algorithm=algorithm)
+        model.load_parameters(model.random_parameters(seed), source=f"random init (seed {seed})",
+                              meta={"random_seed": seed, "model": name})
+        return model.to(device) if device != "cpu" else model
     params, meta = load_weights(weights)
-    held = meta.get("model") or detect_model(params, weights)
+    held = held_model(params, meta, weights)
     if held != name:
         raise WeightsError(f"{weights} holds {held} weights, not {name}; load it with pyincept.load_model")
     return _build(spec, params, meta, str(weights), device, fuse, algorithm)
@@ -53,8 +55,13 @@ def create_model(name, weights=None, device="cpu", seed=DEFAULT_SEED, fuse=True,
 def load_model(path, device="cpu", fuse=True, algorithm="winograd"):
     """Build whichever registered model the weight file at `path` holds."""
     params, meta = load_weights(path)
-    spec = get_spec(meta.get("model") or detect_model(params, path))
-    return _build(spec, params, meta, str(path), device, fuse, algorithm)
+    return _build(get_spec(held_model(params, meta, path)), params, meta, str(path), device, fuse, algorithm)
+
+
+def held_model(params, meta, source="weights"):
+    """The registered name of the model a weight file holds: its metadata's, else (a file
+    written before the registry) the one its keys and shapes fit."""
+    return meta.get("model") or detect_model(params, source)
 
 
 def _build(spec, params, meta, source, device, fuse, algorithm):
@@ -75,24 +82,19 @@ def detect_model(params, source="weights"):
         missing, unexpected, reshaped = network.compare_parameters(params)
         if not (missing or unexpected or reshaped):
             return name
-        expected = network.expected_shapes(params)
-        matching = sum(1 for k, s in expected.items() if k in params and tuple(params[k].shape) == tuple(s))
-        scored.append((matching / max(len(expected), len(params), 1), name, missing, unexpected, reshaped))
+        expected = len(params) - len(unexpected) + len(missing)                 # the table's size
+        matching = expected - len(missing) - len(reshaped)
+        scored.append((matching / max(expected, len(params), 1), name, missing, unexpected, reshaped))
     _, name, missing, unexpected, reshaped = max(scored)
     parts = []
     if missing:
-        parts.append(f"{len(missing)} missing key(s) ({_first(missing)})")
+        parts.append(f"{len(missing)} missing key(s) ({first_keys(missing)})")
     if unexpected:
-        parts.append(f"{len(unexpected)} unexpected key(s) ({_first(unexpected)})")
+        parts.append(f"{len(unexpected)} unexpected key(s) ({first_keys(unexpected)})")
     if reshaped:
-        shown = _first([f"{k!r} has shape {got}, expected {want}" for k, got, want in reshaped], quote=False)
+        shown = first_keys([f"{k!r} has shape {got}, expected {want}" for k, got, want in reshaped], quote=False)
         parts.append(f"{len(reshaped)} key(s) of another shape ({shown})")
     raise WeightsError(f"{source}: not a checkpoint of any model pyincept knows; nearest is {name}: " + "; ".join(parts))
-
-
-def _first(items, n=3, quote=True):
-    shown = ", ".join(repr(k) if quote else k for k in items[:n])
-    return shown + (", ..." if len(items) > n else "")
 
 
 # --- shortcuts, as torchvision spells them ------------------------------------------------
