@@ -5,6 +5,7 @@
     pyincept retrain DATA_DIR            train a new top layer on folders of images, one per class
     pyincept activations IMAGE --layer N a named layer's activations as a tiled PNG
     pyincept layers                      every named layer: output shape, parameters, MACs
+    pyincept metrics INPUT1 [INPUT2]     FID, KID and Inception Score as pytorch-fid, torch-fidelity or clean-fid compute them
     pyincept convert SRC.pth DST.npz     torchvision checkpoint of any registered model -> pyincept weight file
     pyincept weights fetch               download, verify, convert and cache a model's published weights
     pyincept weights path                print where fetched weights live
@@ -199,6 +200,69 @@ def _cmd_models(args):
     return 0
 
 
+def _cmd_metrics(args):
+    import warnings
+
+    from .metrics import calculate_metrics
+
+    def report(path, reason):                                # JSON on stdout: the skipped images go to stderr
+        if args.json:
+            print(f"pyincept: skipped {reason}", file=sys.stderr, flush=True)
+
+    def warn(message, *rest, **kw):
+        print(f"pyincept: warning: {message}", file=sys.stderr, flush=True)
+
+    for p in [args.input1, args.input2]:                    # a missing input fails before the network loads
+        if p and not os.path.exists(p):
+            raise PyinceptError(f"{p}: no such file or folder")
+    model = None
+    with warnings.catch_warnings():
+        warnings.showwarning = warn
+        warnings.simplefilter("default", UserWarning)
+        if model is None and any(not _is_stats(p) for p in [args.input1, args.input2] if p):
+            model = _fid_model(args)
+        scores = calculate_metrics(
+            args.input1, args.input2, fid=args.fid, kid=args.kid, isc=args.isc, model=model,
+            protocol=args.protocol, dims=args.dims, batch_size=args.batch_size, kid_subsets=args.kid_subsets,
+            kid_subset_size=args.kid_subset_size, isc_splits=args.isc_splits, save_stats=args.save_stats or (),
+            progress=not args.quiet, on_error=report)
+    inputs = [scores.pop(key) for key in ("input1", "input2") if key in scores]
+    failed = sum(len(i["failed"]) for i in inputs)
+    if args.json:
+        for n, i in enumerate(inputs, 1):
+            scores[f"input{n}_images"], scores[f"input{n}_failed"] = i["images"], len(i["failed"])
+        print(json.dumps(scores))
+    else:
+        for key, value in scores.items():
+            print(f"{key}: {value:.7g}")
+        for n, i in enumerate(inputs, 1):
+            count = "statistics file" if i["images"] is None else f"{i['images']} image(s)"
+            skipped = f", {len(i['failed'])} skipped" if i["failed"] else ""
+            print(f"input{n}: {i['source']}: {count}{skipped}")
+            for path, reason in i["failed"]:
+                print(f"  skipped {reason}")
+    for path in args.save_stats or ():
+        print(f"pyincept: statistics saved to {path}", file=sys.stderr)
+    if failed:
+        print(f"pyincept: {failed} image(s) could not be read and were left out", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _fid_model(args):
+    from .metrics.api import load_fid_model
+    from .models.registry import create_model
+
+    if args.weights == RANDOM_WEIGHTS:
+        return create_model("inception_v3_fid", device=args.device, algorithm=args.algorithm or "winograd")
+    return load_fid_model(args.weights, args.device, args.algorithm or "winograd")
+
+
+def _is_stats(path):
+    from .metrics.api import is_statistics_file
+
+    return is_statistics_file(path)
+
+
 def _cmd_convert(args):
     from .io.convert import convert_checkpoint
 
@@ -284,6 +348,27 @@ def build_parser():
     lay.add_argument("--weights", metavar="FILE", help="a pyincept .npz: list the layers of the model it holds")
     lay.add_argument("--aux", action="store_true", help="include the auxiliary head")
     lay.set_defaults(run=_cmd_layers)
+
+    mt = sub.add_parser("metrics", help="FID, KID and Inception Score of image folders or statistics files, as the FID tools compute them")
+    mt.add_argument("input1", metavar="INPUT1", help="folder of images (searched as classify searches) or statistics .npz")
+    mt.add_argument("input2", nargs="?", metavar="INPUT2", help="the second input, for FID and KID")
+    mt.add_argument("--fid", action="store_true", help="Frechet Inception Distance (the default with two inputs)")
+    mt.add_argument("--kid", action="store_true", help="Kernel Inception Distance (torch-fidelity's subsets)")
+    mt.add_argument("--isc", action="store_true", help="Inception Score of INPUT1 (torch-fidelity's splits)")
+    mt.add_argument("--protocol", default="pytorch-fid", choices=("pytorch-fid", "torch-fidelity", "clean-fid"),
+                    help="whose decoding and resize to 299x299 (default pytorch-fid; README: Metrics)")
+    mt.add_argument("--dims", type=int, default=2048, choices=(64, 192, 768, 2048), help="the feature FID and KID use (default 2048)")
+    mt.add_argument("--weights", metavar="FILE", help="the FID Inception's .npz (default: $PYINCEPT_WEIGHTS, else the fetched inception_v3_fid)")
+    mt.add_argument("--batch-size", type=_positive, default=50, metavar="N", help="images per forward pass (default 50; the results do not depend on it)")
+    mt.add_argument("--kid-subsets", type=_positive, default=100, metavar="N", help="KID subsets (default 100)")
+    mt.add_argument("--kid-subset-size", type=_positive, default=1000, metavar="N", help="images per KID subset (default 1000)")
+    mt.add_argument("--isc-splits", type=_positive, default=10, metavar="N", help="Inception Score splits (default 10)")
+    mt.add_argument("--save-stats", nargs="+", metavar="FILE", help="save each image input's FID statistics (.npz, pytorch-fid's format plus the sums), in order")
+    mt.add_argument("--json", action="store_true", help="one JSON object on stdout, torch-fidelity's keys")
+    mt.add_argument("--algorithm", choices=("winograd", "im2col"), help="how the 3x3-type convolutions run (default winograd)")
+    mt.add_argument("--device", choices=DEVICES, default="cpu", help="where the network runs")
+    mt.add_argument("--quiet", action="store_true", help="no progress bar")
+    mt.set_defaults(run=_cmd_metrics)
 
     p = sub.add_parser("convert", help="convert a torchvision checkpoint (.pth) of any registered model to a pyincept .npz")
     p.add_argument("src", metavar="SRC", help="torchvision checkpoint, e.g. inception_v3_google-0cc3c7bd.pth or googlenet-1378be20.pth")

@@ -43,8 +43,13 @@ class ImageError(PyinceptError):
     """An image could not be read: missing, unreadable, not an image, truncated, corrupt, or too large."""
 
 
-def load_image(source):
+def load_image(source, plain_rgb=False):
     """Decode `source` (a path, the bytes of an image file, or a PIL image) into an RGB PIL image.
+
+    plain_rgb=True decodes as `Image.open(f).convert("RGB")` does, which is what pytorch-fid,
+    torch-fidelity and clean-fid do: no EXIF rotation, alpha dropped, Pillow's own mode
+    conversions (16-bit clipped at 255). Their scores need their decoding
+    (`pyincept.metrics.protocols`). The size limit, the refused formats and the errors are as below.
 
     The whole image is decoded here (`Image.load`), so a truncated or corrupt file fails
     now, with an `ImageError`, and never later inside `preprocess`. Only the first frame of
@@ -76,11 +81,11 @@ def load_image(source):
     corrupt image, and an image of more than `MAX_PIXELS` pixels.
     """
     if isinstance(source, Image.Image):
-        return _decode(source, getattr(source, "filename", "") or "<PIL image>")
+        return _decode(source, getattr(source, "filename", "") or "<PIL image>", plain_rgb)
     if isinstance(source, (bytes, bytearray, memoryview)):
-        return _decode_bytes(bytes(source), "<bytes>")
+        return _decode_bytes(bytes(source), "<bytes>", plain_rgb)
     if isinstance(source, (str, os.PathLike)):
-        return _decode_bytes(_read_file(source), os.fspath(source))
+        return _decode_bytes(_read_file(source), os.fspath(source), plain_rgb)
     raise TypeError(f"load_image takes a path, bytes or a PIL image, not {type(source).__name__}")
 
 
@@ -189,7 +194,7 @@ def _read_file(path):
     raise ImageError(f"{name}: {reason}")
 
 
-def _decode_bytes(data, name):
+def _decode_bytes(data, name, plain_rgb=False):
     if not data:
         raise ImageError(f"{name}: empty file (0 bytes)")
     Image.init()  # register every plugin Pillow has, so the list of allowed formats is complete
@@ -203,10 +208,10 @@ def _decode_bytes(data, name):
             image = Image.open(io.BytesIO(data), formats=formats)
     except Exception as e:
         raise ImageError(f"{name}: {_reason(e)}") from None
-    return _decode(image, name)
+    return _decode(image, name, plain_rgb)
 
 
-def _decode(image, name):
+def _decode(image, name, plain_rgb=False):
     """Check the size, decode every pixel, orient (a failure in any -> ImageError), convert to RGB."""
     w, h = image.size
     if w * h > MAX_PIXELS:
@@ -223,6 +228,8 @@ def _decode(image, name):
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image.load()
+            if plain_rgb:
+                return image.convert("RGB")
             image = ImageOps.exif_transpose(image)
     except Exception as e:
         raise ImageError(f"{name}: {_reason(e)}") from None
