@@ -18,6 +18,8 @@ The public API:
     for result in pyincept.classify(["a.jpg", "b.png"], model, top=5):
         print(result.path, result.top or result.error)
     grid = pyincept.activation_grid(acts["Mixed_5b.branch_pool"], cols=4)   # uint8 picture
+    scores = pyincept.calculate_metrics("fake/", "real/", fid=True, kid=True, isc=True,
+                                        protocol="torch-fidelity", weights="fid.npz")   # FID, KID, IS
     head, report = pyincept.retrain("photos/", model)    # a new softmax layer on the bottlenecks
     pyincept.attach_head(model, head)                    # model(x) -> (N, K); model.labels
 
@@ -29,6 +31,7 @@ from .io.convert import convert_checkpoint
 from .io.npz import load_weights, save_weights
 from .kernels.cpu import set_num_threads
 from .labels import imagenet_labels
+from .metrics import FeatureStats, calculate_metrics, compute_statistics
 from .models.googlenet import GoogLeNet
 from .models.inception_v3 import Inception3
 from .models.registry import create_model, detect_model, googlenet, inception_v3, load_model, models
@@ -51,6 +54,7 @@ __all__ = [
     "CheckpointError",
     "Head",
     "DownloadError",
+    "FeatureStats",
     "GoogLeNet",
     "ImageError",
     "Inception3",
@@ -59,7 +63,9 @@ __all__ = [
     "WeightsError",
     "activation_grid",
     "attach_head",
+    "calculate_metrics",
     "classify",
+    "compute_statistics",
     "convert_checkpoint",
     "create_model",
     "detect_model",

@@ -81,3 +81,27 @@ def converted(checkpoints):
         run_cli("convert", src, dst, check=True)
         out[fmt] = dst
     return out
+
+
+@pytest.fixture(scope="session")
+def fid_net():
+    """pytorch-fid's FID network, random weights with BN calibrated on photographs (fid_oracle.py)."""
+    from fid_oracle import pytorch_fid_network
+
+    return pytorch_fid_network()
+
+
+@pytest.fixture(scope="session")
+def fid_pth(fid_net, tmp_path_factory):
+    """Its state dict, saved by torch.save under pytorch-fid's published file name."""
+    path = tmp_path_factory.mktemp("fid") / "pt_inception-2015-12-05-6726825d.pth"
+    torch.save(fid_net.state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def fid_file(fid_pth):
+    """The same, converted by `pyincept convert` as a user would."""
+    dst = fid_pth.with_name("fid.npz")
+    run_cli("convert", fid_pth, dst, check=True)
+    return dst

@@ -6,47 +6,14 @@ import pytest
 import torch
 
 import pyincept
-from conftest import calibrate_batchnorm, run_cli
+from conftest import run_cli
 from photos import photo_batch
 from pyincept.errors import PyinceptError
 from pyincept.io.npz import load_weights
 from test_network import assert_within_bar
 from torch_oracle import to_nchw, to_nhwc
 
-pytorch_fid_inception = pytest.importorskip("pytorch_fid.inception")
-
-
-def pytorch_fid_network(seed=0):
-    """What pytorch_fid.inception.fid_inception_v3() builds, without its download."""
-    pi = pytorch_fid_inception
-    torch.manual_seed(seed)
-    net = pi._inception_v3(num_classes=1008, aux_logits=False, weights=None, init_weights=True)
-    net.Mixed_5b = pi.FIDInceptionA(192, pool_features=32)
-    net.Mixed_5c = pi.FIDInceptionA(256, pool_features=64)
-    net.Mixed_5d = pi.FIDInceptionA(288, pool_features=64)
-    net.Mixed_6b = pi.FIDInceptionC(768, channels_7x7=128)
-    net.Mixed_6c = pi.FIDInceptionC(768, channels_7x7=160)
-    net.Mixed_6d = pi.FIDInceptionC(768, channels_7x7=160)
-    net.Mixed_6e = pi.FIDInceptionC(768, channels_7x7=192)
-    net.Mixed_7b = pi.FIDInceptionE_1(1280)
-    net.Mixed_7c = pi.FIDInceptionE_2(2048)
-    x = photo_batch() * np.float32(0.45) + np.float32(0.0)        # roughly the [-1, 1] range FID feeds it
-    return calibrate_batchnorm(net, x, seed)
-
-
-@pytest.fixture(scope="module")
-def fid_net():
-    return pytorch_fid_network()
-
-
-@pytest.fixture(scope="module")
-def fid_file(fid_net, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("fid")
-    src = folder / "pt_inception-2015-12-05-6726825d.pth"
-    torch.save(fid_net.state_dict(), src)
-    dst = folder / "fid.npz"
-    run_cli("convert", src, dst, check=True)
-    return dst
+pytest.importorskip("pytorch_fid.inception")
 
 
 def torch_outputs(net, x, names):
@@ -99,3 +66,18 @@ def test_classify_says_the_fid_networks_classes_have_no_names(fid_file, tmp_path
     assert result.returncode == 1 and "1008 unnamed classes" in result.stderr and "Traceback" not in result.stderr
     with pytest.raises(PyinceptError, match="unnamed classes"):
         list(pyincept.classify([image], pyincept.load_model(fid_file)))
+
+
+def test_torch_fidelitys_own_file_converts_too(fid_pth, fid_file, tmp_path):
+    """torch-fidelity's FeatureExtractorInceptionV3 saves its own state dict (its modules,
+    same keys): `pyincept convert` names its weight set and gives the same parameters."""
+    extractor = pytest.importorskip("torch_fidelity.feature_extractor_inceptionv3")
+    net = extractor.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(fid_pth))
+    src = tmp_path / "weights-inception-2015-12-05-6726825d.pth"
+    torch.save(net.state_dict(), src)
+    dst = tmp_path / "tf.npz"
+    run_cli("convert", src, dst, check=True)
+    params, meta = load_weights(dst)
+    expected, _ = load_weights(fid_file)
+    assert meta["model"] == "inception_v3_fid" and meta["weight_set"] == "TORCH_FIDELITY_2015_12_05"
+    assert params.keys() == expected.keys() and all(np.array_equal(params[k], expected[k]) for k in params)

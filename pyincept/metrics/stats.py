@@ -36,10 +36,10 @@ class FeatureStats:
     def __init__(self, dims, meta=None):
         self.dims = int(dims)
         self.meta = dict(meta or {})            # feature, protocol, model: what made these
-        self.count = 0
-        self.sum = np.zeros(self.dims, np.float64)
-        self.outer_sum = np.zeros((self.dims, self.dims), np.float64)
-        self._block = np.zeros((BLOCK, self.dims), np.float64)
+        self.count = 0                          # every row added, the pending block's included
+        self._sum = np.zeros(self.dims, np.float64)                     # of the finished blocks
+        self._outer = np.zeros((self.dims, self.dims), np.float64)
+        self._block = np.zeros((BLOCK, self.dims), np.float64)          # the block being filled
         self._filled = 0
         self._moments = None                    # (mu, sigma) of a file that has no sums
 
@@ -51,53 +51,59 @@ class FeatureStats:
         features = np.asarray(features)
         if features.ndim != 2 or features.shape[1] != self.dims:
             raise PyinceptError(f"features of shape {features.shape} do not fit {self.dims}-d statistics")
-        for row in range(0, len(features), BLOCK):
+        row = 0
+        while row < len(features):
             take = min(BLOCK - self._filled, len(features) - row)
             self._block[self._filled : self._filled + take] = features[row : row + take]
             self._filled += take
             self.count += take
+            row += take
             if self._filled == BLOCK:
-                self._flush()
-        # a partial block waits for more rows; `_settle` pads it when the sums are read
+                self._sum, self._outer = self._with_block(self._sum, self._outer)
+                self._block[:] = 0.0
+                self._filled = 0
         return self
 
-    def _flush(self):
-        block = self._block
-        block[self._filled :] = 0.0                                    # zero rows add exact zeros
-        self.sum += block.sum(axis=0)
-        # outer_sum += block^T block, (D, BLOCK) @ (BLOCK, D), in place: BLAS's dgemm with
-        # beta = 1 writes into the (Fortran-ordered) transpose view, which for a symmetric
-        # sum is the same matrix, so no 32 MB temporary per block.
-        total = dgemm(1.0, block, block, beta=1.0, c=self.outer_sum.T, trans_a=True, overwrite_c=True)
-        if not np.shares_memory(total, self.outer_sum):                # not in place after all
-            self.outer_sum = np.ascontiguousarray(total.T)
-        self._filled = 0
+    def _with_block(self, total, outer):
+        """(total, outer) plus the block's sum and block^T block; the block's unfilled rows are
+        zeros, which add exact zeros, so every block is the same (BLOCK, D) product.
+        outer is updated in place: BLAS's dgemm with beta = 1 writes into its (Fortran-ordered)
+        transpose view, which for a symmetric sum is the same matrix: no 32 MB temporary."""
+        total += self._block.sum(axis=0)
+        updated = dgemm(1.0, self._block, self._block, beta=1.0, c=outer.T, trans_a=True, overwrite_c=True)
+        if not np.shares_memory(updated, outer):                        # not in place after all
+            outer = np.ascontiguousarray(updated.T)
+        return total, outer
 
-    def _settle(self):
-        if self._filled:
-            self._flush()
+    def totals(self):
+        """(sum x, sum x x^T) over every image added, the pending block's included (float64)."""
+        return self._with_block(self._sum.copy(), self._outer.copy()) if self._filled else (self._sum, self._outer)
+
+    @property
+    def sum(self):
+        return self.totals()[0]
+
+    @property
+    def outer_sum(self):
+        return self.totals()[1]
 
     def merge(self, other):
-        """Add another's sums to these (same dims and feature): the statistics of both sets."""
+        """Add another's statistics to these (same dims): the statistics of both sets.
+        The other's finished blocks add as sums; its pending rows join this block."""
         self._check_sums("merge")
         other._check_sums("merge")
         if other.dims != self.dims:
             raise PyinceptError(f"cannot merge {other.dims}-d statistics into {self.dims}-d ones")
-        self._settle()
-        other._settle()
-        self.count += other.count
-        self.sum += other.sum
-        self.outer_sum += other.outer_sum
-        return self
-
-    # --- read -------------------------------------------------------------------------
+        self._sum += other._sum
+        self._outer += other._outer
+        self.count += other.count - other._filled
+        return self.add(other._block[: other._filled])
 
     @property
     def mu(self):
         if self._moments is not None:
             return self._moments[0]
         self._need(1)
-        self._settle()
         return self.sum / self.count
 
     @property
@@ -105,9 +111,9 @@ class FeatureStats:
         if self._moments is not None:
             return self._moments[1]
         self._need(2)
-        self._settle()
-        mu = self.sum / self.count
-        sigma = (self.outer_sum - self.count * np.outer(mu, mu)) / (self.count - 1)
+        total, outer = self.totals()
+        mu = total / self.count
+        sigma = (outer - self.count * np.outer(mu, mu)) / (self.count - 1)
         return (sigma + sigma.T) / 2                                   # exactly symmetric
 
     def _need(self, n):
@@ -134,8 +140,8 @@ class FeatureStats:
 
         arrays = {"mu": self.mu, "sigma": self.sigma, "format": np.array(FORMAT)}
         if self._moments is None:
-            self._settle()
-            arrays.update(count=np.array(self.count, np.int64), sum=self.sum, outer_sum=self.outer_sum)
+            total, outer = self.totals()
+            arrays.update(count=np.array(self.count, np.int64), sum=total, outer_sum=outer)
         arrays.update({f"meta_{k}": np.array(str(v)) for k, v in self.meta.items()})
         folder = os.path.dirname(os.path.abspath(path))
         fd, tmp = tempfile.mkstemp(dir=folder, suffix=".npz.tmp")
@@ -168,9 +174,9 @@ class FeatureStats:
         stats = cls(len(mu), meta)
         if {"count", "sum", "outer_sum"} <= arrays.keys():
             stats.count = int(arrays["count"])
-            stats.sum = np.array(arrays["sum"], np.float64)
-            stats.outer_sum = np.array(arrays["outer_sum"], np.float64, order="C")
-            if stats.sum.shape != mu.shape or stats.outer_sum.shape != sigma.shape:
+            stats._sum = np.array(arrays["sum"], np.float64)
+            stats._outer = np.array(arrays["outer_sum"], np.float64, order="C")
+            if stats._sum.shape != mu.shape or stats._outer.shape != sigma.shape:
                 raise PyinceptError(f"{path}: its sums do not match its {len(mu)}-d mu and sigma")
         else:
             stats.count = None

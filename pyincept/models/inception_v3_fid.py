@@ -58,8 +58,11 @@ class Inception3FID(Inception3):
 
 
 # pytorch-fid's port of the 2015 graph (a torchvision-style state dict), a release asset of
-# mseitzer/pytorch-fid. Its recipe here is pytorch-fid's scaling, 2x - 1 of [0, 1] pixels,
-# after a 299x299 resize and centre crop; each tool's exact resize is its metrics protocol.
+# mseitzer/pytorch-fid. Its recipe here (for classify, activations and retrain) is
+# pytorch-fid's scaling, 2x - 1 of [0, 1] pixels, after a 299x299 resize and centre crop;
+# each tool's exact decode and resize is its metrics protocol (metrics/protocols.py).
+_RECIPE = {"resize_size": 299, "crop_size": 299, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "transform_input": False}
+
 SPEC = ModelSpec(
     name="inception_v3_fid",
     title="the FID Inception",
@@ -73,13 +76,16 @@ SPEC = ModelSpec(
             name="PT_INCEPTION_2015_12_05",
             url="https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth",
             sha256_prefix="6726825d",
-            preprocessing={
-                "resize_size": 299,
-                "crop_size": 299,
-                "mean": [0.5, 0.5, 0.5],
-                "std": [0.5, 0.5, 0.5],
-                "transform_input": False,
-            },
+            preprocessing=_RECIPE,
+            labels=None,
+        ),
+        # torch-fidelity's own conversion of the same graph: the same keys and shapes, and the
+        # same hash prefix in its name. `pyincept convert` reads either.
+        WeightSet(
+            name="TORCH_FIDELITY_2015_12_05",
+            url="https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth",
+            sha256_prefix="6726825d",
+            preprocessing=_RECIPE,
             labels=None,
         ),
     ),
