@@ -208,7 +208,7 @@ def test_statistics_files_go_both_ways_with_pytorch_fid(fid_net, fid_file, sets,
 
 
 def test_statistics_are_the_same_bits_at_batch_sizes_1_7_and_50(model, sets):
-    runs = [pyincept.metrics.compute_statistics(sets["a"][0].parent, model, "torch-fidelity", 64, batch_size=n)
+    runs = [pyincept.metrics.compute_statistics(sets["a"][0].parent, model, "torch-fidelity", 2048, batch_size=n)
             for n in (1, 7, 50)]
     for other in runs[1:]:
         for field in ("sum", "outer_sum", "mu", "sigma"):
@@ -368,3 +368,12 @@ def test_few_images_give_a_value_and_a_warning(model, sets):
         scores = pyincept.metrics.calculate_metrics(sets["a"][0].parent, sets["b"][0].parent, model=model, dims=64)
     assert np.isfinite(scores["frechet_inception_distance"]) and scores["frechet_inception_distance"] > 0
     assert any("covariance is singular" in str(w.message) for w in caught)
+
+
+def test_statistics_of_different_protocols_are_compared_with_a_warning(tmp_path):
+    a, b = tmp_path / "a.npz", tmp_path / "b.npz"
+    FeatureStats.from_features(random_features(30, 8, 1), {"protocol": "clean-fid"}).save(a)
+    FeatureStats.from_features(random_features(30, 8, 2), {"protocol": "pytorch-fid"}).save(b)
+    result = run_cli("metrics", a, b)
+    assert result.returncode == 0 and "different protocols (clean-fid and pytorch-fid)" in result.stderr
+    assert float(result.stdout.split("frechet_inception_distance:")[1].split()[0]) > 0

@@ -12,6 +12,7 @@ Unreadable images are skipped and listed in `failed`; they never stop a run.
 """
 
 import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -108,8 +109,8 @@ def input_features(source, model, protocol=DEFAULT_PROTOCOL, dims=2048, keep=(),
 
 
 def compute_statistics(source, model, protocol=DEFAULT_PROTOCOL, dims=2048, batch_size=BATCH_SIZE, progress=False):
-    """The FID statistics (`FeatureStats`) of a folder or list of images; unreadable images are
-    skipped (their paths: `.meta["failed"]` is not kept; use `input_features` to see them)."""
+    """The FID statistics (`FeatureStats`) of a folder or list of images. Unreadable images
+    are skipped; `input_features` returns their paths too."""
     return input_features(source, model, protocol, dims, batch_size=batch_size, progress=progress).stats
 
 
@@ -156,7 +157,7 @@ def calculate_metrics(input1, input2=None, fid=False, kid=False, isc=False, mode
         need_stats = fid or bool(save_stats)
         results.append(input_features(source, model, protocol, dims, tuple(keep), batch_size, progress,
                                       stats=need_stats, on_error=on_error))
-    for path, result in zip(save_stats, [r for r in results if r.stats is not None and r.stats._moments is None]):
+    for path, result in zip(save_stats, [r for r, s in zip(results, inputs) if not is_statistics_file(s)]):
         result.stats.save(path)
     scores = {}
     if fid:
@@ -166,6 +167,11 @@ def calculate_metrics(input1, input2=None, fid=False, kid=False, isc=False, mode
                                 "compute both with the same --dims")
         for r in results[:2]:
             warn_if_few(r.count, r.stats.dims, r.source)
+        for key in ("protocol", "model"):
+            made = [r.stats.meta.get(key) for r in results[:2]]
+            if None not in made and made[0] != made[1]:
+                warnings.warn(f"the two inputs' statistics come from different {key}s ({made[0]} and {made[1]}): "
+                              "their FID mixes the two", stacklevel=2)
         scores["frechet_inception_distance"] = frechet_distance(s1.mu, s1.sigma, s2.mu, s2.sigma)
     if kid:
         scores.update(kernel_inception_distance(results[0].features[fid_name], results[1].features[fid_name],
