@@ -6,6 +6,7 @@
     pyincept activations IMAGE --layer N a named layer's activations as a tiled PNG
     pyincept layers                      every named layer: output shape, parameters, MACs
     pyincept metrics INPUT1 [INPUT2]     FID, KID and Inception Score as pytorch-fid, torch-fidelity or clean-fid compute them
+    pyincept features PATH... --out DIR  each image's pooled features with its path, as .npz or Parquet shards
     pyincept convert SRC.pth DST.npz     torchvision checkpoint of any registered model -> pyincept weight file
     pyincept weights fetch               download, verify, convert and cache a model's published weights
     pyincept weights path                print where fetched weights live
@@ -38,6 +39,20 @@ def load_model(weights_arg, device="cpu", model=None):
     `--weights random` is the seeded random init of `model` (default inception_v3): for
     study, not for answers. A weight file names its own model; `model`, when given, must agree.
     """
+    from .models import registry
+
+    name, path = weights_path(weights_arg, model)
+    if path == RANDOM_WEIGHTS:
+        return registry.create_model(name, device=device)
+    network = registry.load_model(path, device=device)
+    if model is not None and network.spec.name != name:
+        raise WeightsError(f"{path} holds {network.spec.name} weights, not {name} (drop --model, or pass its weights)")
+    return network
+
+
+def weights_path(weights_arg, model=None):
+    """(model name, weight file) for --weights FILE, else $PYINCEPT_WEIGHTS, else the fetched
+    weights of `model` (default inception_v3); the file is "random" for the seeded init."""
     from .io.fetch import default_weights_path
     from .models import registry
 
@@ -50,12 +65,21 @@ def load_model(weights_arg, device="cpu", model=None):
             f"no weights: run `pyincept weights fetch{flag}` (needs the internet), or pass --weights FILE.npz "
             f"or set PYINCEPT_WEIGHTS (make the file with `pyincept convert {published} FILE.npz`)"
         )
-    if str(path) == RANDOM_WEIGHTS:
-        return registry.create_model(name, device=device)
-    network = registry.load_model(path, device=device)
-    if model is not None and network.spec.name != name:
-        raise WeightsError(f"{path} holds {network.spec.name} weights, not {name} (drop --model, or pass its weights)")
-    return network
+    return name, RANDOM_WEIGHTS if str(path) == RANDOM_WEIGHTS else os.path.abspath(path)
+
+
+def _model_source(args):
+    """What each Ray worker loads: the weight file (a path every worker can read) and model name."""
+    from .distributed import ModelSource, check_address
+
+    check_address(args.ray)
+    name, path = weights_path(args.weights, args.model)
+    if path != RANDOM_WEIGHTS:
+        held = _model_of(path)
+        if args.model and held != name:
+            raise WeightsError(f"{path} holds {held} weights, not {name} (drop --model, or pass its weights)")
+        name = held
+    return ModelSource(path, name, args.device)
 
 
 def _cmd_classify(args):
@@ -64,6 +88,8 @@ def _cmd_classify(args):
     paths = find_images(args.paths)
     if not paths:
         raise PyinceptError("no images found in " + ", ".join(args.paths))
+    if args.ray:
+        return _classify_on_ray(args, paths)
     head = _load_head(args.head) if args.head else None       # a bad head file fails before any work
     model = load_model(args.weights, args.device, args.model)
     options = {}
@@ -75,19 +101,79 @@ def _cmd_classify(args):
         options = {"labels": head.labels, "preprocessing": head.meta.get("preprocessing")}
     failed = 0
     for result in classify(paths, model, top=args.top, batch_size=args.batch_size, progress=not args.quiet, **options):
-        failed += result.error is not None
-        if args.json:
-            print(json.dumps(result.to_json()), flush=True)
-        elif result.error is not None:
-            print(f"pyincept: error: {result.error}", file=sys.stderr, flush=True)
-        else:
-            print(result.path)
-            for entry in result.top:
-                print(f"  {entry['probability']:7.2%}  {entry['label']}  ({entry['index']})")
-            sys.stdout.flush()
+        failed += _print_prediction(result, args.json)
     if failed:
         print(f"pyincept: {failed} of {len(paths)} input(s) failed", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _print_prediction(result, as_json):
+    """One input's answer on stdout (its error on stderr): returns 1 if it failed."""
+    if as_json:
+        print(json.dumps(result.to_json()), flush=True)
+    elif result.error is not None:
+        print(f"pyincept: error: {result.error}", file=sys.stderr, flush=True)
+    else:
+        print(result.path)
+        for entry in result.top:
+            print(f"  {entry['probability']:7.2%}  {entry['label']}  ({entry['index']})")
+        sys.stdout.flush()
+    return result.error is not None
+
+
+def _classify_on_ray(args, paths):
+    """classify's shards on Ray: the same lines, in the same order, as in one process."""
+    from .distributed import run_shards
+    from .distributed.tasks import ClassifyTask
+    from .predict import Prediction
+
+    if args.head:
+        raise PyinceptError("--head does not run on --ray yet: classify with the head in one process")
+    task = ClassifyTask(_model_source(args), top=args.top, batch_size=args.batch_size)
+    failed = 0
+    with _progress(len(paths), args.quiet) as bar:
+        for _, shard in run_shards(task, paths, args.shard_size, args.ray, args.workers, args.threads_per_worker,
+                                   progress=bar.update):
+            for line in shard["json"].tolist():
+                answer = json.loads(line)
+                failed += _print_prediction(Prediction(answer["path"], answer.get("top", []), answer.get("error")), args.json)
+    if failed:
+        print(f"pyincept: {failed} of {len(paths)} input(s) failed", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _progress(total, quiet):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="img", disable=quiet, leave=False)
+
+
+def _cmd_features(args):
+    from .export import export_features
+    from .predict import find_images
+
+    paths = find_images(args.paths)
+    if not paths:
+        raise PyinceptError("no images found in " + ", ".join(args.paths))
+    if args.ray:
+        source = _model_source(args)
+    else:
+        from .distributed import ModelSource
+
+        name, path = weights_path(args.weights, args.model)
+        source = ModelSource(path, name if path == RANDOM_WEIGHTS or args.model else None, args.device)
+
+    def report(path, reason):
+        print(f"pyincept: skipped {reason}", file=sys.stderr, flush=True)
+
+    with _progress(len(paths), args.quiet) as bar:
+        summary = export_features(paths, source, args.out, layer=args.layer, shard_size=args.shard_size,
+                                  format=args.format, batch_size=args.batch_size, ray=args.ray, workers=args.workers,
+                                  threads=args.threads_per_worker, progress=bar.update, on_error=report)
+    skipped = f", {summary['skipped']} already there" if summary["skipped"] else ""
+    print(f"{args.out}: {summary['images']} image(s) written in {summary['shards'] - summary['skipped']} of "
+          f"{summary['shards']} shard(s){skipped}; {len(summary['failed'])} unreadable")
+    return 1 if summary["failed"] else 0
 
 
 def _load_head(path):
@@ -219,13 +305,14 @@ def _cmd_metrics(args):
     with warnings.catch_warnings():
         warnings.showwarning = warn
         warnings.simplefilter("default", UserWarning)
-        if model is None and any(not _is_stats(p) for p in [args.input1, args.input2] if p):
+        if model is None and not args.ray and any(not _is_stats(p) for p in [args.input1, args.input2] if p):
             model = _fid_model(args)
         scores = calculate_metrics(
             args.input1, args.input2, fid=args.fid, kid=args.kid, isc=args.isc, model=model,
             protocol=args.protocol, dims=args.dims, batch_size=args.batch_size, kid_subsets=args.kid_subsets,
             kid_subset_size=args.kid_subset_size, isc_splits=args.isc_splits, save_stats=args.save_stats or (),
-            progress=not args.quiet, on_error=report)
+            progress=not args.quiet, on_error=report, weights=args.weights if args.ray else None, device=args.device,
+            ray=args.ray, workers=args.workers, threads_per_worker=args.threads_per_worker, shard_size=args.shard_size)
     inputs = [scores.pop(key) for key in ("input1", "input2") if key in scores]
     failed = sum(len(i["failed"]) for i in inputs)
     if args.json:
@@ -309,6 +396,7 @@ def build_parser():
     c.add_argument("--head", metavar="FILE", help="a retrained top layer (.npz from `pyincept retrain`): its classes replace ImageNet's")
     c.add_argument("--model", choices=names, help=model_help)
     c.add_argument("--device", choices=DEVICES, default="cpu", help="where the network runs (reference: the plain-NumPy twins; cuda: the `cuda` extra and an NVIDIA GPU)")
+    _ray_options(c, shard_size=256)
     c.set_defaults(run=_cmd_classify)
 
     r = sub.add_parser("retrain", help="train a new top layer (softmax on the 2048-d bottleneck) on folders of images, one per class")
@@ -368,7 +456,21 @@ def build_parser():
     mt.add_argument("--algorithm", choices=("winograd", "im2col"), help="how the 3x3-type convolutions run (default winograd)")
     mt.add_argument("--device", choices=DEVICES, default="cpu", help="where the network runs")
     mt.add_argument("--quiet", action="store_true", help="no progress bar")
+    _ray_options(mt, shard_size=1000)
     mt.set_defaults(run=_cmd_metrics)
+
+    fe = sub.add_parser("features", help="each image's pooled features (or any layer's) with its path, as .npz or Parquet shards")
+    fe.add_argument("paths", nargs="+", metavar="PATH", help="image file, or folder searched recursively (as classify)")
+    fe.add_argument("--out", required=True, metavar="DIR", help="folder for manifest.json and shard-NNNNN files (a rerun resumes)")
+    fe.add_argument("--layer", metavar="NAME", help="the layer to export, flattened (default: the model's pooled features, e.g. avgpool)")
+    fe.add_argument("--format", choices=("npz", "parquet"), default="npz", help="npz (default) or parquet (needs pyarrow)")
+    fe.add_argument("--weights", metavar="FILE", help="pyincept .npz (default: $PYINCEPT_WEIGHTS, else the fetched weights)")
+    fe.add_argument("--model", choices=names, help=model_help)
+    fe.add_argument("--batch-size", type=_positive, default=8, metavar="N", help="images per forward pass (default 8)")
+    fe.add_argument("--device", choices=DEVICES, default="cpu", help="where the network runs")
+    fe.add_argument("--quiet", action="store_true", help="no progress bar")
+    _ray_options(fe, shard_size=1000)
+    fe.set_defaults(run=_cmd_features)
 
     p = sub.add_parser("convert", help="convert a torchvision checkpoint (.pth) of any registered model to a pyincept .npz")
     p.add_argument("src", metavar="SRC", help="torchvision checkpoint, e.g. inception_v3_google-0cc3c7bd.pth or googlenet-1378be20.pth")
@@ -389,6 +491,15 @@ def build_parser():
     pth = wsub.add_parser("path", help="print the cache folder ($PYINCEPT_CACHE overrides it)")
     pth.set_defaults(run=_cmd_weights_path)
     return parser
+
+
+def _ray_options(parser, shard_size):
+    parser.add_argument("--ray", metavar="ADDRESS", help="run on a Ray cluster (the `ray` extra): local starts one on "
+                        "this machine (127.0.0.1) and stops it after; else an address for ray.init (auto, HOST:PORT, ray://...)")
+    parser.add_argument("--workers", type=_positive, metavar="N", help="Ray actors, each loading the model once (default: the cluster's CPUs / threads)")
+    parser.add_argument("--threads-per-worker", type=_positive, metavar="T", help="threads per Ray actor (default 2)")
+    parser.add_argument("--shard-size", type=_positive, default=shard_size, metavar="N",
+                        help=f"images per shard, the unit of work and of retry (default {shard_size})")
 
 
 def _positive(text):

@@ -25,8 +25,6 @@ Shape letters: N images, D bottleneck features, K classes.
 
 import hashlib
 import json
-import os
-import tempfile
 import zipfile
 from datetime import datetime, timezone
 from pathlib import Path
@@ -36,6 +34,7 @@ from PIL import ImageOps
 
 from . import config, kernels
 from .errors import PyinceptError
+from .io.files import write_atomically
 from .predict import find_images, preprocessing_for
 from .preprocess import ImageError, load_image, preprocess
 
@@ -90,7 +89,7 @@ class Head:
             "__meta__": np.array(json.dumps(self.meta, sort_keys=True)),
         }
         try:
-            _write_atomically(Path(path), lambda f: np.savez(f, **arrays))
+            write_atomically(Path(path), lambda f: np.savez(f, **arrays))
         except OSError as e:
             raise PyinceptError(f"{path}: cannot write ({e.strerror or e})") from None
 
@@ -424,7 +423,7 @@ class BottleneckCache:
 
     def put(self, key, vector):
         try:
-            _write_atomically(self.path(key), lambda f: np.save(f, np.asarray(vector, np.float32)))
+            write_atomically(self.path(key), lambda f: np.save(f, np.asarray(vector, np.float32)))
         except OSError as e:
             raise PyinceptError(f"{self.folder}: cannot write the bottleneck cache ({e.strerror or e})") from None
 
@@ -683,19 +682,6 @@ def _decode(data, path):
         return load_image(data)
     except ImageError as e:
         raise ImageError(str(e).replace("<bytes>", str(path), 1)) from None
-
-
-def _write_atomically(path, write):
-    """Write through a temporary file in the same folder, then rename: readers see all or nothing."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _first_line(error):

@@ -20,14 +20,13 @@ executes pickled code; `convert.py` turns one into this file.
 
 import hashlib
 import json
-import os
-import tempfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import CheckpointError, WeightsError
+from .files import write_atomically
 
 FORMAT_VERSION = 1
 _FORMAT_KEY = "__format_version__"
@@ -95,15 +94,7 @@ def save_weights(path, params, meta=None):
     arrays = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in params.items()}
     arrays[_FORMAT_KEY] = np.array(FORMAT_VERSION, dtype=np.int64)
     arrays[_META_KEY] = np.array(json.dumps(meta or {}, sort_keys=True))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(path, lambda f: np.savez(f, **arrays))
 
 
 def load_weights(path):

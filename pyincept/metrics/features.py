@@ -28,9 +28,12 @@ _INCEPTION_V3 = ("inception_v3_fid", "inception_v3")
 def check_model(model):
     """The metrics need Inception v3's layers: the FID Inception, or torchvision's v3 (whose
     scores are not comparable with published ones)."""
-    name = model.spec.name if model.spec else None
+    return check_model_name(model.spec.name if model.spec else None, model.title)
+
+
+def check_model_name(name, title=None):
     if name not in _INCEPTION_V3:
-        raise PyinceptError(f"{model.title} cannot give FID, KID or IS features: the metrics need the FID "
+        raise PyinceptError(f"{title or name} cannot give FID, KID or IS features: the metrics need the FID "
                             "Inception (pyincept weights fetch --model inception_v3_fid, or convert its .pth)")
     if name == "inception_v3":
         warnings.warn("these are torchvision's Inception v3 weights, not the FID Inception's: the scores are "

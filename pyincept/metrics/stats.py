@@ -126,6 +126,14 @@ class FeatureStats:
             raise PyinceptError(f"cannot {action} statistics read from a file of mu and sigma only (no sums)")
 
     @classmethod
+    def from_sums(cls, count, total, outer, meta=None):
+        """Statistics from another's `count`, `sum` and `outer_sum` (a shard's, a file's)."""
+        total = np.array(total, np.float64)
+        stats = cls(len(total), meta)
+        stats.count, stats._sum, stats._outer = int(count), total, np.array(outer, np.float64, order="C")
+        return stats
+
+    @classmethod
     def from_features(cls, features, meta=None):
         features = np.asarray(features)
         return cls(features.shape[1], meta).add(features)
@@ -135,24 +143,14 @@ class FeatureStats:
     def save(self, path):
         """Write a `.npz` pytorch-fid reads (mu, sigma) with the sums for merging.
         Written to a temporary name and renamed, so a file is whole or absent."""
-        import os
-        import tempfile
+        from ..io.files import write_atomically
 
         arrays = {"mu": self.mu, "sigma": self.sigma, "format": np.array(FORMAT)}
         if self._moments is None:
             total, outer = self.totals()
             arrays.update(count=np.array(self.count, np.int64), sum=total, outer_sum=outer)
         arrays.update({f"meta_{k}": np.array(str(v)) for k, v in self.meta.items()})
-        folder = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".npz.tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        write_atomically(path, lambda f: np.savez(f, **arrays))
 
     @classmethod
     def load(cls, path):
@@ -171,16 +169,13 @@ class FeatureStats:
         if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
             raise PyinceptError(f"{path}: mu {mu.shape} and sigma {sigma.shape} are not a D vector and a D x D matrix")
         meta = {k[5:]: str(v) for k, v in arrays.items() if k.startswith("meta_")}
-        stats = cls(len(mu), meta)
         if {"count", "sum", "outer_sum"} <= arrays.keys():
-            stats.count = int(arrays["count"])
-            stats._sum = np.array(arrays["sum"], np.float64)
-            stats._outer = np.array(arrays["outer_sum"], np.float64, order="C")
-            if stats._sum.shape != mu.shape or stats._outer.shape != sigma.shape:
+            if arrays["sum"].shape != mu.shape or arrays["outer_sum"].shape != sigma.shape:
                 raise PyinceptError(f"{path}: its sums do not match its {len(mu)}-d mu and sigma")
-        else:
-            stats.count = None
-            stats._moments = (mu, sigma)
+            return cls.from_sums(arrays["count"], arrays["sum"], arrays["outer_sum"], meta)
+        stats = cls(len(mu), meta)
+        stats.count = None
+        stats._moments = (mu, sigma)
         return stats
 
     def __repr__(self):
