@@ -69,10 +69,11 @@ def weights_path(weights_arg, model=None):
 
 
 def _model_source(args):
-    """What each Ray worker loads: the weight file (a path every worker can read) and model name."""
+    """What each worker loads: the weight file (on Ray, a path every worker can read) and its model's name."""
     from .distributed import ModelSource, check_address
 
-    check_address(args.ray)
+    if args.ray is not None:
+        check_address(args.ray)
     name, path = weights_path(args.weights, args.model)
     if path != RANDOM_WEIGHTS:
         held = _model_of(path)
@@ -155,14 +156,7 @@ def _cmd_features(args):
     paths = find_images(args.paths)
     if not paths:
         raise PyinceptError("no images found in " + ", ".join(args.paths))
-    if args.ray:
-        source = _model_source(args)
-    else:
-        from .distributed import ModelSource
-
-        name, path = weights_path(args.weights, args.model)
-        source = ModelSource(path, name if path == RANDOM_WEIGHTS or args.model else None, args.device)
-
+    source = _model_source(args)
     def report(path, reason):
         print(f"pyincept: skipped {reason}", file=sys.stderr, flush=True)
 
