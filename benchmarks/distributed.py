@@ -8,7 +8,7 @@ unset, in three ways:
 
     one process          pyincept classify DIR --json
     ray local            ... --ray local: starts a Ray instance, runs, stops it (all timed)
-    running cluster      ... --ray 127.0.0.1:PORT, a `ray start --head` already up (its start not timed)
+    running cluster      ... --ray auto, a `ray start --head` already up (its start not timed)
 
 each at the full image count and at half of it: the difference of the two is the steady
 rate (images/s once everything has started), the rest is the fixed cost (imports, cluster
@@ -92,12 +92,12 @@ def main(argv=None):
         print("[distributed] warming the Numba cache", file=sys.stderr)
         classify(half)
         port = free_port()
-        subprocess.run([RAY, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
+        subprocess.run([RAY, "start", "--head", "--port", str(port),
                         "--num-cpus", str(os.cpu_count()), "--include-dashboard", "false", "--disable-usage-stats"],
                        env=env, capture_output=True, check=True)
         ray_opts = ["--threads-per-worker", args.threads, "--shard-size", args.shard_size]
         ways = {"one process": [], "ray local": ["--ray", "local", *ray_opts],
-                "running cluster": ["--ray", f"127.0.0.1:{port}", *ray_opts]}
+                "running cluster": ["--ray", "auto", *ray_opts]}             # the one `ray start` left running
         rows = {}
         try:
             reference = {}

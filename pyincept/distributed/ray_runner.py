@@ -72,7 +72,9 @@ def connect(address):
         return False
     try:
         if address == LOCAL:
-            ray.init(num_cpus=cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1", **quiet)
+            # address="local": always a new instance, even where `ray start` left one running
+            ray.init(address="local", num_cpus=cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1",
+                     **quiet)
             return True
         ray.init(address=address, **quiet)
     except (ConnectionError, RuntimeError, ValueError) as e:
