@@ -65,7 +65,7 @@ def weights_path(weights_arg, model=None):
             f"no weights: run `pyincept weights fetch{flag}` (needs the internet), or pass --weights FILE.npz "
             f"or set PYINCEPT_WEIGHTS (make the file with `pyincept convert {published} FILE.npz`)"
         )
-    return name, RANDOM_WEIGHTS if str(path) == RANDOM_WEIGHTS else os.path.abspath(path)
+    return name, RANDOM_WEIGHTS if str(path) == RANDOM_WEIGHTS else str(path)
 
 
 def _model_source(args):
@@ -76,6 +76,7 @@ def _model_source(args):
         check_address(args.ray)
     name, path = weights_path(args.weights, args.model)
     if path != RANDOM_WEIGHTS:
+        path = os.path.abspath(path)
         held = _model_of(path)
         if args.model and held != name:
             raise WeightsError(f"{path} holds {held} weights, not {name} (drop --model, or pass its weights)")
@@ -157,6 +158,7 @@ def _cmd_features(args):
     if not paths:
         raise PyinceptError("no images found in " + ", ".join(args.paths))
     source = _model_source(args)
+
     def report(path, reason):
         print(f"pyincept: skipped {reason}", file=sys.stderr, flush=True)
 
@@ -295,12 +297,11 @@ def _cmd_metrics(args):
     for p in [args.input1, args.input2]:                    # a missing input fails before the network loads
         if p and not os.path.exists(p):
             raise PyinceptError(f"{p}: no such file or folder")
-    model = None
     with warnings.catch_warnings():
         warnings.showwarning = warn
         warnings.simplefilter("default", UserWarning)
-        if model is None and not args.ray and any(not _is_stats(p) for p in [args.input1, args.input2] if p):
-            model = _fid_model(args)
+        needs_network = not args.ray and any(not _is_stats(p) for p in [args.input1, args.input2] if p)
+        model = _fid_model(args) if needs_network else None
         scores = calculate_metrics(
             args.input1, args.input2, fid=args.fid, kid=args.kid, isc=args.isc, model=model,
             protocol=args.protocol, dims=args.dims, batch_size=args.batch_size, kid_subsets=args.kid_subsets,

@@ -52,6 +52,15 @@ def images(tmp_path_factory):
     return image_folder(tmp_path_factory.mktemp("imgs") / "photos", 14)
 
 
+def test_without_ray_installed_ray_is_a_one_line_error(monkeypatch, weights, images):
+    import pyincept.distributed as distributed
+    from pyincept.distributed.tasks import ClassifyTask
+
+    monkeypatch.setattr(distributed, "ray_available", lambda: False)
+    with pytest.raises(PyinceptError, match=r"pip install \"pyincept\[ray\]\""):
+        list(distributed.run_shards(ClassifyTask(distributed.ModelSource(str(weights))), ["a.jpg"], 4, ray="local"))
+
+
 def test_import_pyincept_never_imports_ray():
     code = "import sys, pyincept, pyincept.distributed, pyincept.distributed.tasks, pyincept.export; print('ray' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

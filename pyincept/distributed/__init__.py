@@ -73,6 +73,8 @@ def run_shards(task, items, shard_size, ray=None, workers=None, threads=None, sk
                 progress(len(part))
             yield index, result
         return
+    if not ray_available():
+        raise PyinceptError("--ray needs Ray: pip install \"pyincept[ray]\"")
     from .ray_runner import run_on_ray
 
     yield from run_on_ray(task, todo, ray, workers, threads, progress)

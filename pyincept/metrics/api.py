@@ -174,7 +174,7 @@ def calculate_metrics(input1, input2=None, fid=False, kid=False, isc=False, mode
 
         {"frechet_inception_distance": ..., "kernel_inception_distance_mean": ...,
          "kernel_inception_distance_std": ..., "inception_score_mean": ..., "inception_score_std": ...,
-         "input1": {"images": 50000, "failed": 0}, "input2": {...}}
+         "input1": {"source": "fake/", "images": 50000, "failed": [(path, reason), ...]}, "input2": {...}}
 
     input1, input2: folders, lists of image paths, or statistics `.npz` (FID only).
     model: a loaded network; else `weights` (a pyincept .npz) or the fetched FID Inception.
@@ -200,6 +200,7 @@ def calculate_metrics(input1, input2=None, fid=False, kid=False, isc=False, mode
     image_inputs = [s for s in inputs if not is_statistics_file(s)]
     if len(save_stats) > len(image_inputs):
         raise PyinceptError(f"{len(save_stats)} --save-stats files for {len(image_inputs)} image input(s)")
+    _check_counts(inputs, kid, isc, kid_subset_size, isc_splits)
     cluster = None
     if image_inputs and ray is not None:
         from ..distributed import ModelSource, check_address
@@ -249,6 +250,23 @@ def calculate_metrics(input1, input2=None, fid=False, kid=False, isc=False, mode
     for i, r in enumerate(results):
         scores[f"input{i + 1}"] = {"source": r.source, "images": r.count, "failed": r.failed}
     return scores
+
+
+def _check_counts(inputs, kid, isc, kid_subset_size, isc_splits):
+    """Fail before the network runs when there are too few images for KID's subsets or IS's
+    splits (unreadable images can still make too few; the metric then says so)."""
+    for i, source in enumerate(inputs):
+        if not (kid or (isc and i == 0)):
+            continue
+        if is_statistics_file(source):
+            raise PyinceptError(f"{source}: a statistics file gives FID only; KID and IS need the images")
+        n = len(find_images([source] if isinstance(source, (str, os.PathLike)) else list(source)))
+        if kid and n < kid_subset_size:
+            raise PyinceptError(f"KID subsets of {kid_subset_size} images need at least that many in each input "
+                                f"({source}: {n}); pass a smaller --kid-subset-size")
+        if isc and i == 0 and n < isc_splits:
+            raise PyinceptError(f"IS in {isc_splits} splits needs at least that many images ({source}: {n}); "
+                                "pass a smaller --isc-splits")
 
 
 def _fid_feature(dims):
