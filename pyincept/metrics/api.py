@@ -255,11 +255,11 @@ def calculate_metrics(input1, input2=None, fid=False, kid=False, isc=False, mode
 def _check_counts(inputs, kid, isc, kid_subset_size, isc_splits):
     """Fail before the network runs when there are too few images for KID's subsets or IS's
     splits (unreadable images can still make too few; the metric then says so)."""
-    for i, source in enumerate(inputs):
-        if not (kid or (isc and i == 0)):
-            continue
+    wanted = [(i, source) for i, source in enumerate(inputs) if kid or (isc and i == 0)]
+    for _, source in wanted:
         if is_statistics_file(source):
             raise PyinceptError(f"{source}: a statistics file gives FID only; KID and IS need the images")
+    for i, source in wanted:
         n = len(find_images([source] if isinstance(source, (str, os.PathLike)) else list(source)))
         if kid and n < kid_subset_size:
             raise PyinceptError(f"KID subsets of {kid_subset_size} images need at least that many in each input "
