@@ -33,6 +33,9 @@ from benchmarks import engines, report
 from benchmarks.worker import GEMM_SHAPES_BY_MODEL, RESULT_PREFIX
 
 ROOT = Path(__file__).resolve().parent.parent     # where `python -m benchmarks.worker` resolves
+# Set on some machines to dodge old OpenBLAS bugs; they force an older sgemm kernel (Haswell's AVX2
+# at half the AVX-512 kernel's speed on Zen 4/5) and a user's machine has neither.
+OPENBLAS_FORCED = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 
 FULL = {
     "quick": False,
@@ -74,8 +77,9 @@ class Suite:
     """Runs workers one at a time and collects what they report: every worker on `model`
     (a registry name) at input size `size` (square) unless its arguments say `--size`."""
 
-    def __init__(self, workdir, threads, verbose=True, model=engines.DEFAULT_MODEL, size=299):
+    def __init__(self, workdir, threads, verbose=True, model=engines.DEFAULT_MODEL, size=299, openblas_as_set=False):
         self.workdir, self.threads, self.verbose = Path(workdir), threads, verbose
+        self.openblas_as_set = openblas_as_set
         self.model, self.size = model, size
         self.errors = []
         self.t0 = time.perf_counter()
@@ -85,7 +89,12 @@ class Suite:
             print(f"[benchmarks {time.perf_counter() - self.t0:5.0f} s] {message}", file=sys.stderr, flush=True)
 
     def env(self, extra=None):
+        """Each worker's environment: the thread counts, and OpenBLAS choosing its own kernel as
+        on a user's machine (the OPENBLAS_FORCED variables unset) unless --openblas-as-set."""
         env = dict(os.environ)
+        if not self.openblas_as_set:
+            for key in OPENBLAS_FORCED:
+                env.pop(key, None)
         n = str(self.threads)
         env.update({"PYINCEPT_NUM_THREADS": n, "OPENBLAS_NUM_THREADS": n, "OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n})
         env.update(extra or {})
@@ -141,9 +150,16 @@ def main(argv=None):
     parser.add_argument("--baseline", metavar="REV",
                         help="also time pyincept as it was at git revision REV, interleaved with today's: "
                              "the speed before and after a change, from one run")
+    parser.add_argument("--openblas-as-set", action="store_true",
+                        help=f"keep {' and '.join(OPENBLAS_FORCED)} in the engines' processes (default: unset, as users run)")
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
     args = parser.parse_args(argv)
-    plan = {**(QUICK if args.quick else FULL), "threads": args.threads, "seed": args.seed, "no_scale": args.no_scale}
+    plan = {**(QUICK if args.quick else FULL), "threads": args.threads, "seed": args.seed, "no_scale": args.no_scale,
+            "openblas_as_set": args.openblas_as_set,
+            "openblas_env": {k: os.environ[k] for k in OPENBLAS_FORCED if k in os.environ}}
+    forced = report.forced_kernel_warning(plan, report.machine())
+    if forced and not args.quiet:
+        print(f"python -m benchmarks: warning: {forced}", file=sys.stderr)
     spec = get_spec(args.model)
     size = spec.input_size[0]                       # every registered model is square; so are the scale points
     plan.update({"model": args.model, "model_title": spec.title, "input_size": list(spec.input_size),
@@ -193,7 +209,7 @@ def run(plan, chosen, workdir, quiet=False):
     """Every measurement of the plan; returns the results dict `report.render` reads."""
     model = plan.get("model", engines.DEFAULT_MODEL)
     suite = Suite(workdir, plan["threads"], verbose=not quiet, model=model,
-                  size=plan.get("input_size", [plan["scale_size"]])[0])
+                  size=plan.get("input_size", [plan["scale_size"]])[0], openblas_as_set=plan.get("openblas_as_set", False))
     res = {"plan": plan, "engines": {}, "times": {}, "usage": {}, "loadavg": {}, "load_s": {}, "rss": {},
            "coldstart": {}, "gemm": [], "layers": None, "determinism": None, "scale": None, "accuracy": {},
            "macs_per_image": None, "prepared": {}}
@@ -258,6 +274,7 @@ def run(plan, chosen, workdir, quiet=False):
     gemm, _ = suite.worker("gemm", "--seconds", plan["gemm_seconds"]) if model in GEMM_SHAPES_BY_MODEL else (None, None)
     if model not in GEMM_SHAPES_BY_MODEL:
         res["gemm_skipped"] = f"no GEMM shapes of {model} in `benchmarks/worker.py:GEMM_SHAPES_BY_MODEL`"
+    res["gemm_blas"] = gemm.get("blas") if gemm else None
     for row in gemm["shapes"] if gemm else []:
         row["median"] = float(np.median(row["times"]))
         row["gflops"] = report.gflops(row["M"] * row["K"] * row["N"], row["median"])

@@ -79,6 +79,34 @@ def source(root):
     return commit + (" + uncommitted changes in pyincept/ (measured as they were on disk)" if changed else ", clean pyincept/")
 
 
+# OpenBLAS kernels older than the AVX-512 ones, which a forced OPENBLAS_CORETYPE can pin a newer CPU to
+_PRE_AVX512 = {"prescott", "core2", "penryn", "dunnington", "nehalem", "sandybridge", "haswell", "zen", "atom",
+               "barcelona", "bulldozer", "piledriver", "steamroller", "excavator"}
+
+
+def forced_kernel_warning(plan, machine):
+    """A line when the engines run with OPENBLAS_CORETYPE forcing an older kernel than this CPU's, else None."""
+    core = (plan.get("openblas_env") or {}).get("OPENBLAS_CORETYPE")
+    if plan.get("openblas_as_set") and core and core.lower() in _PRE_AVX512 and "avx512f" in machine.get("flags", []):
+        return (f"OPENBLAS_CORETYPE={core} forces an older sgemm kernel than this CPU supports (it has AVX-512): "
+                "the numbers are not what users get; run without --openblas-as-set")
+    return None
+
+
+def openblas_line(res):
+    """Which OpenBLAS kernel the runs used, why, and its GEMM ceiling."""
+    plan = res["plan"]
+    kernel = " / ".join(map(str, res.get("gemm_blas") or ["?"]))
+    env = plan.get("openblas_env") or {}
+    shown = ", ".join(f"{k}={v}" for k, v in env.items())
+    how = (f"as set ({shown or 'neither is set'}; `--openblas-as-set`)" if plan.get("openblas_as_set") else
+           "OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE unset in every engine's process, as on a user's machine"
+           + (f" (this shell sets {shown})" if shown else ""))
+    warning = forced_kernel_warning(plan, res.get("machine", {}))
+    line = f"OpenBLAS kernel **{kernel}** ({how}); its GEMM ceiling here: {num(gemm_ceiling(res))} GFLOP/s"
+    return line + (f"  \n  **Warning: {warning}.**" if warning else "")
+
+
 def blas():
     """numpy's BLAS, as numpy reports it (pyincept's GEMMs and the ceiling run on it)."""
     try:
@@ -190,7 +218,7 @@ def header(res):
         f"- **pyincept source**: {res.get('source', 'unknown')}" + (
             f"; baseline: `{plan['baseline']}` = {res['baseline'].get('commit') or res['baseline'].get('error')}, "
             "its package extracted by `git archive` and timed in the same rounds" if plan.get("baseline") else ""),
-        f"- **BLAS** (numpy, used by pyincept): {res['blas']}",
+        f"- **BLAS** (numpy, used by pyincept): {res['blas']}; {openblas_line(res)}",
         f"- **Threads**: {plan['threads']} for every engine (pyincept: PYINCEPT_NUM_THREADS and OPENBLAS_NUM_THREADS; "
         f"torch: set_num_threads, 1 inter-op; onnxruntime: intra_op_num_threads, inter_op 1, ORT_ENABLE_ALL)",
         f"- **Weights**: `random_parameters({plan['seed']})`, the same for every engine "

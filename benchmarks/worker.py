@@ -266,7 +266,9 @@ def task_gemm(args):
         for row, (name, a, b) in zip(rows, shapes):
             a, b = torch.from_numpy(a), torch.from_numpy(b)
             row["torch_times"] = seconds(torch.matmul, a, b, torch.empty(a.shape[0], b.shape[1]))
-    return {"shapes": rows}
+    from threadpoolctl import threadpool_info
+
+    return {"shapes": rows, "blas": [lib.get("architecture") for lib in threadpool_info() if lib["user_api"] == "blas"]}
 
 
 TASKS = {

@@ -8,6 +8,7 @@
     pyincept metrics INPUT1 [INPUT2]     FID, KID and Inception Score as pytorch-fid, torch-fidelity or clean-fid compute them
     pyincept features PATH... --out DIR  each image's pooled features with its path, as .npz or Parquet shards
     pyincept convert SRC.pth DST.npz     torchvision checkpoint of any registered model -> pyincept weight file
+    pyincept compile                     compile every kernel into Numba's on-disk cache (once, at build time)
     pyincept weights fetch               download, verify, convert and cache a model's published weights
     pyincept weights path                print where fetched weights live
 
@@ -362,6 +363,18 @@ def _cmd_weights_fetch(args):
     return 0
 
 
+def _cmd_compile(args):
+    import time
+
+    from .models.registry import compile_kernels
+
+    cache = os.environ.get("NUMBA_CACHE_DIR") or os.path.join(os.path.dirname(__file__), "kernels", "__pycache__")
+    t0 = time.perf_counter()
+    compile_kernels(args.model and [args.model], log=lambda name: print(f"compiled {name}'s kernels", flush=True))
+    print(f"Numba cache: {cache} ({time.perf_counter() - t0:.1f} s); later processes load the kernels from there")
+    return 0
+
+
 def _cmd_weights_path(args):
     from . import config
 
@@ -466,6 +479,10 @@ def build_parser():
     fe.add_argument("--quiet", action="store_true", help="no progress bar")
     _ray_options(fe, shard_size=1000)
     fe.set_defaults(run=_cmd_features)
+
+    cp = sub.add_parser("compile", help="compile every kernel into Numba's on-disk cache now (for container images: once, at build time)")
+    cp.add_argument("--model", choices=names, help="only this model's kernels (default: every registered model)")
+    cp.set_defaults(run=_cmd_compile)
 
     p = sub.add_parser("convert", help="convert a torchvision checkpoint (.pth) of any registered model to a pyincept .npz")
     p.add_argument("src", metavar="SRC", help="torchvision checkpoint, e.g. inception_v3_google-0cc3c7bd.pth or googlenet-1378be20.pth")

@@ -309,3 +309,22 @@ def test_gpu_benchmark_without_a_gpu_says_why():
     assert result.returncode == 2, result.stdout + result.stderr
     assert result.stderr.startswith("benchmarks.gpu: device 'cuda' "), result.stderr
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+def test_engines_run_with_openblas_choosing_its_own_kernel_unless_asked(monkeypatch, tmp_path):
+    """The OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE a machine sets are unset in every engine's
+    process (users have neither), kept with --openblas-as-set, and a forced older kernel on
+    an AVX-512 CPU is called out."""
+    from benchmarks import report
+    from benchmarks.__main__ import Suite
+
+    monkeypatch.setenv("OPENBLAS_CORETYPE", "Haswell")
+    monkeypatch.setenv("OPENBLAS_L2_SIZE", "512")
+    users = Suite(tmp_path, 2, verbose=False).env()
+    assert "OPENBLAS_CORETYPE" not in users and "OPENBLAS_L2_SIZE" not in users and users["OPENBLAS_NUM_THREADS"] == "2"
+    as_set = Suite(tmp_path, 2, verbose=False, openblas_as_set=True).env()
+    assert as_set["OPENBLAS_CORETYPE"] == "Haswell" and as_set["OPENBLAS_L2_SIZE"] == "512"
+    plan = {"openblas_as_set": True, "openblas_env": {"OPENBLAS_CORETYPE": "Haswell"}}
+    assert "older sgemm kernel" in report.forced_kernel_warning(plan, {"flags": ["avx2", "avx512f"]})
+    assert report.forced_kernel_warning(plan, {"flags": ["avx2"]}) is None                 # Haswell is this CPU's best
+    assert report.forced_kernel_warning({**plan, "openblas_as_set": False}, {"flags": ["avx512f"]}) is None

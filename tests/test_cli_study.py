@@ -58,3 +58,21 @@ def test_layers_lists_every_named_layer_with_totals():
     assert "23.83 M params" in text and "5.713 GMACs" in text
     aux = run_cli("layers", "--aux", "--size", "320", "400")
     assert aux.returncode == 0 and "AuxLogits.conv1" in aux.stdout and "with aux head" in aux.stdout
+
+
+def test_compile_fills_numbas_cache_with_every_kernel_a_model_runs(tmp_path):
+    """`pyincept compile` at build time: afterwards classify compiles nothing new."""
+    import os
+
+    from PIL import Image
+
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache")}
+    result = run_cli("compile", "--model", "googlenet", env=env)
+    assert result.returncode == 0 and "compiled googlenet's kernels" in result.stdout and str(tmp_path) in result.stdout
+    cached = {p.name for p in (tmp_path / "cache").rglob("*") if p.suffix in (".nbi", ".nbc")}
+    assert cached
+    image = tmp_path / "a.png"
+    Image.fromarray(np.full((300, 260, 3), 90, np.uint8)).save(image)
+    classified = run_cli("classify", image, image, image, "--model", "googlenet", "--weights", "random", "--quiet", env=env)
+    assert classified.returncode == 0, classified.stderr
+    assert {p.name for p in (tmp_path / "cache").rglob("*") if p.suffix in (".nbi", ".nbc")} == cached

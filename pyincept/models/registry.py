@@ -108,3 +108,24 @@ def inception_v3(weights=None, seed=DEFAULT_SEED, device="cpu", fuse=True, algor
 def googlenet(weights=None, seed=DEFAULT_SEED, device="cpu", fuse=True, algorithm="winograd"):
     """GoogLeNet, Inception v1 (Szegedy et al. 2014); `create_model("googlenet", ...)`."""
     return create_model("googlenet", weights, device, seed, fuse, algorithm)
+
+
+def compile_kernels(names=None, log=None):
+    """Run every registered model (or `names`) once on a blank input, alone and in a batch,
+    with each algorithm, so that every Numba kernel they use is compiled and written to
+    Numba's on-disk cache (`cache=True`): a later process loads them instead of compiling.
+    For container images and deployments: `pyincept compile` at build time."""
+    import numpy as np
+
+    from .network import ALGORITHMS, SOFTMAX
+
+    for name in names or models():
+        spec = get_spec(name)
+        model = create_model(name)
+        H, W = spec.input_size
+        for algorithm in ALGORITHMS:
+            model.set_algorithm(algorithm)
+            for batch in (1, 2):                  # a lone image splits its layers; a batch runs side by side
+                model.run(np.zeros((batch, H, W, 3), np.float32), [SOFTMAX])        # logits, then classify's softmax
+        if log:
+            log(name)
