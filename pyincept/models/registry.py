@@ -65,8 +65,14 @@ def held_model(params, meta, source="weights"):
 
 
 def _build(spec, params, meta, source, device, fuse, algorithm):
+    """The network with `params` loaded; the caller's `params` dict is emptied, so the file's
+    arrays die here and their memory goes back to the OS once the kernels hold their own forms."""
+    from ..kernels.runtime import release_freed_memory
+
     model = spec.network(num_classes=spec.num_classes, fuse=fuse, algorithm=algorithm)
     model.load_parameters(params, source=source, meta=meta)
+    params.clear()
+    release_freed_memory()
     return model.to(device) if device != "cpu" else model
 
 
