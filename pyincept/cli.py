@@ -566,9 +566,21 @@ def _integer(text):
         raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
 
 
+def _on_interrupt(signum, frame):
+    from .errors import INTERRUPTED
+
+    INTERRUPTED.set()                       # for stop_if_interrupted, should this one be swallowed
+    raise KeyboardInterrupt
+
+
 def main(argv=None):
+    import signal
+    import threading
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, _on_interrupt)
     try:
         return args.run(args)
     except PyinceptError as e:

@@ -6,6 +6,8 @@ command line prints that line and exits non-zero; it never shows a traceback for
 these. Anything else escaping is a bug in pyincept.
 """
 
+import threading
+
 
 class PyinceptError(Exception):
     """Base class: an expected failure with a one-line, user-facing message."""
@@ -21,3 +23,16 @@ class WeightsError(PyinceptError):
 
 class DownloadError(PyinceptError):
     """A published file could not be fetched, or its SHA-256 did not match."""
+
+
+# --- Ctrl-C ---------------------------------------------------------------------------
+
+INTERRUPTED = threading.Event()       # set by the command line's SIGINT handler
+
+
+def stop_if_interrupted():
+    """Raise KeyboardInterrupt if Ctrl-C was pressed. Called between batches and shards: a
+    KeyboardInterrupt that Python raised inside a finalizer or `__del__` (where it is printed
+    and dropped) still stops the run there, at the next batch."""
+    if INTERRUPTED.is_set():
+        raise KeyboardInterrupt

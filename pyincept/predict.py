@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from . import kernels
-from .errors import PyinceptError
+from .errors import PyinceptError, stop_if_interrupted
 from .labels import imagenet_labels
 from .preprocess import ImageError, load_image, preprocess
 
@@ -82,6 +82,7 @@ def classify(inputs, model, top=5, batch_size=8, labels=None, head=None, preproc
     inputs = list(inputs)
     with tqdm(total=len(inputs), unit="img", disable=not progress, leave=False) as bar:
         for start in range(0, len(inputs), batch_size):
+            stop_if_interrupted()
             chunk = inputs[start : start + batch_size]
             results, pixels, slots = [], [], []
             for i, item in enumerate(chunk):

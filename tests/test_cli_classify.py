@@ -137,3 +137,20 @@ def test_cuda_without_a_gpu_is_one_clear_line():
     assert result.returncode == 1, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("pyincept: error:") and "Traceback" not in result.stderr
+
+
+def test_a_ctrl_c_python_dropped_still_stops_at_the_next_batch(tmp_path):
+    """Python drops a KeyboardInterrupt raised inside a finalizer (it only prints it): the
+    SIGINT handler's flag stops classify at its next batch all the same."""
+    from pyincept.errors import INTERRUPTED
+
+    image = tmp_path / "a.png"
+    Image.fromarray(np.full((80, 80, 3), 10, np.uint8)).save(image)
+    model = pyincept.create_model("googlenet")
+    INTERRUPTED.set()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            list(pyincept.classify([image] * 3, model, batch_size=1))
+    finally:
+        INTERRUPTED.clear()
+    assert len(list(pyincept.classify([image], model))) == 1

@@ -21,7 +21,7 @@ dies has its shard retried on a restarted actor, and the shards come back in ord
 import os
 from dataclasses import dataclass
 
-from ..errors import PyinceptError
+from ..errors import PyinceptError, stop_if_interrupted
 
 LOCAL = "local"
 
@@ -68,6 +68,7 @@ def run_shards(task, items, shard_size, ray=None, workers=None, threads=None, sk
 
             set_num_threads(threads)
         for index, part in todo:
+            stop_if_interrupted()
             result = task(part)
             if progress:
                 progress(len(part))

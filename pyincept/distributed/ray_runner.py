@@ -16,7 +16,7 @@ import os
 
 import numpy as np
 
-from ..errors import PyinceptError
+from ..errors import PyinceptError, stop_if_interrupted
 from . import LOCAL, cpu_count
 
 DEFAULT_THREADS = 2
@@ -105,6 +105,7 @@ def run_on_ray(task, todo, address, workers=None, threads=None, progress=None):
         sizes = {index: len(items) for index, items in todo}
         seen = set()
         for row in _rows(dataset):
+            stop_if_interrupted()
             index = int(row["shard"])
             if index in seen:                       # a retried shard answered twice: keep the first
                 continue

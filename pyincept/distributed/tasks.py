@@ -13,6 +13,7 @@ import json
 
 import numpy as np
 
+from ..errors import stop_if_interrupted
 from ..preprocess import ImageError
 
 
@@ -72,6 +73,7 @@ class FeaturesTask(_Task):
         layer, settings = self.layer or model.feature_layer, preprocessing_for(model)
         good, rows, failed = [], [], []
         for start in range(0, len(paths), self.batch_size):
+            stop_if_interrupted()
             pixels = []
             for path in paths[start : start + self.batch_size]:
                 try:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import PyinceptError
+from ..errors import PyinceptError, stop_if_interrupted
 from ..predict import find_images
 from ..preprocess import ImageError
 from . import features as feats
@@ -101,6 +101,7 @@ def extract_images(paths, model, protocol=DEFAULT_PROTOCOL, dims=2048, keep=(), 
         # One thread decodes and resizes the next batch while the network runs this one.
         pending = loader.submit(load, chunks[0]) if chunks else None
         for k, chunk in enumerate(chunks):
+            stop_if_interrupted()
             pixels, failed = pending.result()
             if k + 1 < len(chunks):
                 pending = loader.submit(load, chunks[k + 1])
