@@ -52,21 +52,10 @@ def load_model(weights_arg, device="cpu", model=None):
 
 
 def weights_path(weights_arg, model=None):
-    """(model name, weight file) for --weights FILE, else $PYINCEPT_WEIGHTS, else the fetched
-    weights of `model` (default inception_v3); the file is "random" for the seeded init."""
-    from .io.fetch import default_weights_path
-    from .models import registry
+    """(model name, weight file): --weights FILE, else $PYINCEPT_WEIGHTS, else `model`'s fetched weights."""
+    from .io.fetch import weights_path as resolve
 
-    name = registry.get_spec(model or "inception_v3").name
-    path = weights_arg or os.environ.get("PYINCEPT_WEIGHTS") or default_weights_path(name)
-    if path is None:
-        published = registry.get_spec(name).default_weights.filename
-        flag = f" --model {name}" if name != "inception_v3" else ""
-        raise WeightsError(
-            f"no weights: run `pyincept weights fetch{flag}` (needs the internet), or pass --weights FILE.npz "
-            f"or set PYINCEPT_WEIGHTS (make the file with `pyincept convert {published} FILE.npz`)"
-        )
-    return name, RANDOM_WEIGHTS if str(path) == RANDOM_WEIGHTS else str(path)
+    return resolve(weights_arg, model)
 
 
 def _model_source(args):

@@ -81,24 +81,32 @@ def classify(inputs, model, top=5, batch_size=8, labels=None, head=None, preproc
 
     inputs = list(inputs)
     with tqdm(total=len(inputs), unit="img", disable=not progress, leave=False) as bar:
-        for start in range(0, len(inputs), batch_size):
-            stop_if_interrupted()
-            chunk = inputs[start : start + batch_size]
-            results, pixels, slots = [], [], []
-            for i, item in enumerate(chunk):
-                name = str(item) if not isinstance(item, Image.Image) else f"<image {start + i}>"
-                results.append(Prediction(name))
-                try:
-                    pixels.append(preprocess(load_image(item), **settings))
-                    slots.append(i)
-                except ImageError as e:
-                    results[i].error = str(e)
-            if pixels:
-                probabilities = _probabilities(model, np.stack(pixels), head)      # (n, classes)
+        for start, chunk, pixels, slots, errors in prepared_batches(inputs, settings, batch_size):
+            results = [Prediction(str(item) if not isinstance(item, Image.Image) else f"<image {start + i}>",
+                                  error=errors.get(i)) for i, item in enumerate(chunk)]
+            if pixels is not None:
+                probabilities = _probabilities(model, pixels, head)                 # (n, classes)
                 for i, p in zip(slots, probabilities):
                     results[i].top = top_k(p, min(top, len(labels)), labels)
             bar.update(len(chunk))
             yield from results
+
+
+def prepared_batches(inputs, settings, batch_size):
+    """Yield (start, chunk, pixels, slots, errors) per batch of `inputs`: the chunk's readable
+    images prepared by `preprocess(**settings)` as one (n, H, W, 3) array (None if none was
+    readable), the chunk positions they came from, and {position: reason} for the others."""
+    for start in range(0, len(inputs), batch_size):
+        stop_if_interrupted()
+        chunk = inputs[start : start + batch_size]
+        pixels, slots, errors = [], [], {}
+        for i, item in enumerate(chunk):
+            try:
+                pixels.append(preprocess(load_image(item), **settings))
+                slots.append(i)
+            except ImageError as e:
+                errors[i] = str(e)
+        yield start, chunk, np.stack(pixels) if pixels else None, slots, errors
 
 
 def labels_for(model):

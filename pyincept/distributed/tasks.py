@@ -13,8 +13,6 @@ import json
 
 import numpy as np
 
-from ..errors import stop_if_interrupted
-from ..preprocess import ImageError
 
 
 class _Task:
@@ -66,24 +64,16 @@ class FeaturesTask(_Task):
         self.layer, self.batch_size = layer, batch_size
 
     def __call__(self, paths):
-        from ..predict import preprocessing_for
-        from ..preprocess import load_image, preprocess
+        from ..predict import prepared_batches, preprocessing_for
 
         model = self.model()
-        layer, settings = self.layer or model.feature_layer, preprocessing_for(model)
+        layer = self.layer or model.feature_layer
         good, rows, failed = [], [], []
-        for start in range(0, len(paths), self.batch_size):
-            stop_if_interrupted()
-            pixels = []
-            for path in paths[start : start + self.batch_size]:
-                try:
-                    pixels.append(preprocess(load_image(path), **settings))
-                    good.append(path)
-                except ImageError as e:
-                    failed.append((path, str(e)))
-            if pixels:
-                out = model.run(np.stack(pixels), [layer])[layer]
-                rows.append(np.asarray(out, np.float32).reshape(len(pixels), -1))
+        for _, chunk, pixels, slots, errors in prepared_batches(paths, preprocessing_for(model), self.batch_size):
+            good.extend(chunk[i] for i in slots)
+            failed.extend((chunk[i], reason) for i, reason in errors.items())
+            if pixels is not None:
+                rows.append(np.asarray(model.run(pixels, [layer])[layer], np.float32).reshape(len(pixels), -1))
         features = np.concatenate(rows) if rows else np.zeros((0, 0), np.float32)
         return {"paths": np.array(good, dtype=str), "features": features, **_failures(failed)}
 

@@ -38,7 +38,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .. import config
-from ..errors import DownloadError
+from ..errors import DownloadError, WeightsError
 from ..models.registry import get_spec
 from .convert import convert_checkpoint
 from .npz import sha256_file
@@ -51,6 +51,22 @@ def default_weights_path(model="inception_v3"):
     """The model's converted published weights if `fetch_weights(model)` has run here, else None."""
     path = Path(config.cache_dir()) / get_spec(model).default_weights.converted_filename
     return path if path.is_file() else None
+
+
+def weights_path(weights=None, model=None):
+    """(model name, weight file) for an explicit `weights`, else $PYINCEPT_WEIGHTS, else the
+    fetched weights of `model` (default inception_v3); "random" passes through (the seeded
+    init). A one-line WeightsError says how to get weights when there are none."""
+    name = get_spec(model or "inception_v3").name
+    path = weights or os.environ.get("PYINCEPT_WEIGHTS") or default_weights_path(name)
+    if path is None:
+        published = get_spec(name).default_weights.filename
+        flag = f" --model {name}" if name != "inception_v3" else ""
+        raise WeightsError(
+            f"no weights: run `pyincept weights fetch{flag}` (needs the internet), or pass --weights FILE.npz "
+            f"or set PYINCEPT_WEIGHTS (make the file with `pyincept convert {published} FILE.npz`)"
+        )
+    return name, str(path)
 
 
 def fetch_weights(model="inception_v3", url=None, hash_prefix=None, cache=None, force=False, progress=True, timeout=30):

@@ -48,21 +48,22 @@ def is_statistics_file(source):
 
 
 def input_features(source, model, protocol=DEFAULT_PROTOCOL, dims=2048, keep=(), batch_size=BATCH_SIZE,
-                   progress=False, stats=True, on_error=None, cluster=None):
+                   progress=False, stats=True, on_error=None, cluster=None, paths=None):
     """Run one input through the protocol and the network.
 
     source: a folder (searched as `classify` searches), an image path, a list of paths, or a
     statistics `.npz`. dims: the FID feature (64, 192, 768 or 2048). keep: feature names to
     keep whole (KID: "2048", IS: "logits_unbiased"). on_error(path, reason) is called for
     each unreadable image as it is skipped. cluster: a `Cluster` to run the images' shards
-    on Ray (model is then unused: each worker loads `cluster.source`).
+    on Ray (model is then unused: each worker loads `cluster.source`). paths: the images
+    already found in `source`, when the caller has searched it.
     """
     if is_statistics_file(source):
         if keep:
             raise PyinceptError(f"{source}: a statistics file gives FID only; KID and IS need the images")
         loaded = FeatureStats.load(source)
         return InputFeatures(str(source), loaded.count, loaded)
-    paths = find_images([source] if isinstance(source, (str, os.PathLike)) else list(source))
+    paths = _images_in(source) if paths is None else paths
     if not paths:
         raise PyinceptError(f"no images found in {source}")
     from tqdm import tqdm
@@ -201,7 +202,8 @@ def calculate_metrics(input1, input2=None, fid=False, kid=False, isc=False, mode
     image_inputs = [s for s in inputs if not is_statistics_file(s)]
     if len(save_stats) > len(image_inputs):
         raise PyinceptError(f"{len(save_stats)} --save-stats files for {len(image_inputs)} image input(s)")
-    _check_counts(inputs, kid, isc, kid_subset_size, isc_splits)
+    found = {i: _images_in(s) for i, s in enumerate(inputs) if not is_statistics_file(s)}    # each folder walked once
+    _check_counts(inputs, found, kid, isc, kid_subset_size, isc_splits)
     cluster = None
     if image_inputs and ray is not None:
         from ..distributed import ModelSource, check_address
@@ -226,7 +228,7 @@ def calculate_metrics(input1, input2=None, fid=False, kid=False, isc=False, mode
             keep.append("logits_unbiased")
         need_stats = fid or bool(save_stats)
         results.append(input_features(source, model, protocol, dims, tuple(keep), batch_size, progress,
-                                      stats=need_stats, on_error=on_error, cluster=cluster))
+                                      stats=need_stats, on_error=on_error, cluster=cluster, paths=found.get(i)))
     for path, result in zip(save_stats, [r for r, s in zip(results, inputs) if not is_statistics_file(s)]):
         result.stats.save(path)
     scores = {}
@@ -253,7 +255,12 @@ def calculate_metrics(input1, input2=None, fid=False, kid=False, isc=False, mode
     return scores
 
 
-def _check_counts(inputs, kid, isc, kid_subset_size, isc_splits):
+def _images_in(source):
+    """The image paths of an input: a folder or image path (searched as classify searches), or a list."""
+    return find_images([source] if isinstance(source, (str, os.PathLike)) else list(source))
+
+
+def _check_counts(inputs, found, kid, isc, kid_subset_size, isc_splits):
     """Fail before the network runs when there are too few images for KID's subsets or IS's
     splits (unreadable images can still make too few; the metric then says so)."""
     wanted = [(i, source) for i, source in enumerate(inputs) if kid or (isc and i == 0)]
@@ -261,7 +268,7 @@ def _check_counts(inputs, kid, isc, kid_subset_size, isc_splits):
         if is_statistics_file(source):
             raise PyinceptError(f"{source}: a statistics file gives FID only; KID and IS need the images")
     for i, source in wanted:
-        n = len(find_images([source] if isinstance(source, (str, os.PathLike)) else list(source)))
+        n = len(found[i])
         if kid and n < kid_subset_size:
             raise PyinceptError(f"KID subsets of {kid_subset_size} images need at least that many in each input "
                                 f"({source}: {n}); pass a smaller --kid-subset-size")
@@ -299,12 +306,8 @@ def _check_weights_file(path):
 
 
 def fid_weights_path(weights=None):
-    """`weights`, else $PYINCEPT_WEIGHTS, else the fetched FID Inception's file; a one-line error if none."""
-    from ..io.fetch import default_weights_path
+    """`weights`, else $PYINCEPT_WEIGHTS, else the fetched FID Inception's file, as an absolute
+    path (a one-line error if none)."""
+    from ..io.fetch import weights_path
 
-    path = weights or os.environ.get("PYINCEPT_WEIGHTS") or default_weights_path("inception_v3_fid")
-    if path is None:
-        raise PyinceptError("no FID Inception weights: run `pyincept weights fetch --model inception_v3_fid` "
-                            "(needs the internet), or pass --weights FILE.npz (from `pyincept convert "
-                            "pt_inception-2015-12-05-6726825d.pth FILE.npz`)")
-    return os.path.abspath(path)
+    return os.path.abspath(weights_path(weights, "inception_v3_fid")[1])
