@@ -80,8 +80,16 @@ class Pointwise1x1:
         return self.members + ([self.pooled] if self.pooled is not None else [])
 
     def load(self):
-        """Concatenate the members' folded (1, 1, C, K_i) weights along K."""
+        """Concatenate the members' folded (1, 1, C, K_i) weights along K; each member's then
+        becomes its columns of that one array, so the filters are held once."""
         self.host_weight = np.concatenate([conv.folded[0] for _, conv in self.convs()], axis=3)   # (1, 1, C, sum K)
+        k0 = 0
+        for _, conv in self.convs():
+            K = conv.out_channels
+            conv.folded = (self.host_weight[..., k0 : k0 + K], conv.folded[1])       # a view: (1, 1, C, K_i)
+            conv.fused = True
+            conv.use(conv.ops)                                                     # no weight of its own now
+            k0 += K
         self.use(self.ops)
 
     def use(self, ops):
@@ -123,6 +131,10 @@ class Pointwise1x1:
 def fuse(block, on=True):
     """Lay the plan over `block` (on=True, where it has two branches to share a GEMM) or take
     it off (on=False: the branch table runs as written). Returns the plan, or None."""
+    for layer in block.layers():                  # the last plan's members run on their own again,
+        if isinstance(layer, BasicConv2d) and layer.fused:       # each with a copy of its columns,
+            layer.fused = False                                  # until a new plan takes them in
+            layer.use(layer.ops)
     block.plan = Pointwise1x1.over(block) if on and block.branches is not None else None
     if block.plan is not None:
         block.plan.use(block.ops)

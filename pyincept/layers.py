@@ -20,6 +20,7 @@ Shapes are NHWC throughout: (N, H, W, C).
 import numpy as np
 
 from . import kernels
+from .errors import PyinceptError
 from .kernels.geometry import conv_output_hw, pad4, pair, pool_output_size
 
 BN_EPS = 0.001  # torchvision's BasicConv2d: nn.BatchNorm2d(out_channels, eps=0.001)
@@ -93,9 +94,10 @@ class BasicConv2d(Layer):
         self.padding = padding
         self.eps = eps
         self.folded = None                # host copy (weight (R, S, C, K), bias (K,)), BN folded in
-        self.weight = self.bias = None    # the same, on the device `ops` runs on
+        self.weight = self.bias = None    # the same, on the device `ops` runs on, as far as it runs them
         self.algorithm = "im2col"         # or "winograd": used where winograd_applies()
         self.winograd = None              # the weight in the Winograd domain, when used
+        self.fused = False                # run inside its module's one 1x1 GEMM (fusion.py)
 
     def parameter_shapes(self):
         """{checkpoint key: shape in pyincept layout} for this layer."""
@@ -115,14 +117,33 @@ class BasicConv2d(Layer):
         self.use(self.ops)
 
     def use(self, ops):
+        """Build on `ops` only the weight form its kernel reads: the Winograd filters where
+        Winograd runs, none for a fused 1x1 (its module's GEMM holds its columns), else the
+        folded filters. Each weight is held once (`keep_kernel_form_only`)."""
         self.ops = ops
         if self.folded is None:
             return
-        self.weight, self.bias = (ops.to_device(a) for a in self.folded)
-        self.winograd = None
+        weight, bias = self.folded
+        if weight is None:
+            raise PyinceptError(f"{self.name} holds its weights in Winograd form only: "
+                                "switch the algorithm or device through the network, which reloads them")
+        self.bias = ops.to_device(bias)
+        self.weight = self.winograd = None
         if self.winograd_applies():                  # a 3x3's tile goes by what measured faster
             tile = ops.winograd_tile(self.in_channels, self.kernel_size)
-            self.winograd = ops.winograd_weights(self.folded[0], tile)
+            self.winograd = ops.winograd_weights(weight, tile)
+        elif not self.fused:
+            self.weight = ops.to_device(weight)
+
+    def keep_kernel_form_only(self):
+        """Let go of the host filters where only their Winograd form runs (about half of v3's
+        filter memory). `Network.reload` brings them back when another algorithm or device
+        needs them."""
+        if self.winograd is not None and self.folded is not None:
+            self.folded = (None, self.folded[1])
+
+    def holds_host_weight(self):
+        return self.folded is None or self.folded[0] is not None
 
     def winograd_applies(self):
         """Winograd serves the stride-1 3x3 convs, the 5x5 ones padded by 2, and the 1x3 / 3x1

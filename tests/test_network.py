@@ -16,6 +16,7 @@ import torch
 import pyincept
 from photos import PHOTOS, photo_batch
 from pyincept.errors import PyinceptError, WeightsError
+from pyincept.io.npz import load_weights
 from pyincept.models.inception_v3 import Inception3
 from torch_oracle import to_nchw, to_nhwc
 
@@ -82,6 +83,69 @@ def test_im2col_and_winograd_agree_and_both_meet_the_bar(tv_inception, converted
     assert np.abs(winograd - im2col).max() <= 1e-4 * np.abs(im2col).max()
     with pytest.raises(PyinceptError, match="unknown algorithm 'fft'"):
         model.set_algorithm("fft")
+
+
+def held_bytes(model):
+    """Bytes of every distinct weight buffer the model's layers and fusion plans hold."""
+    buffers = {}
+    for layer in model.conv_layers():
+        for a in (*(layer.folded or ()), layer.weight, layer.bias, layer.winograd):
+            if isinstance(a, np.ndarray):
+                root = a
+                while isinstance(root.base, np.ndarray):
+                    root = root.base
+                buffers[id(root)] = root
+    for part in model.parts():
+        plan = getattr(part, "plan", None)
+        if plan is not None:
+            buffers[id(plan.weight)] = plan.weight
+    return sum(b.nbytes for b in buffers.values())
+
+
+def test_each_weight_is_held_once_in_the_form_its_kernel_reads(converted):
+    """A Winograd layer keeps no host filters beside its Winograd ones, and a fused 1x1's
+    members hold their columns of the module's one matrix, not copies."""
+    model = pyincept.inception_v3(converted["zip"])
+    winograd = [layer for layer in model.conv_layers() if layer.winograd is not None]
+    assert winograd and all(layer.folded[0] is None and layer.weight is None for layer in winograd)
+    fused = [(part.plan, conv) for part in model.parts() if getattr(part, "plan", None) for _, conv in part.plan.convs()]
+    assert fused and all(conv.weight is None and np.shares_memory(conv.folded[0], plan.weight) for plan, conv in fused)
+    full = Inception3()                                              # the same weights, handed in: no reload,
+    params, _ = load_weights(converted["zip"])                       # so every host copy stays
+    full.load_parameters(params)
+    assert all(layer.folded[0] is not None for layer in full.conv_layers())
+    assert held_bytes(model) < held_bytes(full) - 40 * 2**20
+
+
+@pytest.mark.parametrize("device", ["im2col", "reference"])
+def test_switching_after_loading_reloads_the_weights_and_gives_the_same_bits(converted, tmp_path, device):
+    """set_algorithm and to() on a model that dropped its host filters read the file again:
+    the same bits as a model built that way from the start. A file changed since is refused."""
+    x = photo_batch((299, 299))[:1]
+    path = tmp_path / "v3.npz"
+    path.write_bytes(converted["zip"].read_bytes())
+    model = pyincept.inception_v3(path)
+    if device == "im2col":
+        expected = pyincept.inception_v3(path, algorithm="im2col")(x)
+        np.testing.assert_array_equal(model.set_algorithm("im2col")(x), expected)
+        assert all(layer.winograd is None and layer.folded[0] is not None for layer in model.conv_layers())
+        np.testing.assert_array_equal(model.set_algorithm("winograd")(x), pyincept.inception_v3(path)(x))
+    else:
+        expected = pyincept.inception_v3(path, device="reference")(x)
+        np.testing.assert_array_equal(model.to("reference")(x), expected)
+    model = pyincept.inception_v3(path)
+    os.utime(path, ns=(0, 0))                                        # touched since: refused in one line
+    with pytest.raises(WeightsError, match="changed since the model was loaded from it"):
+        model.set_algorithm("im2col")
+
+
+def test_random_init_reloads_from_its_seed_and_fusion_can_be_taken_off():
+    x = np.random.default_rng(3).standard_normal((1, 160, 160, 3)).astype(np.float32)
+    model = pyincept.inception_v3(seed=5)
+    np.testing.assert_array_equal(model.set_algorithm("im2col")(x), pyincept.inception_v3(seed=5, algorithm="im2col")(x))
+    model = pyincept.inception_v3(seed=5)
+    np.testing.assert_array_equal(model.set_fuse(False)(x), pyincept.inception_v3(seed=5, fuse=False)(x))
+    np.testing.assert_array_equal(model.set_fuse(True)(x), pyincept.inception_v3(seed=5)(x))
 
 
 def test_unfused_torchvision_order_is_within_the_bar_too(tv_inception, converted):

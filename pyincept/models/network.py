@@ -37,6 +37,7 @@ class Network:
     spec = None            # its registry entry (models/spec.py), set by the model file
     aliases = {}           # other names of some layers ({alias: layer name}), e.g. the TF graph's
     min_size = (1, 1)
+    reload = None          # a function giving the loaded params again (`load_parameters`)
     feature_layer = "avgpool"
     classifier = "fc"
 
@@ -68,9 +69,11 @@ class Network:
         readable path). A backend without Winograd (CUDA) runs im2col either way."""
         if algorithm not in ALGORITHMS:
             raise PyinceptError(f"unknown algorithm {algorithm!r}: use one of {', '.join(ALGORITHMS)}")
+        self._restore_host_weights()
         for layer in self.conv_layers():
             layer.set_algorithm(algorithm)
         self.algorithm = algorithm
+        self._keep_kernel_forms_only()
         return self
 
     def conv_layers(self):
@@ -84,10 +87,29 @@ class Network:
         """Run on "cpu", "reference" (the plain-NumPy twins) or "cuda": weights move to the
         device once; later calls move only x and the outputs."""
         ops = kernels.backend(device)
+        self._restore_host_weights()
         for part in self.parts():
             part.use(ops)
         self.ops = ops
+        self._keep_kernel_forms_only()
         return self
+
+    # --- weights held once, in the form the kernels read ----------------------------
+
+    def _keep_kernel_forms_only(self):
+        """Where the model can read its weights again (`reload`), drop the host filters that
+        only their Winograd form runs from."""
+        if self.reload is not None:
+            for layer in self.conv_layers():
+                layer.keep_kernel_form_only()
+
+    def _restore_host_weights(self):
+        """Before another algorithm or device: every layer's host filters, reloaded when dropped."""
+        if all(layer.holds_host_weight() for layer in self.conv_layers()):
+            return
+        params = self.reload()
+        for part in self.parts():
+            part.load(params)
 
     @property
     def device(self):
@@ -124,11 +146,14 @@ class Network:
         """(missing keys, unexpected keys, [(key, its shape, the expected shape)]) against `params`."""
         return parameter_mismatch(params, self.expected_shapes(params))
 
-    def load_parameters(self, params, source="weights", meta=None):
+    def load_parameters(self, params, source="weights", meta=None, reload=None):
         """Check keys and shapes against the architecture, then fold BN and keep the weights.
 
         An aux head whose keys are all absent (a state dict saved with aux_logits=False) is
         dropped from the model; one with some keys missing is an error like any other.
+        reload: a function that gives the same `params` again (the weight file read anew,
+        the seed's random init): with it, the model keeps each weight only in the form its
+        kernel reads, and reloads the rest when `set_algorithm` or `to` needs it.
         """
         expected = self.expected_shapes(params)
         check_parameters(params, expected, source, self.title)
@@ -139,6 +164,8 @@ class Network:
         for part in self.parts():
             part.load(params)
         self.meta = dict(meta or {})
+        self.reload = reload
+        self._keep_kernel_forms_only()
         return self
 
     def random_parameters(self, seed=DEFAULT_SEED):

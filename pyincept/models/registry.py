@@ -9,6 +9,8 @@ A weight file records its model's name (`meta["model"]`, written by `pyincept co
 files written before the registry existed hold Inception v3 and are recognised by their keys.
 """
 
+import os
+
 from ..errors import PyinceptError, WeightsError
 from ..io.npz import first_keys, load_weights
 from . import googlenet, inception_v3, inception_v3_fid
@@ -43,7 +45,8 @@ def create_model(name, weights=None, device="cpu", seed=DEFAULT_SEED, fuse=True,
     if weights is None:
         model = spec.network(num_classes=spec.num_classes, fuse=fuse, algorithm=algorithm)
         model.load_parameters(model.random_parameters(seed), source=f"random init (seed {seed})",
-                              meta={"random_seed": seed, "model": name})
+                              meta={"random_seed": seed, "model": name},
+                              reload=lambda: model.random_parameters(seed))
         return model.to(device) if device != "cpu" else model
     params, meta = load_weights(weights)
     held = held_model(params, meta, weights)
@@ -70,10 +73,30 @@ def _build(spec, params, meta, source, device, fuse, algorithm):
     from ..kernels.runtime import release_freed_memory
 
     model = spec.network(num_classes=spec.num_classes, fuse=fuse, algorithm=algorithm)
-    model.load_parameters(params, source=source, meta=meta)
+    model.load_parameters(params, source=source, meta=meta, reload=_reader(source))
     params.clear()
     release_freed_memory()
     return model.to(device) if device != "cpu" else model
+
+
+def _reader(path):
+    """A function that reads the weight file at `path` again, refusing it once it changed
+    (its size or modification time) since now."""
+    def stamp():
+        try:
+            info = os.stat(path)
+        except OSError:
+            return None
+        return info.st_size, info.st_mtime_ns
+
+    loaded = stamp()
+
+    def read():
+        if stamp() != loaded:
+            raise WeightsError(f"{path} changed since the model was loaded from it; load the model again")
+        return load_weights(path)[0]
+
+    return read
 
 
 def detect_model(params, source="weights"):
