@@ -522,17 +522,20 @@ def targets(res):
         shown = f"{value:.2f}x" if unit == "x" else f"{value:.3g} {unit}"
         out.append(("PASS" if ok else "FAIL", kind, f"{text}: {shown}"))
 
+    # Inception v3 leads onnxruntime by a margin; the other models match it at least.
+    lead = model_of(res["plan"])[0] == DEFAULT_MODEL
+    latency, speedup = (0.8, 1.5) if lead else (1.0, 1.0)
     p_lat = _median(res, "pyincept", 1)
-    check("required", "batch-1 latency ≤ 1.3x onnxruntime", ratio(p_lat, _median(res, "ort", 1)), 1.3)
+    check("required", f"batch-1 latency ≤ {latency}x onnxruntime", ratio(p_lat, _median(res, "ort", 1)), latency)
     check("required", "batch-1 latency ≤ 0.75x torch eager (NCHW)", ratio(p_lat, _median(res, "torch", 1)), 0.75)
-    check("stretch", "batch-1 latency ≤ 1.0x onnxruntime", ratio(p_lat, _median(res, "ort", 1)), 1.0)
     thr = {b: ratio(throughput(res, "pyincept", b), throughput(res, "ort", b)) if b in res["plan"]["batches"] else None
            for b in (8, 32)}
-    check("required", "batch-8 throughput ≥ 0.8x onnxruntime", thr[8], 0.8, higher_is_better=True)
-    check("stretch", "batch-8 throughput ≥ 1.0x onnxruntime", thr[8], 1.0, higher_is_better=True)
-    check("stretch", "batch-32 throughput ≥ 1.0x onnxruntime", thr[32], 1.0, higher_is_better=True)
+    for b in (8, 32):
+        check("required", f"batch-{b} throughput ≥ {speedup}x onnxruntime", thr[b], speedup, higher_is_better=True)
     rss = ratio(peak_rss(res, "pyincept"), peak_rss(res, "ort")) if res["plan"]["rss_batch"] == 32 else None
     check("required", "peak RSS at batch 32 ≤ 0.6x onnxruntime's", rss, 0.6)
+    loaded = {n: (res["rss"].get(n) or {}).get("after_load_mib") for n in ("pyincept", "ort")}
+    check("required", "RSS after loading ≤ 1.0x onnxruntime's", ratio(loaded["pyincept"], loaded["ort"]), 1.0)
     warm = res["coldstart"].get("warm")
     check("required", "warm-cache start-up (import, load, first forward) ≤ 1.5 s", warm and warm["total_s"], 1.5, unit="s")
     acc = res["accuracy"].get("torch")

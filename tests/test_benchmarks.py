@@ -199,10 +199,10 @@ def test_missing_engine_says_why(tmp_path):
 # --- the report's arithmetic ---------------------------------------------------------------
 
 
-def fake_results(batches=(1, 8, 32), rss_batch=32, ort=True):
+def fake_results(batches=(1, 8, 32), rss_batch=32, ort=True, per_image=None):
     """What `benchmarks.__main__.run` returns, with round numbers: pyincept 100 ms per image
-    at every batch, onnxruntime 80 ms, torch 150 ms."""
-    per_image = {"pyincept": 0.100, "torch": 0.150, "ort": 0.080}
+    at every batch, onnxruntime 80 ms, torch 150 ms (or `per_image`'s)."""
+    per_image = per_image or {"pyincept": 0.100, "torch": 0.150, "ort": 0.080}
     names = ["pyincept", "torch"] + (["ort"] if ort else [])
     plan = {"quick": False, "rounds": 1, "batches": list(batches), "repeats": [3] * len(batches), "threads": 2,
             "seed": 0, "rss_batch": rss_batch, "scale_size": 299}
@@ -252,19 +252,33 @@ def test_summary_and_ratio():
 
 def test_targets_pass_fail_skip():
     status = {text.split(":")[0]: s for s, _, text in report.targets(fake_results())}
-    assert status["batch-1 latency ≤ 1.3x onnxruntime"] == "PASS"            # 100 / 80 = 1.25
-    assert status["batch-1 latency ≤ 1.0x onnxruntime"] == "FAIL"
+    assert status["batch-1 latency ≤ 0.8x onnxruntime"] == "FAIL"            # 100 / 80 = 1.25
     assert status["batch-1 latency ≤ 0.75x torch eager (NCHW)"] == "PASS"      # 100 / 150 = 0.67
-    assert status["batch-8 throughput ≥ 0.8x onnxruntime"] == "PASS"           # 0.8 exactly
-    assert status["batch-32 throughput ≥ 1.0x onnxruntime"] == "FAIL"
+    assert status["batch-8 throughput ≥ 1.5x onnxruntime"] == "FAIL"           # 0.8
+    assert status["batch-32 throughput ≥ 1.5x onnxruntime"] == "FAIL"
     assert status["peak RSS at batch 32 ≤ 0.6x onnxruntime's"] == "PASS"       # 500 / 1000
+    assert status["RSS after loading ≤ 1.0x onnxruntime's"] == "PASS"          # 300 / 300
     assert status["warm-cache start-up (import, load, first forward) ≤ 1.5 s"] == "PASS"
     assert status["pyincept vs torchvision logits"] == "PASS"
 
+    fast = fake_results(per_image={"pyincept": 0.050, "torch": 0.150, "ort": 0.080})
+    fast["rss"]["pyincept"]["after_load_mib"] = 301.0
+    status = {text.split(":")[0]: s for s, _, text in report.targets(fast)}
+    assert status["batch-1 latency ≤ 0.8x onnxruntime"] == "PASS"            # 50 / 80 = 0.625
+    assert status["batch-8 throughput ≥ 1.5x onnxruntime"] == "PASS"           # 1.6
+    assert status["RSS after loading ≤ 1.0x onnxruntime's"] == "FAIL"
+
+    other = fake_results(per_image={"pyincept": 0.075, "torch": 0.150, "ort": 0.080})
+    other["plan"]["model"] = "googlenet"                                       # the other models: parity
+    status = {text.split(":")[0]: s for s, _, text in report.targets(other)}
+    assert status["batch-1 latency ≤ 1.0x onnxruntime"] == "PASS"            # 75 / 80
+    assert status["batch-32 throughput ≥ 1.0x onnxruntime"] == "PASS"
+
     quick = {text.split(":")[0]: s for s, _, text in report.targets(fake_results(batches=(1, 2), rss_batch=2, ort=False))}
-    assert quick["batch-1 latency ≤ 1.3x onnxruntime"] == "SKIP"
-    assert quick["batch-8 throughput ≥ 0.8x onnxruntime"] == "SKIP"
+    assert quick["batch-1 latency ≤ 0.8x onnxruntime"] == "SKIP"
+    assert quick["batch-8 throughput ≥ 1.5x onnxruntime"] == "SKIP"
     assert quick["peak RSS at batch 32 ≤ 0.6x onnxruntime's"] == "SKIP"
+    assert quick["RSS after loading ≤ 1.0x onnxruntime's"] == "SKIP"
     assert quick["batch-1 latency ≤ 0.75x torch eager (NCHW)"] == "PASS"
 
 
