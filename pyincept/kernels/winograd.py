@@ -3,6 +3,9 @@ GEMMs (BLAS), output transforms with bias and ReLU (Numba). The math, with the m
 is `reference.conv2d_winograd`; the shape letters are `cpu.py`'s.
 """
 
+import functools
+from typing import NamedTuple
+
 import numpy as np
 
 from . import reference
@@ -460,48 +463,29 @@ def conv2d_winograd(x, u, bias=None, padding=0, relu=False, out=None, kernel_siz
     """
     x = _check_nhwc(x, "x")
     u = _as_f32(u)
-    R, S = pair(kernel_size)
-    sizes = {(3, 3): (16, 36), (5, 5): (36,), (1, 3): (6,), (3, 1): (6,), (1, 7): (8, 10), (7, 1): (8, 10)}
-    if (R, S) not in sizes:
-        raise ValueError(f"Winograd here serves 3x3, 5x5, 1x3, 3x1, 1x7 and 7x1 filters, got {(R, S)}")
-    if u.ndim != 3 or u.shape[0] not in sizes[R, S] or u.shape[1] != x.shape[3]:
-        raise ValueError(f"Winograd weights for {R}x{S} must be ({' or '.join(map(str, sizes[R, S]))}, "
-                         f"C={x.shape[3]}, K), got {u.shape}")
+    N = x.shape[0]
+    g = _geometry(x.shape, u.shape, _hashable(padding), _hashable(kernel_size))
     n, C, K = u.shape
-    top, bottom, left, right = pad4(padding)
-    if (R == 1 and S > 1 and (top or bottom)) or (S == 1 and R > 1 and (left or right)):
-        raise ValueError(f"a {R}x{S} Winograd filter pads only along its own axis, got {(top, bottom, left, right)}")
-    N, H, W, _ = x.shape
-    OH, OW = conv_output_hw(H, W, (R, S), 1, (top, bottom, left, right))
     bias = _bias_vector(bias, K)
-    out = _output(out, (N, OH, OW, K))
+    out = _output(out, (N, g.OH, g.OW, K))
     window = _output_window(out)
     if window is None:
         np.copyto(out, conv2d_winograd(x, u, bias, padding, relu, None, kernel_size))
         return out
     parent, d0 = window                                                # out is parent[..., d0 : d0 + K]
-    if 1 in (R, S):                                                    # along one axis: F(4, 3), F(2, 7) or F(4, 7)
-        along_w = R == 1
-        kernel_in, kernel_out, step = {6: (_winograd3_input, _winograd3_output, 4),
-                                       8: (_winograd7_input, _winograd7_output, 2),
-                                       10: (_winograd7x4_input, _winograd7x4_output, 4)}[n]
-        T = -(-(OW if along_w else OH) // step)                        # tiles per line
-        tiles = N * (H if along_w else W) * T
-        pad0 = left if along_w else top
+    kernel_in, kernel_out = g.kernels
+    if g.along_w is not None:                                          # along one axis: F(4, 3), F(2, 7) or F(4, 7)
+        along_w, pad0, T = g.along_w, g.pad0, g.T
         transform_in = lambda t0, v, a, b: kernel_in(x, along_w, pad0, T, t0, v, a, b)                  # noqa: E731
         transform_out = lambda t0, m, a, b: kernel_out(m, bias, relu, along_w, T, t0, parent, d0, a, b)  # noqa: E731
     else:                                                              # F(m x m, 3x3) or F(2x2, 5x5)
-        tile = 4 if (R, n) == (3, 36) else 2
-        TH, TW = -(-OH // tile), -(-OW // tile)
-        tiles = N * TH * TW
+        top, left, TH, TW, tile = g.top, g.left, g.TH, g.TW, g.tile
         if n == 16:                                                    # F(2x2, 3x3): 4x4 patches
-            transform_in = lambda t0, v, a, b: _winograd_input(x, top, left, TH, TW, t0, v, a, b)       # noqa: E731
+            transform_in = lambda t0, v, a, b: kernel_in(x, top, left, TH, TW, t0, v, a, b)             # noqa: E731
         else:                                                          # 6x6 patches, every tile-th pixel
-            transform_in = lambda t0, v, a, b: _winograd4_input(x, tile, top, left, TH, TW, t0, v, a, b)  # noqa: E731
-        kernel_out = {16: _winograd_output, 36: _winograd4_output if R == 3 else _winograd5_output}[n]
+            transform_in = lambda t0, v, a, b: kernel_in(x, tile, top, left, TH, TW, t0, v, a, b)       # noqa: E731
         transform_out = lambda t0, m, a, b: kernel_out(m, bias, relu, TH, TW, t0, parent, d0, a, b)      # noqa: E731
-    per_image = tiles // N                                             # one image's tiles
-    bounds = _winograd_chunks(per_image, n * (C + K))                  # of one image's chunks
+    per_image, bounds = g.per_image, g.bounds
     pieces = len(bounds) - 1
     if pieces == 1:
         # One chunk per image (every layer from 35x35 down). A lone image's two threads share
@@ -536,6 +520,68 @@ def conv2d_winograd(x, u, bias=None, padding=0, relu=False, out=None, kernel_siz
 
     _side_by_side(chunks, N * pieces, smallest=2)
     return out
+
+
+class _Geometry(NamedTuple):
+    """What conv2d_winograd works out from shapes alone, once per layer and input size."""
+    OH: int
+    OW: int
+    kernels: tuple         # (input transform, output transform)
+    along_w: object        # one-axis filters: True along W (1xS), False along H (Rx1); None for RxR
+    pad0: int              # one-axis filters: padding before the first input
+    T: int                 # one-axis filters: tiles per line
+    top: int
+    left: int
+    TH: int                # RxR filters: tile rows and columns per image, and the tile's side
+    TW: int
+    tile: int
+    per_image: int         # one image's tiles
+    bounds: tuple          # `_winograd_chunks` of one image
+
+
+_WINOGRAD_SIZES = {(3, 3): (16, 36), (5, 5): (36,), (1, 3): (6,), (3, 1): (6,), (1, 7): (8, 10), (7, 1): (8, 10)}
+
+
+def _hashable(value):
+    """A padding or kernel size as a cache key: lists become tuples."""
+    return tuple(value) if isinstance(value, list) else value
+
+
+@functools.lru_cache(maxsize=1024)
+def _geometry(x_shape, u_shape, padding, kernel_size):
+    """conv2d_winograd's checks and shape arithmetic, cached: the same layer on the same
+    input size asks again on every call, and at batch 1 the Python of a call is time the
+    helper thread waits."""
+    R, S = pair(kernel_size)
+    if (R, S) not in _WINOGRAD_SIZES:
+        raise ValueError(f"Winograd here serves 3x3, 5x5, 1x3, 3x1, 1x7 and 7x1 filters, got {(R, S)}")
+    sizes = _WINOGRAD_SIZES[R, S]
+    if len(u_shape) != 3 or u_shape[0] not in sizes or u_shape[1] != x_shape[3]:
+        raise ValueError(f"Winograd weights for {R}x{S} must be ({' or '.join(map(str, sizes))}, "
+                         f"C={x_shape[3]}, K), got {u_shape}")
+    n, C, K = u_shape
+    top, bottom, left, right = pad4(padding)
+    if (R == 1 and S > 1 and (top or bottom)) or (S == 1 and R > 1 and (left or right)):
+        raise ValueError(f"a {R}x{S} Winograd filter pads only along its own axis, got {(top, bottom, left, right)}")
+    N, H, W, _ = x_shape
+    OH, OW = conv_output_hw(H, W, (R, S), 1, (top, bottom, left, right))
+    along_w = pad0 = T = TH = TW = tile = None
+    if 1 in (R, S):                                                    # along one axis
+        along_w = R == 1
+        *kernels, step = {6: (_winograd3_input, _winograd3_output, 4),
+                          8: (_winograd7_input, _winograd7_output, 2),
+                          10: (_winograd7x4_input, _winograd7x4_output, 4)}[n]
+        T = -(-(OW if along_w else OH) // step)                        # tiles per line
+        per_image = (H if along_w else W) * T
+        pad0 = left if along_w else top
+    else:
+        tile = 4 if (R, n) == (3, 36) else 2
+        TH, TW = -(-OH // tile), -(-OW // tile)
+        per_image = TH * TW
+        kernels = (_winograd_input if n == 16 else _winograd4_input,
+                   {16: _winograd_output, 36: _winograd4_output if R == 3 else _winograd5_output}[n])
+    return _Geometry(OH, OW, tuple(kernels), along_w, pad0, T, top, left, TH, TW, tile, per_image,
+                     _winograd_chunks(per_image, n * (C + K)))
 
 
 def _winograd_chunks(tiles, floats_per_tile):
