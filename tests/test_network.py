@@ -279,6 +279,54 @@ def test_weight_file_refuses_pickles_wrong_versions_and_bad_shapes(tmp_path):
         pyincept.inception_v3(tmp_path / "nope.npz")
 
 
+def test_a_model_reads_each_array_of_its_file_once_and_checks_shapes_from_headers(tmp_path, monkeypatch):
+    """Loading goes stage by stage through an open WeightFile: every parameter is read from
+    the file exactly once (so the file's copy never lives whole beside the kernels'), and a
+    file of the wrong shapes is refused from the .npy headers, before any array is read."""
+    from pyincept.io.npz import WeightFile
+
+    params = Inception3().random_parameters(0)
+    path = tmp_path / "w.npz"
+    pyincept.save_weights(path, params, {"model": "inception_v3"})
+    reads = []
+    real = WeightFile.__getitem__
+    monkeypatch.setattr(WeightFile, "__getitem__", lambda self, key: reads.append(key) or real(self, key))
+    x = np.random.default_rng(0).standard_normal((1, 80, 80, 3)).astype(np.float32)
+    lazy = pyincept.inception_v3(path)(x)
+    assert sorted(reads) == sorted(params)
+    full = Inception3()
+    full.load_parameters(dict(params))
+    np.testing.assert_array_equal(lazy, full(x))
+    with WeightFile(path) as weights:
+        assert all(weights.shape(k) == params[k].shape for k in params) and len(weights) == len(params)
+
+    reads.clear()
+    bad = dict(params, **{"Mixed_7c.branch_pool.conv.weight": np.zeros((1, 1, 2048, 191), np.float32)})
+    pyincept.save_weights(tmp_path / "bad.npz", bad)
+    with pytest.raises(WeightsError, match="'Mixed_7c.branch_pool.conv.weight' has shape"):
+        pyincept.inception_v3(tmp_path / "bad.npz")
+    assert reads == []
+
+
+def test_weight_file_damaged_inside_or_not_an_npz_is_one_line(tmp_path):
+    params = Inception3().random_parameters(0)
+    path = tmp_path / "w.npz"
+    pyincept.save_weights(path, params, {"model": "inception_v3"})
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 64] = bytes(64)                       # zeros inside some array's data: its CRC fails
+    damaged = tmp_path / "damaged.npz"
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(WeightsError, match=r"damaged.npz: unreadable or corrupt weight file") as e:
+        pyincept.inception_v3(damaged)
+    assert "\n" not in str(e.value)
+    bare = tmp_path / "bare.npz"
+    with open(bare, "wb") as f:
+        np.save(f, np.zeros(3, np.float32))
+    with pytest.raises(WeightsError, match="not a pyincept weight file"):
+        pyincept.load_model(bare)
+
+
 def test_import_and_forward_never_load_torch():
     code = (
         "import sys, numpy as np, pyincept\n"

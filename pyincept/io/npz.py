@@ -21,6 +21,7 @@ executes pickled code; `convert.py` turns one into this file.
 import hashlib
 import json
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -57,8 +58,8 @@ def parameter_mismatch(params, expected_shapes):
     against a parameter table."""
     missing = [k for k in expected_shapes if k not in params]
     unexpected = [k for k in params if k not in expected_shapes]
-    reshaped = [(k, tuple(params[k].shape), tuple(s)) for k, s in expected_shapes.items()
-                if k in params and tuple(params[k].shape) != tuple(s)]
+    reshaped = [(k, shape_of(params, k), tuple(s)) for k, s in expected_shapes.items()
+                if k in params and shape_of(params, k) != tuple(s)]
     return missing, unexpected, reshaped
 
 
@@ -99,28 +100,104 @@ def save_weights(path, params, meta=None):
 
 def load_weights(path):
     """Read a pyincept weight file -> (params, meta). Never unpickles anything."""
-    path = Path(path)
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
-    except FileNotFoundError:
-        raise WeightsError(f"{path}: no such weight file") from None
-    except PermissionError:
-        raise WeightsError(f"{path}: permission denied") from None
-    except IsADirectoryError:
-        raise WeightsError(f"{path}: is a folder, not a weight file") from None
-    except ValueError as e:
-        # np.load says "Object arrays cannot be loaded when allow_pickle=False" for pickles.
-        raise WeightsError(f"{path}: not a pyincept weight file ({_one_line(e)})") from None
-    except (OSError, EOFError, zipfile.BadZipFile) as e:
-        raise WeightsError(f"{path}: unreadable or corrupt weight file ({_one_line(e)})") from None
-    if _FORMAT_KEY not in arrays:
-        raise WeightsError(f"{path}: not a pyincept weight file (no {_FORMAT_KEY}); convert checkpoints with `pyincept convert`")
-    version = int(arrays.pop(_FORMAT_KEY))
-    if version != FORMAT_VERSION:
-        raise WeightsError(f"{path}: weight file format {version}, this pyincept reads format {FORMAT_VERSION}")
-    meta = json.loads(str(arrays.pop(_META_KEY))) if _META_KEY in arrays else {}
-    return arrays, meta
+    with WeightFile(path) as weights:
+        return {key: weights[key] for key in weights}, weights.meta
+
+
+class WeightFile(Mapping):
+    """A pyincept weight file, open: its keys, shapes and `meta` at once, each array read
+    from the file only when asked for, and not kept. A model built from it takes its
+    arrays stage by stage, so the file's copy of the weights never lives whole beside the
+    kernels' forms (the loading peak of resident memory). Never unpickles anything; a read
+    that fails is a one-line WeightsError, as when opening."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self._npz = self._guard(lambda: np.load(self.path, allow_pickle=False))
+        if not isinstance(self._npz, np.lib.npyio.NpzFile):            # a bare .npy array
+            self._npz = None
+            raise WeightsError(f"{self.path}: not a pyincept weight file (one .npy array, not an .npz)")
+        try:
+            names = list(self._npz.files)
+            if _FORMAT_KEY not in names:
+                raise WeightsError(f"{self.path}: not a pyincept weight file (no {_FORMAT_KEY}); "
+                                   "convert checkpoints with `pyincept convert`")
+            version = int(self._guard(lambda: self._npz[_FORMAT_KEY]))
+            if version != FORMAT_VERSION:
+                raise WeightsError(f"{self.path}: weight file format {version}, "
+                                   f"this pyincept reads format {FORMAT_VERSION}")
+            self.meta = json.loads(str(self._guard(lambda: self._npz[_META_KEY]))) if _META_KEY in names else {}
+            self._keys = {k: None for k in names if k not in (_FORMAT_KEY, _META_KEY)}   # ordered, as the file lists them
+        except BaseException:
+            self.close()
+            raise
+
+    def _guard(self, read):
+        """read(), with what goes wrong said in one line naming the file."""
+        path = self.path
+        try:
+            return read()
+        except FileNotFoundError:
+            raise WeightsError(f"{path}: no such weight file") from None
+        except PermissionError:
+            raise WeightsError(f"{path}: permission denied") from None
+        except IsADirectoryError:
+            raise WeightsError(f"{path}: is a folder, not a weight file") from None
+        except ValueError as e:
+            # np.load says "Object arrays cannot be loaded when allow_pickle=False" for pickles.
+            raise WeightsError(f"{path}: not a pyincept weight file ({_one_line(e)})") from None
+        except (OSError, EOFError, zipfile.BadZipFile) as e:
+            raise WeightsError(f"{path}: unreadable or corrupt weight file ({_one_line(e)})") from None
+
+    def __getitem__(self, key):
+        if key not in self._keys:
+            raise KeyError(key)
+        return self._guard(lambda: self._npz[key])
+
+    def __contains__(self, key):
+        return key in self._keys
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self):
+        return len(self._keys)
+
+    def shape(self, key):
+        """An array's shape, from its .npy header alone."""
+        def header():
+            with self._npz.zip.open(f"{key}.npy") as f:
+                version = np.lib.format.read_magic(f)
+                read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                return read(f)[0]
+        if key not in self._keys:
+            raise KeyError(key)
+        return tuple(self._guard(header))
+
+    def pop(self, key, default=None):
+        """Forget `key` (a model that took the array): nothing of it is held here anyway."""
+        return default if self._keys.pop(key, _MISSING) is _MISSING else None
+
+    def clear(self):
+        self._keys.clear()
+
+    def close(self):
+        if self._npz is not None:
+            self._npz.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+_MISSING = object()
+
+
+def shape_of(params, key):
+    """The shape of params[key], without reading it where params is a WeightFile."""
+    return params.shape(key) if isinstance(params, WeightFile) else tuple(params[key].shape)
 
 
 def sha256_file(path, chunk=1 << 20):
@@ -139,6 +216,7 @@ def _one_line(error):
 __all__ = [
     "FORMAT_VERSION",
     "CheckpointError",
+    "WeightFile",
     "check_parameters",
     "load_weights",
     "save_weights",

@@ -47,8 +47,20 @@ def winograd_weights(w, tile=None):
     w = _as_f32(w)
     if tile is None:
         tile = winograd_tile(w.shape[2], w.shape[:2])
-    u = reference.winograd_weights(w, tile)                           # (n, n, C, K) or (n, C, K)
-    return np.ascontiguousarray(u.reshape(-1, *u.shape[-2:]))
+    R, S, C, K = w.shape
+    # A block of output channels at a time: the float64 temporaries of a whole filter bank
+    # (60 MB for Mixed_7b's 3x3 at C=448) were the loading peak of resident memory.
+    step = max(1, _TRANSFORM_FLOATS // (R * S * C))
+    u = None
+    for k0 in range(0, K, step):
+        block = reference.winograd_weights(w[..., k0 : k0 + step], tile)     # (n, n, C, k) or (n, C, k)
+        if u is None:
+            u = np.empty((*block.shape[:-1], K), np.float32)
+        u[..., k0 : k0 + block.shape[-1]] = block
+    return u.reshape(-1, C, K)                                        # (n*n or n, C, K), contiguous
+
+
+_TRANSFORM_FLOATS = 1 << 19        # filter values per block of winograd_weights: float64 temporaries of ~12 MB
 
 
 @_jit_inline

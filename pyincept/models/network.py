@@ -76,10 +76,10 @@ class Network:
         self._keep_kernel_forms_only()
         return self
 
-    def conv_layers(self):
-        """Every BasicConv2d, stages and aux heads alike."""
+    def conv_layers(self, parts=None):
+        """Every BasicConv2d, stages and aux heads alike (or those of `parts`)."""
         layers = []
-        for part in self.parts():
+        for part in self.parts() if parts is None else parts:
             layers.extend(part.layers() if isinstance(part, Block) else [part])
         return [layer for layer in layers if isinstance(layer, BasicConv2d)]
 
@@ -96,11 +96,11 @@ class Network:
 
     # --- weights held once, in the form the kernels read ----------------------------
 
-    def _keep_kernel_forms_only(self):
+    def _keep_kernel_forms_only(self, parts=None):
         """Where the model can read its weights again (`reload`), drop the host filters that
-        only their Winograd form runs from."""
+        only their Winograd form runs from (of `parts`, by default all)."""
         if self.reload is not None:
-            for layer in self.conv_layers():
+            for layer in self.conv_layers(parts):
                 layer.keep_kernel_form_only()
 
     def _restore_host_weights(self):
@@ -146,7 +146,7 @@ class Network:
         """(missing keys, unexpected keys, [(key, its shape, the expected shape)]) against `params`."""
         return parameter_mismatch(params, self.expected_shapes(params))
 
-    def load_parameters(self, params, source="weights", meta=None, reload=None):
+    def load_parameters(self, params, source="weights", meta=None, reload=None, consume=False):
         """Check keys and shapes against the architecture, then fold BN and keep the weights.
 
         An aux head whose keys are all absent (a state dict saved with aux_logits=False) is
@@ -154,6 +154,8 @@ class Network:
         reload: a function that gives the same `params` again (the weight file read anew,
         the seed's random init): with it, the model keeps each weight only in the form its
         kernel reads, and reloads the rest when `set_algorithm` or `to` needs it.
+        consume: take each stage's arrays out of `params` once it holds its own forms, so
+        that the file's copy and the kernels' never all live at once (the loading peak).
         """
         expected = self.expected_shapes(params)
         check_parameters(params, expected, source, self.title)
@@ -161,11 +163,14 @@ class Network:
             if not any(key in expected for key in head.parameter_shapes()):
                 del self.aux[name]
                 delattr(self, name)
+        self.reload = reload
         for part in self.parts():
             part.load(params)
+            self._keep_kernel_forms_only([part])
+            if consume:
+                for key in part.parameter_shapes():
+                    params.pop(key, None)
         self.meta = dict(meta or {})
-        self.reload = reload
-        self._keep_kernel_forms_only()
         return self
 
     def random_parameters(self, seed=DEFAULT_SEED):

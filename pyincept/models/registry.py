@@ -12,7 +12,7 @@ files written before the registry existed hold Inception v3 and are recognised b
 import os
 
 from ..errors import PyinceptError, WeightsError
-from ..io.npz import first_keys, load_weights
+from ..io.npz import WeightFile, first_keys, load_weights
 from . import googlenet, inception_v3, inception_v3_fid
 from .network import DEFAULT_SEED
 
@@ -46,19 +46,20 @@ def create_model(name, weights=None, device="cpu", seed=DEFAULT_SEED, fuse=True,
         model = spec.network(num_classes=spec.num_classes, fuse=fuse, algorithm=algorithm)
         model.load_parameters(model.random_parameters(seed), source=f"random init (seed {seed})",
                               meta={"random_seed": seed, "model": name},
-                              reload=lambda: model.random_parameters(seed))
+                              reload=lambda: model.random_parameters(seed), consume=True)
         return model.to(device) if device != "cpu" else model
-    params, meta = load_weights(weights)
-    held = held_model(params, meta, weights)
-    if held != name:
-        raise WeightsError(f"{weights} holds {held} weights, not {name}; load it with pyincept.load_model")
-    return _build(spec, params, meta, str(weights), device, fuse, algorithm)
+    with WeightFile(weights) as params:
+        held = held_model(params, params.meta, weights)
+        if held != name:
+            raise WeightsError(f"{weights} holds {held} weights, not {name}; load it with pyincept.load_model")
+        return _build(spec, params, params.meta, str(weights), device, fuse, algorithm)
 
 
 def load_model(path, device="cpu", fuse=True, algorithm="winograd"):
     """Build whichever registered model the weight file at `path` holds."""
-    params, meta = load_weights(path)
-    return _build(get_spec(held_model(params, meta, path)), params, meta, str(path), device, fuse, algorithm)
+    with WeightFile(path) as params:
+        spec = get_spec(held_model(params, params.meta, path))
+        return _build(spec, params, params.meta, str(path), device, fuse, algorithm)
 
 
 def held_model(params, meta, source="weights"):
@@ -68,12 +69,13 @@ def held_model(params, meta, source="weights"):
 
 
 def _build(spec, params, meta, source, device, fuse, algorithm):
-    """The network with `params` loaded; the caller's `params` dict is emptied, so the file's
-    arrays die here and their memory goes back to the OS once the kernels hold their own forms."""
+    """The network with `params` (an open WeightFile, or a dict) loaded stage by stage and
+    taken out of `params`, so the file's arrays die as the kernels build their own forms,
+    and their memory goes back to the OS."""
     from ..kernels.runtime import release_freed_memory
 
     model = spec.network(num_classes=spec.num_classes, fuse=fuse, algorithm=algorithm)
-    model.load_parameters(params, source=source, meta=meta, reload=_reader(source))
+    model.load_parameters(params, source=source, meta=meta, reload=_reader(source), consume=True)
     params.clear()
     release_freed_memory()
     return model.to(device) if device != "cpu" else model
