@@ -1,5 +1,5 @@
 """The engines under test, all holding the same weights of one model of the registry
-(`--model`, default `inception_v3`; `googlenet` too, see `TORCHVISION`).
+(`--model`, default `inception_v3`; `googlenet` and `inception_v3_fid` too, see `TORCHVISION`).
 
 - `pyincept`: this package, on the `.npz` written by `pyincept.save_weights`.
 - `torch`: torchvision's twin (`inception_v3`, `googlenet`) in eager mode, NCHW, under
@@ -49,10 +49,38 @@ ONNX_OPSET = 17
 # Inception v3 keeps its AuxLogits head (as it always has here); GoogLeNet's aux1/aux2 are
 # dropped, and `prepare` leaves their weights out of every engine's file. In eval mode no
 # engine runs an aux head, so they only ever cost memory.
+# The FID network's twin is pytorch-fid's own: torchvision's Inception3 with its FID blocks
+# (`fid_inception_v3` without the download), so it needs pytorch-fid besides (TWIN_MODULES).
 TORCHVISION = {
     "inception_v3": ("inception_v3", {"aux_logits": True, "init_weights": False, "transform_input": False}),
     "googlenet": ("googlenet", {"aux_logits": False, "init_weights": False, "transform_input": False}),
+    "inception_v3_fid": ("pytorch_fid_inception_v3", {"aux_logits": False, "init_weights": False,
+                                                      "transform_input": False}),
 }
+TWIN_MODULES = {"inception_v3_fid": ("pytorch_fid",)}
+
+
+def pytorch_fid_inception_v3(weights=None, **kwargs):
+    """What pytorch_fid.inception.fid_inception_v3() builds (1008 classes, the FID blocks),
+    without its download: the weights come from the benchmark's file."""
+    import pytorch_fid.inception as fid
+
+    net = fid._inception_v3(num_classes=1008, weights=weights, **kwargs)
+    net.Mixed_5b = fid.FIDInceptionA(192, pool_features=32)
+    net.Mixed_5c = fid.FIDInceptionA(256, pool_features=64)
+    net.Mixed_5d = fid.FIDInceptionA(288, pool_features=64)
+    net.Mixed_6b = fid.FIDInceptionC(768, channels_7x7=128)
+    net.Mixed_6c = fid.FIDInceptionC(768, channels_7x7=160)
+    net.Mixed_6d = fid.FIDInceptionC(768, channels_7x7=160)
+    net.Mixed_6e = fid.FIDInceptionC(768, channels_7x7=192)
+    net.Mixed_7b = fid.FIDInceptionE_1(1280)
+    net.Mixed_7c = fid.FIDInceptionE_2(2048)
+    return net
+
+
+def has_twin(model):
+    """Whether the torch engines can build `model`'s twin here."""
+    return model in TORCHVISION and all(installed(m) for m in TWIN_MODULES.get(model, ()))
 
 
 def onnx_model(model=DEFAULT_MODEL):
@@ -135,7 +163,8 @@ def torchvision_model(state=None, name=DEFAULT_MODEL):
     import torchvision
 
     constructor, kwargs = TORCHVISION[name]
-    model = getattr(torchvision.models, constructor)(weights=None, **kwargs)
+    build = globals().get(constructor) or getattr(torchvision.models, constructor)
+    model = build(weights=None, **kwargs)
     if state is not None:
         model.load_state_dict(state, strict=True)
     return model.eval()
@@ -170,7 +199,7 @@ def prepare(workdir, seed, model=DEFAULT_MODEL):
     params = random_parameters(model, seed)
     save_weights(workdir / PYINCEPT_WEIGHTS, params, meta={"random_seed": seed, "made_by": "benchmarks", "model": model})
     written = {PYINCEPT_WEIGHTS: f"pyincept.save_weights(random_parameters({seed}))"}
-    if missing("torch") is None and model in TORCHVISION:
+    if missing("torch") is None and has_twin(model):
         import torch
 
         model_t = torchvision_model(torchvision_state_dict(params, name=model), name=model)

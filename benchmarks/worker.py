@@ -224,6 +224,7 @@ GEMM_SHAPES = [
 # leave out branch4, whose max pool does not commute with the conv: fusion.py).
 GEMM_SHAPES_BY_MODEL = {
     "inception_v3": GEMM_SHAPES,
+    "inception_v3_fid": GEMM_SHAPES,          # the same convolutions; its blocks differ in the pools
     "googlenet": [
         ("conv1, im2col", 12544, 147, 64),
         ("conv3, im2col", 3136, 576, 192),

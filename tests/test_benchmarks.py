@@ -184,6 +184,28 @@ def test_googlenet_weights_in_torchvision():
     assert (ours.argmax(1) == theirs.argmax(1)).all()
 
 
+def test_fid_network_weights_in_pytorch_fids_twin():
+    """The FID network's engines run pytorch-fid's own classes: its weights load strictly into
+    them, and both compute the same 1008 logits."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("pytorch_fid")
+    from benchmarks.worker import GEMM_SHAPES_BY_MODEL
+    from pyincept.models.inception_v3_fid import Inception3FID
+
+    assert engines.has_twin("inception_v3_fid") and "inception_v3_fid" in GEMM_SHAPES_BY_MODEL
+    params = engines.random_parameters("inception_v3_fid", 3)
+    model = engines.torchvision_model(engines.torchvision_state_dict(params, name="inception_v3_fid"),
+                                      name="inception_v3_fid")                 # strict=True
+    assert type(model.Mixed_7c).__name__ == "FIDInceptionE_2"
+    x = np.random.default_rng(0).standard_normal((2, 299, 299, 3)).astype(np.float32)
+    ours = Inception3FID().load_parameters(params)(x)
+    with torch.inference_mode():
+        theirs = model(torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()).numpy()
+    assert ours.shape == (2, 1008)
+    assert np.abs(ours - theirs).max() <= 1e-3 * np.abs(theirs).max()
+    assert (ours.argmax(1) == theirs.argmax(1)).all()
+
+
 def test_missing_engine_says_why(tmp_path):
     assert engines.missing("pyincept") is None
     assert engines.missing("pyincept", tmp_path) == f"no {engines.PYINCEPT_WEIGHTS}"
