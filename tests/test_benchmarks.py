@@ -295,6 +295,8 @@ def test_targets_pass_fail_skip():
     status = {text.split(":")[0]: s for s, _, text in report.targets(other)}
     assert status["batch-1 latency ≤ 1.0x onnxruntime"] == "PASS"            # 75 / 80
     assert status["batch-32 throughput ≥ 1.0x onnxruntime"] == "PASS"
+    assert status["peak RSS at batch 32 ≤ 1.0x onnxruntime's"] == "PASS"       # 500 / 1000
+    assert "RSS after loading ≤ 1.0x onnxruntime's" not in status
 
     quick = {text.split(":")[0]: s for s, _, text in report.targets(fake_results(batches=(1, 2), rss_batch=2, ort=False))}
     assert quick["batch-1 latency ≤ 0.8x onnxruntime"] == "SKIP"

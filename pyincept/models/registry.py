@@ -43,11 +43,11 @@ def create_model(name, weights=None, device="cpu", seed=DEFAULT_SEED, fuse=True,
     """
     spec = get_spec(name)
     if weights is None:
-        model = spec.network(num_classes=spec.num_classes, fuse=fuse, algorithm=algorithm)
+        model = spec.network(num_classes=spec.num_classes, fuse=fuse, algorithm=algorithm).to(device)
         model.load_parameters(model.random_parameters(seed), source=f"random init (seed {seed})",
                               meta={"random_seed": seed, "model": name},
                               reload=lambda: model.random_parameters(seed), consume=True)
-        return model.to(device) if device != "cpu" else model
+        return model
     with WeightFile(weights) as params:
         held = held_model(params, params.meta, weights)
         if held != name:
@@ -74,11 +74,11 @@ def _build(spec, params, meta, source, device, fuse, algorithm):
     and their memory goes back to the OS."""
     from ..kernels.runtime import release_freed_memory
 
-    model = spec.network(num_classes=spec.num_classes, fuse=fuse, algorithm=algorithm)
+    model = spec.network(num_classes=spec.num_classes, fuse=fuse, algorithm=algorithm).to(device)
     model.load_parameters(params, source=source, meta=meta, reload=_reader(source), consume=True)
     params.clear()
     release_freed_memory()
-    return model.to(device) if device != "cpu" else model
+    return model
 
 
 def _reader(path):
