@@ -61,21 +61,12 @@ TWIN_MODULES = {"inception_v3_fid": ("pytorch_fid",)}
 
 
 def pytorch_fid_inception_v3(weights=None, **kwargs):
-    """What pytorch_fid.inception.fid_inception_v3() builds (1008 classes, the FID blocks),
-    without its download: the weights come from the benchmark's file."""
-    import pytorch_fid.inception as fid
+    """What pytorch_fid.inception.fid_inception_v3() builds, without its download: the
+    metrics benchmark's `fid_network` (no aux head, no input transform, as TORCHVISION's
+    keyword arguments say); the weights come from the benchmark's file."""
+    from benchmarks.metrics import fid_network
 
-    net = fid._inception_v3(num_classes=1008, weights=weights, **kwargs)
-    net.Mixed_5b = fid.FIDInceptionA(192, pool_features=32)
-    net.Mixed_5c = fid.FIDInceptionA(256, pool_features=64)
-    net.Mixed_5d = fid.FIDInceptionA(288, pool_features=64)
-    net.Mixed_6b = fid.FIDInceptionC(768, channels_7x7=128)
-    net.Mixed_6c = fid.FIDInceptionC(768, channels_7x7=160)
-    net.Mixed_6d = fid.FIDInceptionC(768, channels_7x7=160)
-    net.Mixed_6e = fid.FIDInceptionC(768, channels_7x7=192)
-    net.Mixed_7b = fid.FIDInceptionE_1(1280)
-    net.Mixed_7c = fid.FIDInceptionE_2(2048)
-    return net
+    return fid_network()
 
 
 def has_twin(model):
