@@ -40,8 +40,9 @@ class Layer:
     def parameter_shapes(self):
         return {}
 
-    def load(self, params):
-        pass
+    def load(self, params, lean=False):
+        """Take this layer's weights from `params`. lean: its network can read them again
+        (`Network.reload`), so keep only the form its kernel reads."""
 
     def layer_names(self):
         """The names `run` can tap in this layer: its own, when it has one."""
@@ -108,13 +109,15 @@ class BasicConv2d(Layer):
             shapes[f"{self.name}.bn.{field}"] = (K,)
         return shapes
 
-    def load(self, params):
+    def load(self, params, lean=False):
         p = self.name
         self.folded = fold_batchnorm(
             params[f"{p}.conv.weight"], params[f"{p}.bn.weight"], params[f"{p}.bn.bias"],
             params[f"{p}.bn.running_mean"], params[f"{p}.bn.running_var"], eps=self.eps,
         )
         self.use(self.ops)
+        if lean:                 # at once, not after its module: the loading peak is Mixed_7c's
+            self.keep_kernel_form_only()
 
     def use(self, ops):
         """Build on `ops` only the weight form its kernel reads: the Winograd filters where
@@ -198,7 +201,7 @@ class Linear(Layer):
     def parameter_shapes(self):
         return {f"{self.name}.weight": (self.in_features, self.out_features), f"{self.name}.bias": (self.out_features,)}
 
-    def load(self, params):
+    def load(self, params, lean=False):
         weight, bias = (np.ascontiguousarray(params[f"{self.name}.{f}"], np.float32) for f in ("weight", "bias"))
         if self.input_chw is not None:
             C, H, W = self.input_chw                                       # rows (c, h, w) -> (h, w, c)
@@ -330,9 +333,9 @@ class Block(Layer):
             shapes.update(layer.parameter_shapes())
         return shapes
 
-    def load(self, params):
+    def load(self, params, lean=False):
         for layer in self.layers():
-            layer.load(params)
+            layer.load(params, lean)
         if self.plan is not None:
             self.plan.load()
 

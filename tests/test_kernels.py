@@ -193,6 +193,18 @@ def test_winograd_in_chunks_of_tiles(monkeypatch, r, tile):
     close(whole, ref.conv2d(x, w, b, 1, pad, relu=True), atol=4e-5)
 
 
+@pytest.mark.parametrize("shape,tile", [((3, 3, 448, 384), 2), ((1, 3, 384, 384), 4), ((7, 1, 160, 192), 4),
+                                        ((5, 5, 48, 64), 2), ((3, 3, 96, 7), 4)])
+def test_winograd_filters_in_blocks_have_the_whole_banks_bits(monkeypatch, shape, tile):
+    """winograd_weights transforms a block of output channels at a time (the loading peak):
+    every block size, one channel each included, gives the reference's whole-bank bits."""
+    w = randn(np.random.default_rng(6), *shape)
+    whole = ref.winograd_weights(w, tile).reshape(-1, shape[2], shape[3])
+    for floats in (winograd._TRANSFORM_FLOATS, 1 << 19, 1):
+        monkeypatch.setattr(winograd, "_TRANSFORM_FLOATS", floats)
+        np.testing.assert_array_equal(cpu.winograd_weights(w, tile), whole)
+
+
 def test_winograd_rejects_what_it_cannot_do():
     with pytest.raises(ValueError, match="3x3, 5x5, 1x3, 3x1, 1x7 or 7x1 filters"):
         cpu.winograd_weights(np.zeros((1, 5, 4, 8), np.float32))

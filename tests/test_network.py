@@ -281,8 +281,9 @@ def test_weight_file_refuses_pickles_wrong_versions_and_bad_shapes(tmp_path):
 
 def test_a_model_reads_each_array_of_its_file_once_and_checks_shapes_from_headers(tmp_path, monkeypatch):
     """Loading goes stage by stage through an open WeightFile: every parameter is read from
-    the file exactly once (so the file's copy never lives whole beside the kernels'), and a
-    file of the wrong shapes is refused from the .npy headers, before any array is read."""
+    the file exactly once (so the file's copy never lives whole beside the kernels'), the
+    aux head's on its first tap, and a file of the wrong shapes is refused from the .npy
+    headers, before any array is read."""
     from pyincept.io.npz import WeightFile
 
     params = Inception3().random_parameters(0)
@@ -292,11 +293,22 @@ def test_a_model_reads_each_array_of_its_file_once_and_checks_shapes_from_header
     real = WeightFile.__getitem__
     monkeypatch.setattr(WeightFile, "__getitem__", lambda self, key: reads.append(key) or real(self, key))
     x = np.random.default_rng(0).standard_normal((1, 80, 80, 3)).astype(np.float32)
-    lazy = pyincept.inception_v3(path)(x)
-    assert sorted(reads) == sorted(params)
+    model = pyincept.inception_v3(path)
+    aux = sorted(k for k in params if k.startswith("AuxLogits."))
+    assert aux and sorted(reads) == sorted(set(params) - set(aux))             # the aux head waits for a tap
+    lazy = model(x)
     full = Inception3()
     full.load_parameters(dict(params))
     np.testing.assert_array_equal(lazy, full(x))
+    reads.clear()
+    x = np.random.default_rng(1).standard_normal((1, 299, 299, 3)).astype(np.float32)
+    tapped = model.run(x, ["AuxLogits", "AuxLogits.conv1"])                      # its first tap reads its keys, once
+    assert sorted(reads) == aux
+    expected = full.run(x, ["AuxLogits", "AuxLogits.conv1"])
+    for name in expected:
+        np.testing.assert_array_equal(tapped[name], expected[name])
+    model.run(x, ["AuxLogits"])
+    assert sorted(reads) == aux
     with WeightFile(path) as weights:
         assert all(weights.shape(k) == params[k].shape for k in params) and len(weights) == len(params)
 
@@ -306,6 +318,54 @@ def test_a_model_reads_each_array_of_its_file_once_and_checks_shapes_from_header
     with pytest.raises(WeightsError, match="'Mixed_7c.branch_pool.conv.weight' has shape"):
         pyincept.inception_v3(tmp_path / "bad.npz")
     assert reads == []
+
+
+def test_an_aux_head_loads_on_its_first_tap_once_and_refuses_a_changed_file(tmp_path):
+    """Concurrent first taps load the head once, each caller gets the eager model's bits;
+    a file changed before the first tap is refused in one line; a seed's model taps too."""
+    import threading
+
+    from pyincept.io.npz import WeightFile
+    from pyincept.models.googlenet import GoogLeNet
+
+    params = GoogLeNet().random_parameters(0)
+    path = tmp_path / "g.npz"
+    pyincept.save_weights(path, params, {"model": "googlenet"})
+    x = np.random.default_rng(2).standard_normal((2, 224, 224, 3)).astype(np.float32)
+    full = GoogLeNet()
+    full.load_parameters(dict(params))
+    expected = full.run(x, ["aux1", "aux2.fc1"])
+    model = pyincept.googlenet(path)
+    assert model._unloaded_heads == {"aux1", "aux2"}
+    reads, real = [], WeightFile.__getitem__
+    results = [None] * 3
+    barrier = threading.Barrier(len(results))
+
+    def tap(i):
+        barrier.wait()
+        results[i] = model.run(x, ["aux1", "aux2.fc1"])
+
+    import unittest.mock
+
+    with unittest.mock.patch.object(WeightFile, "__getitem__", lambda self, key: reads.append(key) or real(self, key)):
+        threads = [threading.Thread(target=tap, args=(i,)) for i in range(len(results))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert sorted(reads) == sorted(k for k in params if k.startswith(("aux1.", "aux2.")))
+    for result in results:
+        for name in expected:
+            np.testing.assert_array_equal(result[name], expected[name])
+
+    model = pyincept.googlenet(path)
+    os.utime(path, ns=(0, 0))
+    with pytest.raises(WeightsError, match="changed since the model was loaded from it"):
+        model.run(x, ["aux1"])
+    np.testing.assert_array_equal(model(x), full(x))                         # the rest runs on
+    seeded = pyincept.googlenet(seed=0).run(x, ["aux2"])["aux2"]              # the seed's params are `params`
+    assert seeded.shape == (2, 1000)
+    np.testing.assert_array_equal(seeded, full.run(x, ["aux2"])["aux2"])
 
 
 def test_weight_file_damaged_inside_or_not_an_npz_is_one_line(tmp_path):

@@ -60,7 +60,7 @@ def winograd_weights(w, tile=None):
     return u.reshape(-1, C, K)                                        # (n*n or n, C, K), contiguous
 
 
-_TRANSFORM_FLOATS = 1 << 19        # filter values per block of winograd_weights: float64 temporaries of ~12 MB
+_TRANSFORM_FLOATS = 1 << 17        # filter values per block of winograd_weights: float64 temporaries of ~3 MB
 
 
 @_jit_inline

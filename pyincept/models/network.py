@@ -13,6 +13,8 @@ What it is not: a training framework. Dropout is the identity (inference), and b
 norm is folded into the convolutions when weights load.
 """
 
+import threading
+
 import numpy as np
 
 from .. import fusion, kernels
@@ -37,7 +39,8 @@ class Network:
     spec = None            # its registry entry (models/spec.py), set by the model file
     aliases = {}           # other names of some layers ({alias: layer name}), e.g. the TF graph's
     min_size = (1, 1)
-    reload = None          # a function giving the loaded params again (`load_parameters`)
+    reload = None          # reload(keys=None): the loaded params again, or those of `keys` (`load_parameters`)
+    _unloaded_heads = frozenset()   # aux heads whose weights wait for their first tap
     feature_layer = "avgpool"
     classifier = "fc"
 
@@ -49,6 +52,7 @@ class Network:
             setattr(self, part.name, part)              # model.Mixed_5b, model.aux1: torchvision's names
         self.num_classes = num_classes
         self.meta = {}
+        self._loading = threading.Lock()
         self.ops = kernels
         self.set_fuse(fuse)
         self.set_algorithm(algorithm)
@@ -110,6 +114,7 @@ class Network:
         params = self.reload()
         for part in self.parts():
             part.load(params)
+        self._unloaded_heads = set()
 
     @property
     def device(self):
@@ -152,8 +157,10 @@ class Network:
         An aux head whose keys are all absent (a state dict saved with aux_logits=False) is
         dropped from the model; one with some keys missing is an error like any other.
         reload: a function that gives the same `params` again (the weight file read anew,
-        the seed's random init): with it, the model keeps each weight only in the form its
-        kernel reads, and reloads the rest when `set_algorithm` or `to` needs it.
+        the seed's random init), or `reload(keys)` those of `keys` only: with it, the model
+        keeps each weight only in the form its kernel reads, and reloads the rest when
+        `set_algorithm` or `to` needs it; and an aux head (run only when tapped) is loaded
+        on its first tap.
         consume: take each stage's arrays out of `params` once it holds its own forms, so
         that the file's copy and the kernels' never all live at once (the loading peak).
         """
@@ -164,14 +171,26 @@ class Network:
                 del self.aux[name]
                 delattr(self, name)
         self.reload = reload
+        self._unloaded_heads = set()
         for part in self.parts():
-            part.load(params)
-            self._keep_kernel_forms_only([part])
+            if reload is not None and part.name in self.aux:
+                self._unloaded_heads.add(part.name)       # loaded when first tapped (`run`)
+            else:
+                part.load(params, lean=reload is not None)
             if consume:
                 for key in part.parameter_shapes():
                     params.pop(key, None)
         self.meta = dict(meta or {})
         return self
+
+    def _load_heads(self, names):
+        """Load the aux heads among `names` that `load_parameters` left to their first tap:
+        only their own keys are read again (`reload`). Once, whichever thread asks first."""
+        with self._loading:
+            for name in sorted(self._unloaded_heads & set(names)):
+                head = self.aux[name][0]
+                head.load(self.reload(list(head.parameter_shapes())), lean=True)
+                self._unloaded_heads.discard(name)
 
     def random_parameters(self, seed=DEFAULT_SEED):
         """Deterministic random weights, for study and benchmarks.
@@ -234,6 +253,8 @@ class Network:
             if layer not in known:
                 raise PyinceptError(f"unknown layer {name!r}; `pyincept layers` lists the names")
         wanted = sorted({self.classifier if layer == SOFTMAX else layer for layer in layers.values()})
+        if self._unloaded_heads:
+            self._load_heads({name.split(".")[0] for name in wanted})
         parts = self.ops.map_batch(lambda batch: self._run(x[batch], wanted), len(x))
         out = parts[0] if len(parts) == 1 else {n: np.concatenate([part[n] for part in parts]) for n in wanted}
         return {name: self._softmax(out[self.classifier]) if layer == SOFTMAX else out[layer]

@@ -46,7 +46,7 @@ def create_model(name, weights=None, device="cpu", seed=DEFAULT_SEED, fuse=True,
         model = spec.network(num_classes=spec.num_classes, fuse=fuse, algorithm=algorithm).to(device)
         model.load_parameters(model.random_parameters(seed), source=f"random init (seed {seed})",
                               meta={"random_seed": seed, "model": name},
-                              reload=lambda: model.random_parameters(seed), consume=True)
+                              reload=lambda keys=None: model.random_parameters(seed), consume=True)
         return model
     with WeightFile(weights) as params:
         held = held_model(params, params.meta, weights)
@@ -93,10 +93,13 @@ def _reader(path):
 
     loaded = stamp()
 
-    def read():
+    def read(keys=None):
         if stamp() != loaded:
             raise WeightsError(f"{path} changed since the model was loaded from it; load the model again")
-        return load_weights(path)[0]
+        if keys is None:
+            return load_weights(path)[0]
+        with WeightFile(path) as params:
+            return {key: params[key] for key in keys}
 
     return read
 
