@@ -80,10 +80,10 @@ class Network:
         self._keep_kernel_forms_only()
         return self
 
-    def conv_layers(self, parts=None):
-        """Every BasicConv2d, stages and aux heads alike (or those of `parts`)."""
+    def conv_layers(self):
+        """Every BasicConv2d, stages and aux heads alike."""
         layers = []
-        for part in self.parts() if parts is None else parts:
+        for part in self.parts():
             layers.extend(part.layers() if isinstance(part, Block) else [part])
         return [layer for layer in layers if isinstance(layer, BasicConv2d)]
 
@@ -100,11 +100,11 @@ class Network:
 
     # --- weights held once, in the form the kernels read ----------------------------
 
-    def _keep_kernel_forms_only(self, parts=None):
+    def _keep_kernel_forms_only(self):
         """Where the model can read its weights again (`reload`), drop the host filters that
-        only their Winograd form runs from (of `parts`, by default all)."""
+        only their Winograd form runs from (loading does it layer by layer: `load(lean=True)`)."""
         if self.reload is not None:
-            for layer in self.conv_layers(parts):
+            for layer in self.conv_layers():
                 layer.keep_kernel_form_only()
 
     def _restore_host_weights(self):
