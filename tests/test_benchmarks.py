@@ -369,9 +369,9 @@ def test_engines_run_with_openblas_choosing_its_own_kernel_unless_asked(monkeypa
 
 
 def test_invariance_probe_agrees_with_a_direct_comparison():
-    """`benchmarks.invariance`'s row multiple holds at a shape it never probed, against a
-    direct numpy comparison; its padding arithmetic is the hand count; recording a pass's
-    products leaves numpy's matmul as it was."""
+    """`benchmarks.invariance`'s row multiple m holds at 4m rows (it probes m, 2m and 3m),
+    against a direct numpy comparison; its padding arithmetic is the hand count; recording
+    a pass's products leaves numpy's matmul as it was."""
     from threadpoolctl import threadpool_limits
 
     from benchmarks import invariance
@@ -380,8 +380,8 @@ def test_invariance_probe_agrees_with_a_direct_comparison():
         m = invariance.row_multiple()
         if m is not None:
             rng = np.random.default_rng(11)
-            first, second = rng.standard_normal((2, 4 * m, 500), dtype=np.float32)
-            w = rng.standard_normal((500, 100), dtype=np.float32)
+            first, second = rng.standard_normal((2, 4 * m, 768), dtype=np.float32)
+            w = rng.standard_normal((768, 192), dtype=np.float32)
             assert np.array_equal(second @ w, (np.concatenate([first, second]) @ w)[4 * m :])
     assert invariance.padded_cost([(1, 13, 2, 3)], 12) == pytest.approx(24 / 13)
     assert invariance.padded_cost([(16, 16, 8, 8), (1, 144, 8, 8)], 12) == pytest.approx((16 * 24 + 144) / (16 * 16 + 144))
