@@ -320,7 +320,7 @@ def test_a_model_reads_each_array_of_its_file_once_and_checks_shapes_from_header
     assert reads == []
 
 
-def test_an_aux_head_loads_on_its_first_tap_once_and_refuses_a_changed_file(tmp_path):
+def test_an_aux_head_loads_on_its_first_tap_once_and_refuses_a_changed_file(tmp_path, monkeypatch):
     """Concurrent first taps load the head once, each caller gets the eager model's bits;
     a file changed before the first tap is refused in one line; a seed's model taps too."""
     import threading
@@ -345,14 +345,12 @@ def test_an_aux_head_loads_on_its_first_tap_once_and_refuses_a_changed_file(tmp_
         barrier.wait()
         results[i] = model.run(x, ["aux1", "aux2.fc1"])
 
-    import unittest.mock
-
-    with unittest.mock.patch.object(WeightFile, "__getitem__", lambda self, key: reads.append(key) or real(self, key)):
-        threads = [threading.Thread(target=tap, args=(i,)) for i in range(len(results))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+    monkeypatch.setattr(WeightFile, "__getitem__", lambda self, key: reads.append(key) or real(self, key))
+    threads = [threading.Thread(target=tap, args=(i,)) for i in range(len(results))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
     assert sorted(reads) == sorted(k for k in params if k.startswith(("aux1.", "aux2.")))
     for result in results:
         for name in expected:

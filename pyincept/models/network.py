@@ -186,8 +186,10 @@ class Network:
     def _load_heads(self, names):
         """Load the aux heads among `names` that `load_parameters` left to their first tap:
         only their own keys are read again (`reload`). Once, whichever thread asks first."""
+        if not self._unloaded_heads & names:
+            return
         with self._loading:
-            for name in sorted(self._unloaded_heads & set(names)):
+            for name in sorted(self._unloaded_heads & names):
                 head = self.aux[name][0]
                 head.load(self.reload(list(head.parameter_shapes())), lean=True)
                 self._unloaded_heads.discard(name)
@@ -253,8 +255,7 @@ class Network:
             if layer not in known:
                 raise PyinceptError(f"unknown layer {name!r}; `pyincept layers` lists the names")
         wanted = sorted({self.classifier if layer == SOFTMAX else layer for layer in layers.values()})
-        if self._unloaded_heads:
-            self._load_heads({name.split(".")[0] for name in wanted})
+        self._load_heads({name.split(".")[0] for name in wanted})
         parts = self.ops.map_batch(lambda batch: self._run(x[batch], wanted), len(x))
         out = parts[0] if len(parts) == 1 else {n: np.concatenate([part[n] for part in parts]) for n in wanted}
         return {name: self._softmax(out[self.classifier]) if layer == SOFTMAX else out[layer]
