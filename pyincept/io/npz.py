@@ -98,10 +98,11 @@ def save_weights(path, params, meta=None):
     write_atomically(path, lambda f: np.savez(f, **arrays))
 
 
-def load_weights(path):
-    """Read a pyincept weight file -> (params, meta). Never unpickles anything."""
+def load_weights(path, keys=None):
+    """Read a pyincept weight file -> (params, meta): every array, or those of `keys` only.
+    Never unpickles anything."""
     with WeightFile(path) as weights:
-        return {key: weights[key] for key in weights}, weights.meta
+        return {key: weights[key] for key in (weights if keys is None else keys)}, weights.meta
 
 
 class WeightFile(Mapping):

@@ -96,10 +96,7 @@ def _reader(path):
     def read(keys=None):
         if stamp() != loaded:
             raise WeightsError(f"{path} changed since the model was loaded from it; load the model again")
-        if keys is None:
-            return load_weights(path)[0]
-        with WeightFile(path) as params:
-            return {key: params[key] for key in keys}
+        return load_weights(path, keys)[0]
 
     return read
 
