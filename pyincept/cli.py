@@ -571,6 +571,9 @@ def main(argv=None):
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, _on_interrupt)
     try:
+        from .kernels.gemm import simd
+
+        simd()                              # PYINCEPT_SIMD: a path this CPU cannot run stops here
         return args.run(args)
     except PyinceptError as e:
         print(f"pyincept: error: {e}", file=sys.stderr)

@@ -10,6 +10,9 @@ PYINCEPT_NUM_THREADS   threads for a forward pass: a batch's images run side by 
 PYINCEPT_CACHE         folder for downloaded and converted weights
                        (default: the platform's user cache folder, e.g. ~/.cache/pyincept)
 PYINCEPT_WEIGHTS       a converted .npz to use when no --weights is given
+PYINCEPT_SIMD          the matrix product's micro-kernel: auto (default: the CPU's best),
+                       avx512, avx2 or generic. Every path gives the same bits; a path this
+                       CPU cannot run is refused in one line (kernels/gemm.py)
 """
 
 import os
@@ -47,6 +50,11 @@ def threads_from_environment():
     except ValueError:
         return None
     return n if n >= 1 else None
+
+
+def simd_from_environment():
+    """PYINCEPT_SIMD as given (checked by kernels.gemm.resolve_simd), "auto" when unset."""
+    return os.environ.get("PYINCEPT_SIMD", "").strip() or "auto"
 
 
 def num_threads():

@@ -45,3 +45,33 @@ def pool_geometry(draw):
 
 
 seeds = st.integers(0, 2**32 - 1)
+
+
+def _tile_edges():
+    """Every size where a SIMD path's blocking changes: its MR and NR tile, its KC depth block
+    and MC row block, one below and one above each."""
+    from pyincept.kernels.gemm import SIMD_PATHS, blocking
+
+    edges = set()
+    for path in SIMD_PATHS.values():
+        KC, MC = blocking(path)
+        for size in (path.rows, path.nr, path.lanes, KC, MC):
+            edges.update((size - 1, size, size + 1))
+    return sorted(e for e in edges if e >= 1)
+
+
+TILE_EDGES = _tile_edges()
+PRIMES = [2, 3, 5, 7, 11, 13, 17, 31, 37, 61, 97, 127]
+
+
+def gemm_size(most):
+    """A GEMM dimension: 1, a prime, a tile edge, or anything up to `most`."""
+    edges = [e for e in TILE_EDGES if e <= most]
+    return st.sampled_from([1, *PRIMES[:6], *edges]) | st.integers(1, most)
+
+
+@st.composite
+def gemm_shape(draw):
+    """(M, D, K) for C = A @ B, (M, D) @ (D, K): small enough for reference.gemm's NumPy loop,
+    large enough to cross every block (MC rows, KC depth) of every path."""
+    return draw(gemm_size(300)), draw(gemm_size(600)), draw(gemm_size(80))

@@ -24,6 +24,41 @@ DEVICE = "reference"
 HAS_WINOGRAD = True
 
 
+def fma(a, b, c):
+    """a * b + c rounded once to float32, elementwise: what one fused multiply-add does.
+
+    In float64 the product of two float32 values is exact (24 + 24 significant bits fit in
+    53), and adding c rounds at most once more. That second rounding, followed by the one
+    to float32, could land on the other side of a float32 halfway point (double rounding),
+    so the float64 sum is rounded to odd first: when the sum was inexact (TwoSum's error
+    term is not zero) and its last bit is even, it moves one step towards the exact value.
+    A value rounded to odd with at least two bits to spare rounds to nearest exactly as the
+    exact value would (Boldo and Melquiond, "When double rounding is odd", 2005).
+    """
+    p = np.asarray(a, np.float64) * np.asarray(b, np.float64)           # exact
+    c = np.asarray(c, np.float64)
+    s = p + c                                                            # rounded once, to float64
+    t = s - p
+    error = (p - (s - t)) + (c - t)                                      # TwoSum: s + error == p + c exactly
+    even = (s.view(np.int64) & 1) == 0
+    nudge = (error != 0) & even & np.isfinite(s)
+    s = np.where(nudge, np.nextafter(s, np.where(error > 0, np.inf, -np.inf)), s)
+    return s.astype(np.float32)
+
+
+def gemm(a, b):
+    """C = A @ B, (M, D) @ (D, K) -> (M, K), by pyincept's rule: every output is one FMA
+    chain over the depth, in order. For each k, every output (i, j) takes one step,
+    C[i, j] = fma(A[i, k], B[k, j], C[i, j]); the loops over i and j are NumPy's
+    broadcasting. `kernels.gemm` computes the same bits, vectorised and blocked."""
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    M, D = a.shape
+    c = np.zeros((M, b.shape[1]), np.float32)
+    for k in range(D):                                                   # in order, never split
+        c = fma(a[:, k, None], b[None, k, :], c)                         # (M, 1) x (1, K) + (M, K)
+    return c
+
+
 def im2col(x, kernel_size, stride=1, padding=0):
     """Unfold every R x S patch of x into one row: (N, H, W, C) -> (N, OH, OW, R*S*C).
 

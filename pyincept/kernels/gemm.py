@@ -1,0 +1,449 @@
+"""pyincept's own matrix product, C = A @ B: (M, D) @ (D, K) -> (M, K), in float32.
+
+The rule
+--------
+Every output is ONE fused multiply-add chain over the depth, in order:
+
+    acc = 0;  for k = 0 .. D-1:  acc = fma(A[i, k], B[k, j], acc)      then bias, then ReLU
+
+A fused multiply-add rounds once, so each step's result is fixed by IEEE 754 alone, and
+the chain fixes the order. Nothing else is free to change the bits: not the tile shape,
+not the vector width (AVX-512, AVX2 or 4 lanes), not which thread runs a tile, not the
+batch an image's rows sit in, not the CPU. k is never split between threads or between
+accumulators; edge tiles are padded in rows and columns, never in k; a chain stopped at
+a depth block is stored as float32 and picked up again exactly; and no `reassoc`
+fastmath flag reaches this code. `reference.gemm` is the same rule in three readable
+lines of NumPy, and the tests hold this file to it with np.array_equal.
+
+What follows from it: the rows of every image of a batch can share one product (each
+panel of weights is read once per batch, not once per image), and an image's outputs
+are the same bits alone or in any batch, on any thread count, on any CPU with FMA (and,
+through llvm.fma's exact software fallback, on any CPU at all).
+
+The layers (BLIS: van Zee and van de Geijn, "BLIS: A Framework for Rapidly
+Instantiating BLAS Functionality", 2015)
+--------------------------------------------------------------------------------
+1. The micro-kernel (`_micro_kernel`), the only code written for the machine: one tile
+   of MR rows x NR columns of C, its MR * NR / lanes accumulators held in vector
+   registers through the whole depth, each step one broadcast of A[i, k] per row and one
+   `llvm.fma.vNf32` per accumulator. Numba has no vector types, so it is an @intrinsic
+   in llvmlite IR; plain Numba loops never keep a GEMM's accumulators in registers.
+2. Packing (`pack_weights`): B, the weights, once at load, into panels of NR columns,
+   (P, D, NR), padded with zero columns: each step of the micro-kernel reads NR
+   consecutive floats. A, the activations, is read where its producer wrote it (im2col's
+   rows, a Winograd transform's rows, a 1x1's input itself), row-major: no packing pass.
+3. The driver (`_gemm`): blocks of MC rows (A's block stays in L2) by KC of depth (B's
+   micro-panel stays in L1) by panels, tile after tile; the bias and ReLU are applied in
+   the registers of the last depth block, so no second pass reads C.
+
+Shape letters: M rows (output pixels, Winograd tiles or images), D depth (R*S*C), K
+columns (output channels); MR x NR the micro-kernel's tile, P = ceil(K / NR) panels.
+"""
+
+import os
+from typing import NamedTuple
+
+import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from .. import config
+from ..errors import PyinceptError
+from .runtime import _as_f32, _jit, _jit_inline
+
+
+# --- which micro-kernel this CPU runs ---------------------------------------------------
+
+
+class Simd(NamedTuple):
+    """A micro-kernel's shape: `rows` broadcasts of A by `vectors` vectors of `lanes` floats
+    of B each step, rows * vectors accumulators in registers."""
+    name: str
+    code: int           # how the jitted driver tells the paths apart
+    lanes: int
+    vectors: int
+    rows: int           # MR
+    requires: tuple     # the CPU features it needs (llvmlite's names)
+
+    @property
+    def nr(self):       # NR: columns of a tile, of a weight panel
+        return self.lanes * self.vectors
+
+
+# AVX-512: 24 accumulators of the 32 zmm registers; AVX2: 12 of the 16 ymm (BLIS's 6x16);
+# generic: 4-lane vectors (SSE, NEON), where llvm.fma becomes whatever the CPU has.
+SIMD_PATHS = {
+    "avx512": Simd("avx512", 2, 16, 2, 12, ("avx512f", "fma")),
+    "avx2": Simd("avx2", 1, 8, 2, 6, ("avx2", "fma")),
+    "generic": Simd("generic", 0, 4, 2, 4, ()),
+}
+SIMD_CHOICES = ("auto", *SIMD_PATHS)
+
+
+def host_features():
+    """The CPU features LLVM sees on this machine (the ones Numba compiles for)."""
+    import llvmlite.binding as llvm
+
+    return {name for name, on in llvm.get_host_cpu_features().items() if on}
+
+
+def runnable_paths(features=None):
+    """The SIMD paths this CPU can run, fastest first."""
+    features = host_features() if features is None else features
+    return [name for name, path in SIMD_PATHS.items() if set(path.requires) <= features]
+
+
+def resolve_simd(choice, features=None):
+    """PYINCEPT_SIMD's value -> a Simd, or a one-line PyinceptError for an unknown name or a
+    path this CPU cannot run (never an illegal-instruction crash later)."""
+    choice = (choice or "auto").strip().lower()
+    if choice not in SIMD_CHOICES:
+        raise PyinceptError(f"PYINCEPT_SIMD={choice!r} is not a SIMD path: use one of {', '.join(SIMD_CHOICES)}")
+    paths = runnable_paths(features)
+    if choice == "auto":
+        return SIMD_PATHS[paths[0]]
+    if choice not in paths:
+        missing = sorted(set(SIMD_PATHS[choice].requires) - (host_features() if features is None else features))
+        raise PyinceptError(f"PYINCEPT_SIMD={choice}: this CPU lacks {', '.join(missing)}; "
+                            f"it can run {', '.join(paths)}")
+    return SIMD_PATHS[choice]
+
+
+_simd = None
+
+
+def simd():
+    """The path every product of this process runs (PYINCEPT_SIMD, else the CPU's best),
+    chosen once: weights are packed for its NR."""
+    global _simd
+    if _simd is None:
+        _simd = resolve_simd(config.simd_from_environment())
+    return _simd
+
+
+# --- 1. the micro-kernel ---------------------------------------------------------------
+
+
+def _micro_kernel(rows, vectors, lanes):
+    """An @intrinsic computing one MR x NR tile of C (MR = rows, NR = vectors * lanes):
+
+        tile(kc, mr, a, a_off, lda, b, b_off, c, c_off, ldc, first, bias, bias_off, relu, finish)
+
+    acc[r, :] starts at 0 (first) or at C's row r (a chain picked up after an earlier
+    depth block); then for k = 0 .. kc-1: acc[r, :] = fma(A[r, k], B[k, :], acc[r, :]),
+    with A[r, k] = a[a_off + r*lda + k] and B[k, :] = b[b_off + k*NR : ... + NR]; then,
+    when `finish`, acc += bias[bias_off : + NR] and, when `relu`, acc = max(acc, 0) (a NaN
+    stays NaN); the tile goes to c[c_off + r*ldc : ... + NR]. Rows r >= mr read row mr-1
+    again: an edge tile's extra rows are computed, and dropped by the caller.
+    """
+    NR = vectors * lanes
+    f32 = ir.FloatType()
+    vec = ir.VectorType(f32, lanes)
+    array = types.Array(types.float32, 1, "C")
+
+    @intrinsic
+    def tile(typingctx, kc, mr, a, a_off, lda, b, b_off, c, c_off, ldc, first, bias, bias_off, relu, finish):
+        if any(arg != array for arg in (a, b, c, bias)):
+            return None
+        sig = types.void(types.intp, types.intp, array, types.intp, types.intp, array, types.intp, array,
+                         types.intp, types.intp, types.boolean, array, types.intp, types.boolean, types.boolean)
+
+        def codegen(context, builder, signature, args):
+            kc, mr, a, a_off, lda, b, b_off, c, c_off, ldc, first, bias, bias_off, relu, finish = args
+            data = [context.make_array(array)(context, builder, x).data for x in (a, b, c, bias)]
+            a_ptr, b_ptr, c_ptr, bias_ptr = data
+            intp = context.get_value_type(types.intp)
+
+            def const(v):
+                return ir.Constant(intp, v)
+
+            def vector_at(ptr, offset):
+                return builder.bitcast(builder.gep(ptr, [offset]), vec.as_pointer())
+
+            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec, vec, vec]),
+                                                 f"llvm.fma.v{lanes}f32")
+            acc = [[cgutils.alloca_once(builder, vec) for _ in range(vectors)] for _ in range(rows)]
+
+            def c_offset(r, v):
+                return builder.add(c_off, builder.add(builder.mul(const(r), ldc), const(v * lanes)))
+
+            # Each row's start in A, computed once: rows past mr point at row mr - 1.
+            row_ptr = []
+            for r in range(rows):
+                rr = builder.select(builder.icmp_signed("<", const(r), mr), const(r), builder.sub(mr, const(1)))
+                row_ptr.append(builder.gep(a_ptr, [builder.add(a_off, builder.mul(rr, lda))]))
+            with builder.if_else(first) as (fresh, resumed):
+                with fresh:
+                    for r in range(rows):
+                        for v in range(vectors):
+                            builder.store(ir.Constant(vec, [0.0] * lanes), acc[r][v])
+                with resumed:
+                    for r in range(rows):
+                        for v in range(vectors):
+                            builder.store(builder.load(vector_at(c_ptr, c_offset(r, v)), align=4), acc[r][v])
+            lane0 = ir.Constant(ir.IntType(32), 0)
+            splat = ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes)
+            undef = ir.Constant(vec, ir.Undefined)
+            with cgutils.for_range(builder, kc) as loop:                       # k = 0 .. kc-1, in order
+                k = loop.index
+                b_row = builder.add(b_off, builder.mul(k, const(NR)))
+                bk = [builder.load(vector_at(b_ptr, builder.add(b_row, const(v * lanes))), align=4)
+                      for v in range(vectors)]                                 # B[k, :], NR floats
+                for r in range(rows):
+                    s = builder.load(builder.gep(row_ptr[r], [k]))            # A[r, k]
+                    ark = builder.shuffle_vector(builder.insert_element(undef, s, lane0), undef, splat)
+                    for v in range(vectors):
+                        builder.store(builder.call(fma, [ark, bk[v], builder.load(acc[r][v])]), acc[r][v])
+            with builder.if_then(finish):
+                zero = ir.Constant(vec, [0.0] * lanes)
+                never = ir.Constant(ir.VectorType(ir.IntType(1), lanes), [0] * lanes)
+                for v in range(vectors):
+                    bv = builder.load(vector_at(bias_ptr, builder.add(bias_off, const(v * lanes))), align=4)
+                    for r in range(rows):
+                        y = builder.fadd(builder.load(acc[r][v]), bv)
+                        negative = builder.select(relu, builder.fcmp_ordered("<", y, zero), never)   # NaN: false
+                        builder.store(builder.select(negative, zero, y), acc[r][v])
+            for r in range(rows):
+                for v in range(vectors):
+                    builder.store(builder.load(acc[r][v]), vector_at(c_ptr, c_offset(r, v)), align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return tile
+
+
+_TILES = {name: _micro_kernel(p.rows, p.vectors, p.lanes) for name, p in SIMD_PATHS.items()}
+_tile_avx512, _tile_avx2, _tile_generic = _TILES["avx512"], _TILES["avx2"], _TILES["generic"]
+
+
+@_jit_inline
+def _tile(code, kc, mr, a, a_off, lda, b, b_off, c, c_off, ldc, first, bias, bias_off, relu, finish):
+    """The micro-kernel of SIMD path `code` (Simd.code)."""
+    if code == 2:
+        _tile_avx512(kc, mr, a, a_off, lda, b, b_off, c, c_off, ldc, first, bias, bias_off, relu, finish)
+    elif code == 1:
+        _tile_avx2(kc, mr, a, a_off, lda, b, b_off, c, c_off, ldc, first, bias, bias_off, relu, finish)
+    else:
+        _tile_generic(kc, mr, a, a_off, lda, b, b_off, c, c_off, ldc, first, bias, bias_off, relu, finish)
+
+
+# --- 3. the driver ---------------------------------------------------------------------
+
+
+@_jit
+def _gemm(code, MR, NR, KC, MC, a, a_off, lda, i0, i1, D, panels, j0, j1, K, c, c_off, ldc,
+          bias, relu, finish, tmp):
+    """Rows i0 .. i1-1 and panels j0 .. j1-1 of C = A @ B, by the rule (the file's docstring).
+
+    A[i, k] = a[a_off + i*lda + k]; B's panel j is panels[j*D*NR : (j+1)*D*NR], (D, NR);
+    C[i, col] = c[c_off + i*ldc + col] for col < K. finish: add bias[col] (padded to P*NR)
+    and, if relu, clamp at 0. tmp: MR*NR floats for the tiles that overhang C's last row
+    or column; every other tile is stored by the micro-kernel in place.
+    """
+    for ic in range(i0, i1, MC):                                   # a block of rows: A's, in L2
+        ie = min(i1, ic + MC)
+        for pc in range(0, D, KC):                                 # a block of depth, in order
+            kc = min(KC, D - pc)
+            first, last = pc == 0, pc + kc == D
+            for j in range(j0, j1):                                # a panel: its kc x NR part in L1
+                nr = min(NR, K - j * NR)
+                b_off = j * D * NR + pc * NR
+                for i in range(ic, ie, MR):
+                    mr = min(MR, ie - i)
+                    a_at = a_off + i * lda + pc
+                    c_at = c_off + i * ldc + j * NR
+                    if mr == MR and nr == NR:
+                        _tile(code, kc, mr, a, a_at, lda, panels, b_off, c, c_at, ldc, first,
+                              bias, j * NR, relu, finish and last)
+                        continue
+                    if not first:                                  # the chain so far, into tmp
+                        for r in range(mr):
+                            for q in range(nr):
+                                tmp[r * NR + q] = c[c_at + r * ldc + q]
+                    _tile(code, kc, mr, a, a_at, lda, panels, b_off, tmp, 0, NR, first,
+                          bias, j * NR, relu, finish and last)
+                    for r in range(mr):
+                        for q in range(nr):
+                            c[c_at + r * ldc + q] = tmp[r * NR + q]
+
+
+def blocking(path):
+    """(KC, MC) for a path: a kc x NR micro-panel of B of 16 KB (half an L1), and an
+    MC x KC block of A of about 256 KB (half of the smallest L2 these machines have)."""
+    KC = 4096 // path.nr
+    MC = max(path.rows, (65536 // KC) // path.rows * path.rows)
+    return KC, MC
+
+
+# --- 2. weights in panels ----------------------------------------------------------------
+
+
+class Panels:
+    """A weight matrix B (D, K), or a stack of them (..., D, K), packed for the micro-kernel:
+    `data` (..., P, D, NR), column j of B in panel j // NR, lane j % NR, the last panel
+    padded with zero columns. `shape` is the logical shape it was packed from (say the
+    conv's HWIO (R, S, C, K)), `path` the SIMD path whose NR it has."""
+
+    def __init__(self, data, shape, path):
+        self.data, self.shape, self.path = data, tuple(shape), path
+
+    @property
+    def depth(self):
+        return self.data.shape[-2]
+
+    @property
+    def columns(self):
+        return self.shape[-1]
+
+    @property
+    def ndim(self):
+        return len(self.shape)
+
+    @property
+    def nbytes(self):
+        return self.data.nbytes
+
+    def __len__(self):
+        return self.shape[0]
+
+    def unpack(self):
+        """The weights as packed, in their logical shape."""
+        *lead, P, D, NR = self.data.shape
+        b = np.moveaxis(self.data, -2, -3).reshape(*lead, D, P * NR)[..., : self.columns]
+        return np.ascontiguousarray(b).reshape(self.shape)
+
+    def __repr__(self):
+        return f"Panels(shape={self.shape}, path={self.path.name}, data={self.data.shape})"
+
+
+def pack_weights(w, path=None):
+    """Weights (..., D, K) or conv filters HWIO (R, S, C, K) -> Panels, packed once (at load).
+    A (R, S, C, K) array packs as its (R*S*C, K) matrix; a Winograd bank (n, C, K) as n
+    matrices. Panels are passed through."""
+    if isinstance(w, Panels):
+        return w
+    path = path or simd()
+    w = _as_f32(w)
+    shape = w.shape
+    if w.ndim == 4:                                                # HWIO filters: (R*S*C, K)
+        w = w.reshape(-1, shape[3])
+    if w.ndim < 2:
+        raise ValueError(f"weights to pack must be (D, K) or (..., D, K), got {shape}")
+    *lead, D, K = w.shape
+    NR = path.nr
+    P = -(-K // NR)
+    data = np.zeros((*lead, P, D, NR), np.float32)                 # (..., P, D, NR)
+    for j in range(P):
+        cols = w[..., j * NR : (j + 1) * NR]                       # (..., D, <= NR)
+        data[..., j, :, : cols.shape[-1]] = cols
+    return Panels(data, shape, path)
+
+
+def padded_bias(bias, K, path):
+    """A (K,) bias as the micro-kernel reads it: zero-padded to whole panels."""
+    P = -(-K // path.nr)
+    out = np.zeros(P * path.nr, np.float32)
+    if bias is not None:
+        out[:K] = bias
+    return out
+
+
+_NO_BIAS = np.zeros(1, np.float32)
+
+
+def gemm_into(a, panels, c, i0=0, i1=None, j0=0, j1=None, bias=None, relu=False, tmp=None):
+    """C[i0:i1, panel columns j0*NR .. j1*NR] = A @ B by the rule, into c (a 2-D view with
+    unit column stride, any row stride: a channel window of a module's output).
+
+    a: (M, D) float32 with unit column stride; panels: a Panels of one (D, K) matrix;
+    bias: padded_bias(...) or None (no epilogue); relu: clamp at 0 after the bias.
+    """
+    path = panels.path
+    M, D = a.shape
+    K = panels.columns
+    i1 = M if i1 is None else i1
+    j1 = panels.data.shape[-3] if j1 is None else j1
+    if i1 <= i0 or j1 <= j0:
+        return c
+    a_flat, a_off, lda = _flat(a)
+    c_flat, c_off, ldc = _flat(c)
+    if tmp is None:
+        tmp = np.empty(path.rows * path.nr, np.float32)
+    KC, MC = blocking(path)
+    finish = bias is not None
+    _gemm(path.code, path.rows, path.nr, KC, MC, a_flat, a_off, lda, i0, i1, D, panels.data.reshape(-1),
+          j0, j1, K, c_flat, c_off, ldc, bias if finish else _NO_BIAS, bool(relu), finish, tmp)
+    return c
+
+
+def _flat(m):
+    """A 2-D float32 view with unit column stride as (its whole buffer, flat; offset of
+    m[0, 0] in it; row stride), for the jitted driver."""
+    if m.dtype != np.float32 or m.ndim != 2 or (m.shape[1] > 1 and m.strides[1] != 4) or m.strides[0] % 4:
+        raise ValueError(f"a GEMM operand must be 2-D float32 with unit column stride, got {m.dtype} "
+                         f"{m.shape} strides {m.strides}")
+    root = m
+    while isinstance(root.base, np.ndarray):
+        root = root.base
+    if not root.flags.c_contiguous:
+        root = m = np.ascontiguousarray(m)
+    offset = (m.ctypes.data - root.ctypes.data) // 4
+    flat = np.ndarray(root.nbytes // 4, np.float32, buffer=root)
+    return flat, offset, m.strides[0] // 4 if m.shape[0] > 1 else m.shape[1]
+
+
+def gemm(a, b, bias=None, relu=False):
+    """C = A @ B by the rule: a (M, D), b (D, K) or Panels -> (M, K) float32. bias (K,) and
+    relu make the epilogue. The same bits as `reference.gemm` (then + bias, then ReLU)."""
+    a = np.ascontiguousarray(_as_f32(a))
+    panels = pack_weights(b)
+    if a.ndim != 2 or panels.ndim != 2 or a.shape[1] != panels.depth:
+        raise ValueError(f"gemm: a {a.shape} and b {panels.shape} do not chain as (M, D) @ (D, K)")
+    M, K = a.shape[0], panels.columns
+    c = np.empty((M, K), np.float32)
+    if a.shape[1] == 0:                                            # an empty sum
+        c[:] = 0.0
+        return _epilogue(c, bias, relu)
+    return gemm_into(a, panels, c, bias=padded_bias(bias, K, panels.path) if bias is not None or relu else None,
+                     relu=relu)
+
+
+def _epilogue(c, bias, relu):
+    if bias is not None:
+        c += _as_f32(bias)
+    if relu:
+        np.maximum(c, 0, out=c)
+    return c
+
+
+# --- the machine's peak, measured with the micro-kernel itself -------------------------
+
+
+@_jit
+def _peak_loop(code, MR, NR, kc, a, b, c, repeats, bias):
+    for _ in range(repeats):
+        _tile(code, kc, MR, a, 0, kc, b, 0, c, 0, NR, True, bias, 0, False, False)
+
+
+def peak_gfma(seconds=0.5, path=None):
+    """One core's FMA rate (billions per second) for the micro-kernel on operands held in
+    L1 (k = 256): the roof the benchmarks' roofline column divides by."""
+    import time
+
+    path = path or simd()
+    kc = 256
+    a = np.ones(path.rows * kc, np.float32)
+    b = np.full(kc * path.nr, 1e-3, np.float32)
+    c = np.empty(path.rows * path.nr, np.float32)
+    bias = np.zeros(path.nr, np.float32)
+    per_call = path.rows * path.nr * kc
+    _peak_loop(path.code, path.rows, path.nr, kc, a, b, c, 10, bias)
+    best, start, repeats = 0.0, time.perf_counter(), 2000
+    while time.perf_counter() - start < seconds:
+        t = time.perf_counter()
+        _peak_loop(path.code, path.rows, path.nr, kc, a, b, c, repeats, bias)
+        best = max(best, per_call * repeats / (time.perf_counter() - t) / 1e9)
+    return best
