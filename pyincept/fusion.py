@@ -24,6 +24,7 @@ to that readable path.
 
 import numpy as np
 
+from .errors import PyinceptError
 from .layers import BasicConv2d, Pool
 
 
@@ -40,6 +41,8 @@ class Pointwise1x1:
         self.members, self.pooled, self.refused = members, pooled, refused
         self.ops = block.ops
         self.host_weight = self.weight = None
+        for _, conv in self.convs():
+            conv.fused = True                 # from now on: no weight form of its own, even while loading
 
     @classmethod
     def over(cls, block):
@@ -95,7 +98,16 @@ class Pointwise1x1:
     def use(self, ops):
         self.ops = ops
         if self.host_weight is not None:
-            self.weight = ops.to_device(self.host_weight)
+            self.weight = ops.pack_weights(self.host_weight)
+
+    def keep_kernel_form_only(self):
+        """Let go of the concatenated host matrix, and the members' views of it, where the
+        GEMM runs from a form of its own (the CPU's panels, a GPU copy)."""
+        if self.host_weight is None or self.weight is self.host_weight:
+            return
+        self.host_weight = None
+        for _, conv in self.convs():
+            conv.folded = (None, conv.folded[1])
 
     def __call__(self, x, taps, slices):
         """Run the members on x as one GEMM. Returns {branch index: (output, steps done)}
@@ -130,7 +142,12 @@ class Pointwise1x1:
 
 def fuse(block, on=True):
     """Lay the plan over `block` (on=True, where it has two branches to share a GEMM) or take
-    it off (on=False: the branch table runs as written). Returns the plan, or None."""
+    it off (on=False: the branch table runs as written). Returns the plan, or None.
+    Refused, with nothing changed, where the members hold their packed form only: the
+    network reloads their filters first (`Network.set_fuse`)."""
+    if block.plan is not None and block.plan.host_weight is None and block.plan.weight is not None:
+        raise PyinceptError(f"{block.name}'s 1x1 filters are held in its kernel's form only: switch the "
+                            "algorithm, fusion or device through the network, which reloads them")
     for layer in block.layers():                  # the last plan's members run on their own again,
         if isinstance(layer, BasicConv2d) and layer.fused:       # each with a copy of its columns,
             layer.fused = False                                  # until a new plan takes them in

@@ -128,21 +128,24 @@ class BasicConv2d(Layer):
             return
         weight, bias = self.folded
         if weight is None:
-            raise PyinceptError(f"{self.name} holds its weights in Winograd form only: "
-                                "switch the algorithm or device through the network, which reloads them")
+            raise PyinceptError(f"{self.name} holds its weights in its kernel's form only: "
+                                "switch the algorithm, fusion or device through the network, which reloads them")
         self.bias = ops.to_device(bias)
         self.weight = self.winograd = None
         if self.winograd_applies():                  # a 3x3's tile goes by what measured faster
             tile = ops.winograd_tile(self.in_channels, self.kernel_size)
             self.winograd = ops.winograd_weights(weight, tile)
         elif not self.fused:
-            self.weight = ops.to_device(weight)
+            self.weight = ops.pack_weights(weight)              # the CPU's panels, made once
 
     def keep_kernel_form_only(self):
-        """Let go of the host filters where only their Winograd form runs (about half of v3's
-        filter memory). `Network.reload` brings them back when another algorithm or device
-        needs them."""
-        if self.winograd is not None and self.folded is not None:
+        """Let go of the host filters where the kernel runs from a form of its own: Winograd
+        filters, the CPU's weight panels, a GPU copy (a fused member's go with its plan's,
+        `Pointwise1x1.keep_kernel_form_only`). `Network.reload` brings them back when another
+        algorithm, fusion or device needs them."""
+        if self.folded is None or self.folded[0] is None:
+            return
+        if self.winograd is not None or (self.weight is not None and self.weight is not self.folded[0]):
             self.folded = (None, self.folded[1])
 
     def holds_host_weight(self):
@@ -212,7 +215,7 @@ class Linear(Layer):
     def use(self, ops):
         self.ops = ops
         if self.host is not None:
-            self.weight, self.bias = (ops.to_device(a) for a in self.host)
+            self.weight, self.bias = ops.pack_weights(self.host[0]), ops.to_device(self.host[1])
 
     def output_shape(self, shape):
         return shape[0], self.out_features
@@ -338,6 +341,8 @@ class Block(Layer):
             layer.load(params, lean)
         if self.plan is not None:
             self.plan.load()
+            if lean:
+                self.plan.keep_kernel_form_only()
 
     def layer_names(self):
         """Every tap inside the block, in the order a branch table lists them."""

@@ -1,17 +1,23 @@
 """Every layer's output for each image alone, against the same image everywhere else it
 can run: inside other batches, at other thread counts and micro-batches, and beside
-concurrent callers on one model or on two. Run by tests/test_determinism.py in a fresh
-process per OpenBLAS kernel (the kernel is chosen when OpenBLAS loads, so one process
-can test only one); prints one JSON line:
+concurrent callers on one model or on two; and every layer's bits of every model, as
+fingerprints, for the comparison across environments. Run by tests/test_determinism.py
+in a fresh process per environment (OPENBLAS_CORETYPE is read when OpenBLAS loads,
+PYINCEPT_SIMD when the first weights are packed); prints one JSON line:
 
-    {"blas": [...], "mismatches": [...], "compared": n, "logits_file": path}
+    {"blas": [...], "simd": name, "mismatches": [...], "compared": n, "logits_file": path,
+     "taps": {"model image layer": sha256, ...}}
 
-`blas` is threadpoolctl's report of the kernel that ran, `mismatches` names every
-(run, image, layer) whose bits differ from the image alone (empty when the promise
-holds), and the lone images' logits are saved for the cross-kernel comparison.
+`blas` is threadpoolctl's report of the OpenBLAS kernel that loaded, `simd` the GEMM's
+micro-kernel, `mismatches` names every (run, image, layer) whose bits differ from the
+image alone (empty when the promise holds), and `taps` fingerprints every layer of
+Inception v3, GoogLeNet and the FID network for two lone photographs. --taps-only skips
+the batch, thread and concurrency runs.
 
-    python tests/determinism_check.py OUT.npy [HEIGHT WIDTH]
+    python tests/determinism_check.py OUT.npy [--taps-only]
 """
+
+import hashlib
 
 import json
 import sys
@@ -23,7 +29,7 @@ from threadpoolctl import threadpool_info
 import pyincept
 from photos import photo_batch
 from pyincept import config
-from pyincept.kernels import cpu
+from pyincept.kernels import cpu, gemm
 
 IMAGES = 8
 # (label, threads, micro-batch, images): the batch-mates, the batch size, the split
@@ -88,9 +94,29 @@ def main(out_path, size=(299, 299)):
                     CALLERS[k], got)
 
     np.save(out_path, np.concatenate([a["fc"] for a in alone]))
-    blas = [lib.get("architecture") or lib.get("internal_api") for lib in threadpool_info() if lib["user_api"] == "blas"]
-    print(json.dumps({"blas": blas, "mismatches": mismatches, "compared": compared, "logits_file": str(out_path)}))
+    return mismatches, compared
+
+
+def tap_fingerprints():
+    """{"model image layer": SHA-256 of that output's bytes} for two lone photographs through
+    every layer of each model of the family, at its own input size."""
+    fingerprints = {}
+    cpu.set_num_threads(2)
+    for name in pyincept.models():
+        model = pyincept.create_model(name, seed=0)
+        size = model.spec.input_size
+        x = images(size)[:2]
+        x = np.ascontiguousarray((x - x.mean()) / x.std(), np.float32)
+        names = model.layer_names()
+        for i in range(len(x)):
+            for layer, y in model.run(x[i : i + 1], names).items():
+                fingerprints[f"{name} {i} {layer}"] = hashlib.sha256(np.ascontiguousarray(y).tobytes()).hexdigest()
+    return fingerprints
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], tuple(int(v) for v in sys.argv[2:4]) if len(sys.argv) > 3 else (299, 299))
+    out = sys.argv[1]
+    mismatches, compared = ([], 0) if "--taps-only" in sys.argv else main(out)
+    blas = [lib.get("architecture") or lib.get("internal_api") for lib in threadpool_info() if lib["user_api"] == "blas"]
+    print(json.dumps({"blas": blas, "simd": gemm.simd().name, "mismatches": mismatches, "compared": compared,
+                      "logits_file": out, "taps": tap_fingerprints()}))

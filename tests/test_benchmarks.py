@@ -366,37 +366,3 @@ def test_engines_run_with_openblas_choosing_its_own_kernel_unless_asked(monkeypa
     assert "older sgemm kernel" in report.forced_kernel_warning(plan, {"flags": ["avx2", "avx512f"]})
     assert report.forced_kernel_warning(plan, {"flags": ["avx2"]}) is None                 # Haswell is this CPU's best
     assert report.forced_kernel_warning({**plan, "openblas_as_set": False}, {"flags": ["avx512f"]}) is None
-
-
-def test_invariance_probe_agrees_with_a_direct_comparison():
-    """`benchmarks.invariance`'s row multiple m holds at 4m rows (it probes m, 2m and 3m),
-    against a direct numpy comparison; its padding arithmetic is the hand count; recording
-    a pass's products leaves numpy's matmul as it was."""
-    from threadpoolctl import threadpool_limits
-
-    from benchmarks import invariance
-
-    with threadpool_limits(1, user_api="blas"):
-        m = invariance.row_multiple()
-        if m is not None:
-            rng = np.random.default_rng(11)
-            first, second = rng.standard_normal((2, 4 * m, 768), dtype=np.float32)
-            w = rng.standard_normal((768, 192), dtype=np.float32)
-            assert np.array_equal(second @ w, (np.concatenate([first, second]) @ w)[4 * m :])
-    assert invariance.padded_cost([(1, 13, 2, 3)], 12) == pytest.approx(24 / 13)
-    assert invariance.padded_cost([(16, 16, 8, 8), (1, 144, 8, 8)], 12) == pytest.approx((16 * 24 + 144) / (16 * 16 + 144))
-
-    import pyincept
-
-    matmul = np.matmul
-    calls = invariance.recorded_products(pyincept.create_model("googlenet"), 64)
-    assert np.matmul is matmul
-    assert calls and all(n >= 1 and r >= 1 and d >= 1 and c >= 1 for n, r, d, c in calls)
-
-
-def test_invariance_command_reports_the_kernel_and_the_verdicts():
-    result = subprocess.run([sys.executable, "-m", "benchmarks.invariance", "--model", "googlenet", "--limit", "16"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
-    assert lines[0].startswith("OpenBLAS kernel: ") and lines[1].startswith("rows: ") and lines[2].startswith("columns: ")

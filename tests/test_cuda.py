@@ -166,6 +166,7 @@ def test_only_numbas_low_occupancy_warning_is_silenced():
         pytest.skip("numba-cuda is not installed")
     code, out, err = run_python(
         "import warnings\n"
+        "warnings.resetwarnings()\n"                 # whatever PYTHONWARNINGS or -W the suite runs under
         "from numba.core.errors import NumbaPerformanceWarning\n"
         "import pyincept.kernels.cuda\n"
         "warnings.filterwarnings('always', category=NumbaPerformanceWarning, append=True)\n"

@@ -1,16 +1,18 @@
-"""The determinism promise, under every OpenBLAS kernel this CPU can run.
+"""The determinism promise: an image's output at every layer is the same bits alone and
+inside any batch, at any thread count and micro-batch, beside concurrent callers, under
+any OPENBLAS_CORETYPE and any PYINCEPT_SIMD path, on any CPU (README, "Determinism").
 
-An image's output at every layer is the same bits alone and inside any batch, at any
-thread count and micro-batch, and beside concurrent callers (README, "Determinism").
-It must not rest on which kernel OpenBLAS picks: its AVX2 ("Haswell") kernel sums a
-row in another order when the product has another number of rows, which broke the
-promise on every AVX2-only CPU before the products were cut per image
-(`kernels/conv.py:_gemm_pieces`). OpenBLAS picks its kernel once, when it loads, so each
-kernel gets a fresh process (`determinism_check.py`) with OPENBLAS_CORETYPE set:
-Haswell (AVX2), Prescott (SSE3, the generic kernels), SkylakeX (AVX-512) where the CPU
-has it, and the variables unset (OpenBLAS's own choice, what users run).
+It rests on the arithmetic, not on a library's choices: every output of every matrix
+product is one FMA chain in k order (kernels/gemm.py), and everything else on the forward
+path sums in a fixed order. So each environment gets a fresh process
+(`determinism_check.py`): OpenBLAS's kernel is chosen when it loads (Haswell, Prescott,
+SkylakeX where the CPU has AVX-512, and unset, what users run), and the GEMM's SIMD path
+when the first weights are packed. Every layer of every model must give the same bits in
+all of them; and `test_the_logits_fingerprint_is_the_same_on_every_machine` holds the
+logits to a SHA-256 committed from another machine, so CI on another CPU catches a break.
 """
 
+import hashlib
 import json
 import os
 import platform
@@ -20,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from pyincept.kernels import gemm
 
 TESTS = Path(__file__).parent
 X86 = platform.machine().lower() in ("x86_64", "amd64")
@@ -35,70 +39,111 @@ def cpu_flags():
     return set()
 
 
-def kernels():
-    """(name, OPENBLAS_CORETYPE or None for unset, why it cannot run here or None)."""
+def environments():
+    """(name, OPENBLAS_CORETYPE or None for unset, PYINCEPT_SIMD, full run?, why it cannot run
+    here or None). The batch, thread and concurrency runs go once per SIMD path; every other
+    environment fingerprints every layer of every model."""
     avx512 = "avx512f" in cpu_flags()
     not_x86 = None if X86 else "OPENBLAS_CORETYPE names x86-64 kernels"
-    return [
-        ("unset", None, None),
-        ("Haswell", "Haswell", not_x86 or (None if "avx2" in cpu_flags() else "this CPU has no AVX2")),
-        ("Prescott", "Prescott", not_x86),
-        ("SkylakeX", "SkylakeX", not_x86 or (None if avx512 else "this CPU has no AVX-512")),
+    paths = gemm.runnable_paths()
+    runs = [(f"unset, {path}", None, path, True, None) for path in paths]
+    runs += [
+        ("Haswell", "Haswell", "auto", False, not_x86 or (None if "avx2" in cpu_flags() else "this CPU has no AVX2")),
+        ("Prescott", "Prescott", "auto", False, not_x86),
+        ("SkylakeX", "SkylakeX", "auto", False, not_x86 or (None if avx512 else "this CPU has no AVX-512")),
     ]
+    return runs
 
 
-KERNELS = kernels()
+ENVIRONMENTS = environments()
 
 
-def blas_environment(coretype):
-    """This environment with OpenBLAS's kernel forced to `coretype`, or both variables unset."""
+def environment(coretype, simd):
+    """This environment with OpenBLAS's kernel forced to `coretype` (both variables unset for
+    None) and the GEMM's path set to `simd`."""
     env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")}
     if coretype:
         env.update(OPENBLAS_CORETYPE=coretype, OPENBLAS_L2_SIZE="512")   # as these machines set them
+    env["PYINCEPT_SIMD"] = simd
     return env
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """{kernel name: determinism_check.py's report} for every kernel that can run here."""
+    """{environment name: determinism_check.py's report} for every environment that can run here."""
     folder = tmp_path_factory.mktemp("determinism")
     reports = {}
-    for name, coretype, why_not in KERNELS:
+    for name, coretype, simd, full, why_not in ENVIRONMENTS:
         if why_not:
             continue
-        result = subprocess.run([sys.executable, str(TESTS / "determinism_check.py"), str(folder / f"{name}.npy")],
-                                cwd=TESTS, env=blas_environment(coretype), capture_output=True, text=True, timeout=900)
+        out = folder / f"{name.replace(', ', '-')}.npy"
+        command = [sys.executable, str(TESTS / "determinism_check.py"), str(out)] + ([] if full else ["--taps-only"])
+        result = subprocess.run(command, cwd=TESTS, env=environment(coretype, simd), capture_output=True, text=True,
+                                timeout=900)
         assert result.returncode == 0, f"{name}: exit {result.returncode}\n{result.stderr[-3000:]}"
         reports[name] = json.loads(result.stdout.strip().splitlines()[-1])
     return reports
 
 
+FULL = [e for e in ENVIRONMENTS if e[3]]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name,coretype,why_not", KERNELS, ids=[k[0] for k in KERNELS])
-def test_every_layer_is_the_same_bits_in_any_batch_thread_count_and_beside_concurrent_callers(runs, name, coretype, why_not):
-    if why_not:
-        pytest.skip(why_not)
+@pytest.mark.parametrize("name,coretype,simd,full,why_not", FULL, ids=[e[0] for e in FULL])
+def test_every_layer_is_the_same_bits_in_any_batch_thread_count_and_beside_concurrent_callers(
+        runs, name, coretype, simd, full, why_not):
     report = runs[name]
+    assert report["simd"] == simd
     assert report["compared"] > 1000                            # every layer of every image, in every run
-    assert not report["mismatches"], (f"under OpenBLAS's {report['blas']} kernel, {len(report['mismatches'])} "
-                                      "outputs differ from the image alone, first: " + "; ".join(report["mismatches"][:5]))
+    assert not report["mismatches"], (f"on the {simd} path, {len(report['mismatches'])} outputs differ from the "
+                                      "image alone, first: " + "; ".join(report["mismatches"][:5]))
 
 
 @pytest.mark.slow
-def test_other_blas_kernels_give_other_bits_within_float_rounding(runs):
-    """The promise is per kernel: two kernels sum in different orders, so the same image's
-    logits differ in the last bits (README gives the measured gap), never by more than float
-    rounding of the network's sums."""
-    forced = [name for name in runs if name != "unset"]
-    if len(forced) < 2:
-        pytest.skip("fewer than two OpenBLAS kernels can run here")
-    architectures = {name: tuple(runs[name]["blas"]) for name in forced}
-    assert len(set(architectures.values())) == len(forced), f"the forced kernels did not all differ: {architectures}"
-    logits = {name: np.load(runs[name]["logits_file"]) for name in runs}
-    reference = logits[forced[0]]
-    scale = np.abs(reference).max()
+def test_every_layer_of_every_model_is_the_same_bits_under_every_blas_kernel_and_simd_path(runs):
+    """No OpenBLAS kernel reaches the forward path, and every SIMD path sums the same chains:
+    v3, GoogLeNet and the FID network give every layer the same bits in every environment."""
+    reference_name, reference = next(iter(runs.items()))
+    assert len(reference["taps"]) > 300 and {key.split()[0] for key in reference["taps"]} >= {
+        "inception_v3", "googlenet", "inception_v3_fid"}
+    assert len(runs) >= 3                                       # two OpenBLAS kernels at least, every SIMD path
+    for name, report in runs.items():
+        differ = [key for key, digest in reference["taps"].items() if report["taps"].get(key) != digest]
+        assert not differ, f"{name} vs {reference_name}: {len(differ)} layers differ, first: {differ[:5]}"
+    logits = {name: np.load(report["logits_file"]) for name, report in runs.items() if report["compared"]}
     for name, other in logits.items():
-        assert np.abs(other - reference).max() <= 1e-5 * scale, f"{name} vs {forced[0]}"
+        np.testing.assert_array_equal(other, logits[reference_name], err_msg=name)
+
+
+# The cross-machine fingerprint: SHA-256 of the float32 logits of inception_v3() and googlenet()
+# (seed 0) on tests/data's photographs (tests/photos.py), and of the pixels they decode to.
+# Committed from an AMD EPYC of family 25 (Zen 3, AVX2); any CPU must give the same bits.
+FINGERPRINTS = {
+    "pixels 299": "c5d5d37b094088f987631867846d1d63f91ecaad1e49dfcddf2b8aef2fec246d",
+    "pixels 224": "825c492434ee49feade43efa3c5f7f776fdb2c3e8c6e5f16e9be0eeb4a6d842d",
+    "inception_v3": "b244feb8e8c64efdb01d70f269be08628a9c4d7a2d147fbf4953eba5962cf5ef",
+    "googlenet": "12ead026afbdd1fa7f97f0605f5a7fa3898ba4da016a3c83b2e765f66ed014ea",
+}
+
+
+def sha256(a):
+    return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
+
+
+def test_the_logits_fingerprint_is_the_same_on_every_machine():
+    import pyincept
+    from photos import photo_batch
+
+    for name, size in [("inception_v3", 299), ("googlenet", 224)]:
+        x = photo_batch((size, size))
+        assert sha256(x) == FINGERPRINTS[f"pixels {size}"], (
+            "the photographs decode to other pixels here (another Pillow or libjpeg): the logits "
+            "fingerprint cannot be compared")
+        logits = pyincept.create_model(name, seed=0)(x)
+        assert logits.shape == (len(x), 1000) and np.isfinite(logits).all()
+        assert sha256(logits) == FINGERPRINTS[name], (
+            f"{name}'s logits are other bits on this CPU ({gemm.simd().name} path): the promise of one set "
+            "of bits everywhere is broken")
 
 
 # --- concurrent callers, in this process (under whatever kernel this environment picks) ---
@@ -109,7 +154,7 @@ def test_concurrent_callers_on_one_model_and_on_two_get_the_bits_of_serial_calls
     own batch (1 to 4 images), half of them on a second model with the same weights: every
     call gets exactly what the same call gets alone, and nothing is corrupted. Serially and
     concurrently, a lone image's layers are split with the helper thread or not (only one
-    caller can have it), and the BLAS limit is set and released by other threads."""
+    caller can have it)."""
     import threading
 
     import pyincept

@@ -129,12 +129,15 @@ def test_a_state_dict_without_aux_heads_loads_without_them(tmp_path):
 
 
 def test_fusion_refuses_the_max_pool_branch_and_fuses_the_rest():
-    block = pyincept.googlenet().inception3a
+    model = pyincept.googlenet()
+    block = model.inception3a
     plan = block.plan
     assert [conv.name for _, conv in plan.members] == ["inception3a.branch1", "inception3a.branch2.0", "inception3a.branch3.0"]
     assert plan.pooled is None
     assert "max" in plan.refused["inception3a.branch4.1"]
-    assert fusion.fuse(block, False) is None and block.plan is None
+    with pytest.raises(PyinceptError, match="through the network, which reloads them"):
+        fusion.fuse(block, False)                          # its filters are packed only: the network reloads them
+    assert model.set_fuse(False) is model and block.plan is None
 
 
 def test_reference_device_agrees_with_the_fast_path(googlenet_files):

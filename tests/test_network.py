@@ -17,6 +17,7 @@ import pyincept
 from photos import PHOTOS, photo_batch
 from pyincept.errors import PyinceptError, WeightsError
 from pyincept.io.npz import load_weights
+from pyincept.kernels.gemm import Panels
 from pyincept.models.inception_v3 import Inception3
 from torch_oracle import to_nchw, to_nhwc
 
@@ -86,35 +87,59 @@ def test_im2col_and_winograd_agree_and_both_meet_the_bar(tv_inception, converted
 
 
 def held_bytes(model):
-    """Bytes of every distinct weight buffer the model's layers and fusion plans hold."""
+    """Bytes of every distinct weight buffer the model's layers and fusion plans hold (the
+    CPU's packed panels included)."""
     buffers = {}
+
+    def hold(a):
+        a = getattr(a, "data", a) if isinstance(a, Panels) else a
+        if isinstance(a, np.ndarray):
+            root = a
+            while isinstance(root.base, np.ndarray):
+                root = root.base
+            buffers[id(root)] = root
+
     for layer in model.conv_layers():
         for a in (*(layer.folded or ()), layer.weight, layer.bias, layer.winograd):
-            if isinstance(a, np.ndarray):
-                root = a
-                while isinstance(root.base, np.ndarray):
-                    root = root.base
-                buffers[id(root)] = root
+            hold(a)
     for part in model.parts():
         plan = getattr(part, "plan", None)
         if plan is not None:
-            buffers[id(plan.weight)] = plan.weight
+            hold(plan.weight)
+            hold(plan.host_weight)
     return sum(b.nbytes for b in buffers.values())
 
 
 def test_each_weight_is_held_once_in_the_form_its_kernel_reads(converted):
-    """A Winograd layer keeps no host filters beside its Winograd ones, and a fused 1x1's
-    members hold their columns of the module's one matrix, not copies."""
+    """Every conv keeps only the form its kernel reads, packed into the GEMM's panels: its
+    Winograd filters, its own filters, or (a fused 1x1) its module's one matrix; no host
+    filters beside them."""
     model = pyincept.inception_v3(converted["zip"])
-    winograd = [layer for layer in model.conv_layers() if layer.winograd is not None]
-    assert winograd and all(layer.folded[0] is None and layer.weight is None for layer in winograd)
-    fused = [(part.plan, conv) for part in model.parts() if getattr(part, "plan", None) for _, conv in part.plan.convs()]
-    assert fused and all(conv.weight is None and np.shares_memory(conv.folded[0], plan.weight) for plan, conv in fused)
+    convs = [layer for layer in model.conv_layers() if layer.folded is not None]        # the aux head waits
+    assert convs and all(layer.folded[0] is None for layer in convs)
+    assert all(isinstance(layer.winograd or layer.weight, Panels) for layer in convs if not layer.fused)
+    plans = [part.plan for part in model.parts() if getattr(part, "plan", None)]
+    assert plans and all(plan.host_weight is None and isinstance(plan.weight, Panels) for plan in plans)
+    assert all(conv.fused and conv.weight is None for plan in plans for _, conv in plan.convs())
     full = Inception3()                                              # the same weights, handed in: no reload,
     params, _ = load_weights(converted["zip"])                       # so every host copy stays
     full.load_parameters(params)
     assert all(layer.folded[0] is not None for layer in full.conv_layers())
-    assert held_bytes(model) < held_bytes(full) - 40 * 2**20
+    assert held_bytes(model) < held_bytes(full) - 80 * 2**20
+
+
+def test_fusion_switched_after_loading_reloads_the_filters_and_gives_the_same_bits(converted, tmp_path):
+    """set_fuse on a model that holds packed forms only reads the file again for the plans."""
+    x = photo_batch((299, 299))[:1]
+    path = tmp_path / "v3.npz"
+    path.write_bytes(converted["zip"].read_bytes())
+    model = pyincept.inception_v3(path)
+    fused = model(x)
+    unfused = model.set_fuse(False)(x)                                      # pool branches: pool, then conv
+    assert np.abs(unfused - fused).max() <= 1e-4 * np.abs(fused).max()
+    np.testing.assert_array_equal(unfused, pyincept.inception_v3(path, fuse=False)(x))
+    assert all(layer.folded[0] is None for layer in model.conv_layers() if layer.folded is not None)
+    np.testing.assert_array_equal(model.set_fuse(True)(x), fused)
 
 
 @pytest.mark.parametrize("device", ["im2col", "reference"])
@@ -128,7 +153,8 @@ def test_switching_after_loading_reloads_the_weights_and_gives_the_same_bits(con
     if device == "im2col":
         expected = pyincept.inception_v3(path, algorithm="im2col")(x)
         np.testing.assert_array_equal(model.set_algorithm("im2col")(x), expected)
-        assert all(layer.winograd is None and layer.folded[0] is not None for layer in model.conv_layers())
+        assert all(layer.winograd is None and (layer.fused or isinstance(layer.weight, Panels))
+                   for layer in model.conv_layers() if layer.folded is not None)
         np.testing.assert_array_equal(model.set_algorithm("winograd")(x), pyincept.inception_v3(path)(x))
     else:
         expected = pyincept.inception_v3(path, device="reference")(x)

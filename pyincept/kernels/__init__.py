@@ -3,8 +3,9 @@
 
 Model code imports kernels from this package only, never numba itself. A backend is a module
 that provides every name in `CONTRACT`, each working on that device's arrays, with the same
-signatures: the math kernels, plus `empty`, `to_device`, `to_host` and `map_batch` (how a
-batch is split across the device's threads), `DEVICE` (its name) and `HAS_WINOGRAD` (whether it
+signatures: the math kernels, plus `empty`, `to_device`, `to_host`, `pack_weights` (a
+weight matrix or filter bank in the form that device's conv2d and linear read, made once
+at load) and `map_batch` (how a batch is split across the device's threads), `DEVICE` (its name) and `HAS_WINOGRAD` (whether it
 has the Winograd kernels, `WINOGRAD_CONTRACT`). `backend(device)` returns one, checked.
 """
 
@@ -26,6 +27,7 @@ from .cpu import (
     linear,
     map_batch,
     max_pool2d,
+    pack_weights,
     relu,
     softmax,
     to_device,
@@ -39,7 +41,7 @@ CONTRACT = (
     "DEVICE", "HAS_WINOGRAD",
     "conv2d", "bias_act", "max_pool2d", "avg_pool2d", "global_avg_pool2d", "adaptive_avg_pool2d",
     "concat_channels", "linear", "relu", "softmax",
-    "empty", "to_device", "to_host", "map_batch",
+    "empty", "to_device", "to_host", "map_batch", "pack_weights",
 )
 # ... and, where HAS_WINOGRAD is True, these.
 WINOGRAD_CONTRACT = ("conv2d_winograd", "winograd_tile", "winograd_weights")

@@ -1,16 +1,18 @@
-"""Convolution on the CPU: im2col (Numba) + one matrix product per piece (BLAS), with the
-bias and ReLU epilogue and the fused 1x1's heads applied while each piece is in cache.
-The readable twin is `reference.conv2d`; the shape letters are `cpu.py`'s.
+"""Convolution on the CPU: im2col (Numba) + pyincept's own matrix product (gemm.py), with
+the bias and ReLU epilogue in the product's registers and the fused 1x1's heads applied
+while each tile is in cache. The readable twin is `reference.conv2d`; the shape letters
+are `cpu.py`'s.
 """
 
 import numpy as np
 
 from .geometry import conv_output_hw, pad4, pair
+from .gemm import gemm_into, pack_weights, padded_bias
 from .runtime import (
-    _SIDE_BY_SIDE_MIN, _as_f32, _bias_vector, _channel_window, _check_nhwc, _jit, _output,
-    _output_window, _scratch, _side_by_side, _single_threaded,
+    _SIDE_BY_SIDE_MIN, _as_f32, _bias_vector, _check_nhwc, _jit, _output, _output_window, _scratch,
+    _side_by_side,
 )
-from .dense import _finish_in_place, _finish_rows, _linear_columns, _pixels, bias_act
+from .dense import _finish_rows, _pixels, bias_act
 
 
 # --- convolution ------------------------------------------------------------------
@@ -53,10 +55,10 @@ def _unfold(x, R, S, sh, sw, top, left, OH, OW, p0, cols):
                         cols[i, base + c] = 0.0
 
 
-@_single_threaded
 def conv2d(x, w, bias=None, stride=1, padding=0, relu=False, out=None, heads=()):
     """Convolution as im2col + GEMM. x (N,H,W,C), w (R,S,C,K), bias (K,) -> (N,OH,OW,K).
 
+    w: the filters, HWIO, or the same packed once at load (`pack_weights`: Panels).
     padding: an int, (pad_h, pad_w) or per side (top, bottom, left, right).
     relu: apply max(0, .) after the bias (the folded BasicConv2d epilogue).
     out: optional (N,OH,OW,K) float32 array to write into, e.g. a channel slice of a
@@ -65,20 +67,22 @@ def conv2d(x, w, bias=None, stride=1, padding=0, relu=False, out=None, heads=())
          for the members of a fused 1x1 (fusion.Pointwise1x1): each (k0, bias_i, relu_i, dst)
          writes y[..., k0 : k0 + len(bias_i)] + bias_i, ReLU if relu_i, into dst.
 
-    Each image's product (OH*OW rows) is cut into the pieces `_gemm_pieces` gives it:
-    tiles of its output pixels, at most _SCRATCH_FLOATS unfolded values each, or two
-    halves of its output channels. Each piece is unfolded (im2col) into a scratch matrix
-    reused across pieces and calls, multiplied by the (R*S*C, K) weights straight into
-    `out` (when `out` is contiguous), and finished (bias, ReLU) while it is still in
-    cache. A 1x1 stride-1 convolution skips the unfolding: its input already is the
-    (N*H*W, C) matrix. The heads run on the same pieces, also in cache, on both threads
-    of a lone image, instead of as bias_act calls after the product.
+    The whole batch's output pixels are the product's rows, (N*OH*OW, R*S*C) @ (R*S*C, K):
+    every output is one FMA chain (kernels/gemm.py), so an image's bits do not depend on
+    its neighbours and the weights are read once per batch. The rows are cut into tiles
+    of at most _SCRATCH_FLOATS unfolded values, each unfolded (im2col) into a scratch
+    matrix reused across tiles and calls, multiplied straight into `out` (a channel
+    window of a module's output included) with the bias and ReLU applied in registers.
+    A 1x1 stride-1 convolution skips the unfolding: its input already is the (N*H*W, C)
+    matrix. A lone image's two threads take half the tiles each, or, where its few rows
+    meet many weights (v3's 8x8 layers), half the weight panels each. The heads run on
+    each tile while it is in cache.
     """
     x = _check_nhwc(x, "x")
-    w = _as_f32(w)
-    if w.ndim != 4 or w.shape[2] != x.shape[3]:
-        raise ValueError(f"weights must be (R, S, C={x.shape[3]}, K), got {w.shape}")
-    R, S, C, K = w.shape
+    panels = pack_weights(w)
+    if panels.ndim != 4 or panels.shape[2] != x.shape[3]:
+        raise ValueError(f"weights must be (R, S, C={x.shape[3]}, K), got {panels.shape}")
+    R, S, C, K = panels.shape
     sh, sw = pair(stride)
     top, bottom, left, right = pad4(padding)
     N, H, W, _ = x.shape
@@ -86,121 +90,55 @@ def conv2d(x, w, bias=None, stride=1, padding=0, relu=False, out=None, heads=())
     finish = bias is not None or relu                                  # else the GEMM is all (a fused 1x1's raw columns)
     if heads and finish:
         raise ValueError("heads take the raw product: give the conv no bias or relu of its own")
-    heads, late = _head_windows(heads, (N, OH, OW), K)
     bias = _bias_vector(bias, K)
     out = _output(out, (N, OH, OW, K))
-    D = R * S * C
-    wmat = w.reshape(D, K)                                             # (D = R*S*C, K)
-    out2d = _pixels(out)                                               # (N*OH*OW, K)
-    P = OH * OW                                                        # one image's rows
+    window = _output_window(out)
+    if window is None:                                                 # out is no window of a buffer
+        np.copyto(out, conv2d(x, panels, bias if finish else None, stride, padding, relu, None, heads))
+        return out
+    heads, late = _head_windows(heads, (N, OH, OW), K)
+    parent, c0 = window
+    whole = _pixels(parent)                                            # (N*OH*OW, row): out is whole[:, c0 : c0 + K]
+    product = whole[:, c0 : c0 + K]                                    # (M, K), a row stride of `row`
+    path, D, M = panels.path, R * S * C, N * OH * OW
+    epilogue = padded_bias(bias, K, path) if finish else None
     pointwise = (R, S, sh, sw, top, bottom, left, right) == (1, 1, 1, 1, 0, 0, 0, 0)
-    x2d = x.reshape(N * P, C) if pointwise else None
-    parent, c0 = _channel_window(out)
-    whole = _pixels(parent)                                            # out2d is whole[:, c0 : c0 + K]
+    x2d = x.reshape(M, C) if pointwise else None
+    rows = _row_tiles(M, D, path.rows, pointwise)                      # tile bounds
+    P = panels.data.shape[0]
 
-    def unfolded(p0, m):
-        """Rows p0 .. p0+m-1 of the (N*OH*OW, R*S*C) im2col matrix: a view for a 1x1, else unfolded."""
+    def tile(t, j0, j1):
+        """Unfold, GEMM and epilogue of row tile t, panels j0 .. j1-1."""
+        i0, i1 = rows[t], rows[t + 1]
         if pointwise:
-            return x2d[p0 : p0 + m]                                    # (m, C): no unfolding
-        cols = _scratch("cols", (m, D))                                # (m, R*S*C)
-        _unfold(x, R, S, sh, sw, top, left, OH, OW, p0, cols)
-        return cols
-
-    def finish_columns(p0, p1, k0, k1):
-        """Bias, ReLU and the heads for rows p0 .. p1-1, columns k0 .. k1-1 of the product in out."""
-        if finish:
-            _finish_rows(whole, c0 + k0, bias[k0:k1], relu, whole, c0 + k0, p0, p1)
+            a = x2d[i0:i1]                                             # (m, C): no unfolding
+        else:
+            a = _scratch("cols", (i1 - i0, D))                         # (m, R*S*C)
+            _unfold(x, R, S, sh, sw, top, left, OH, OW, i0, a)
+        gemm_into(a, panels, product[i0:i1], 0, i1 - i0, j0, j1, epilogue, relu)
+        k0, k1 = j0 * path.nr, min(K, j1 * path.nr)
         for h0, h_bias, h_relu, h_rows, h_d0 in heads:                 # the heads' columns among k0 .. k1-1
-            a, b = max(h0, k0), min(h0 + len(h_bias), k1)
-            if a < b:
-                _finish_rows(whole, c0 + a, h_bias[a - h0 : b - h0], h_relu, h_rows, h_d0 + a - h0, p0, p1)
+            a0, b0 = max(h0, k0), min(h0 + len(h_bias), k1)
+            if a0 < b0:
+                _finish_rows(whole, c0 + a0, h_bias[a0 - h0 : b0 - h0], h_relu, h_rows, h_d0 + a0 - h0, i0, i1)
 
-    if P == 1:
-        # One output pixel per image (the aux head's 5x5 conv of a 5x5 map): each row is an
-        # image, multiplied by `_linear_columns`, whose sums run in a fixed order, so every
-        # image's row is the same bits in any batch and any split of the columns.
-        cols = unfolded(0, N)                                          # (N, R*S*C)
-
-        def columns(k0, k1):
-            _linear_columns(cols, wmat, out2d, k0, k1)                 # (N, k1-k0)
-            finish_columns(0, N, k0, k1)
-
-        _side_by_side(columns, K)
-        _late_heads(late, out)
-        return out
-
-    rows, cuts = _gemm_pieces(P, K, D)
-    if len(cuts) > 2:                                                  # by output channels: all rows at once
-        group = max(1, _SCRATCH_FLOATS // (P * D))                     # images unfolded at once
-        for n0 in range(0, N, group):
-            images = range(n0, min(N, n0 + group))
-            cols = unfolded(n0 * P, len(images) * P)                   # (images * P, R*S*C)
-
-            def columns(i0, i1, images=images, cols=cols):
-                """GEMM and epilogue of column pieces i0 .. i1-1, each for one image after another
-                (its weights still in cache for the next), into strided slices of out."""
-                for k0, k1 in zip(cuts[i0:i1], cuts[i0 + 1 : i1 + 1]):
-                    for n in images:
-                        a = cols[(n - images[0]) * P : (n - images[0] + 1) * P]             # (P, R*S*C)
-                        np.matmul(a, wmat[:, k0:k1], out=out2d[n * P : (n + 1) * P, k0:k1])  # (P, k1-k0)
-                        finish_columns(n * P, (n + 1) * P, k0, k1)
-
-            _side_by_side(columns, len(cuts) - 1, smallest=2)
-        _late_heads(late, out)
-        return out
-
-    pieces = len(rows) - 1
-
-    def tiles(i0, i1):
-        """Unfold, GEMM and epilogue of pixel tiles i0 .. i1-1: tile i is tile i // N of image
-        i % N, so that images follow one another on the same weights while they are in cache."""
-        for i in range(i0, i1):
-            j, n = divmod(i, N)
-            p0, m = n * P + rows[j], rows[j + 1] - rows[j]
-            cols = unfolded(p0, m)                                     # (m, R*S*C)
-            dest = out2d[p0 : p0 + m]
-            acc = dest if dest.flags.c_contiguous else _scratch("acc", (m, K))
-            np.matmul(cols, wmat, out=acc)                             # (m, K)
-            if finish:
-                _finish_in_place(acc, bias, relu)
-            for h0, h_bias, h_relu, h_rows, h_d0 in heads:             # (m, K_i) each, into its dst
-                _finish_rows(acc, h0, h_bias, h_relu, h_rows[p0 : p0 + m], h_d0, 0, m)
-            if acc is not dest:
-                np.copyto(dest, acc)                                   # into the channel slice
-
-    _side_by_side(tiles, N * pieces, smallest=2)
+    if K > 4 * M and P >= 2:                                           # few rows, many weights: split the panels
+        _side_by_side(lambda j0, j1: [tile(t, j0, j1) for t in range(len(rows) - 1)], P, smallest=2)
+    else:
+        _side_by_side(lambda t0, t1: [tile(t, 0, P) for t in range(t0, t1)], len(rows) - 1, smallest=2)
     _late_heads(late, out)
     return out
 
 
-# --- one image's products, cut the same way in any batch --------------------------
-# Why an image's bits never depend on its batch, threads or callers: every BLAS call holds one
-# image's rows, cut where that image's geometry alone says, and BLAS runs single-threaded.
-# A BLAS picks its summation order by the shape of each call: OpenBLAS's AVX2 kernel gives a
-# row other bits in a 64-row product than in a 65- or 128-row one (only multiples of 12 rows
-# agreed), and a column other bits in a narrower product. Its AVX-512 kernel happens not to,
-# which is why the promise once held on some machines and not on others.
-
-
-def _gemm_pieces(rows, K, D):
-    """How conv2d cuts one image's (rows, D) @ (D, K) product, from its own geometry alone
-    (never the batch or the threads): (row bounds, column bounds).
-
-    By output channels (all rows, two halves of the columns) where the weights far
-    outweigh the input, K > 4 rows: v3's 8x8 layers, which at batch 1 are bound by
-    streaming their weights from memory; each thread of a lone image then reads half of
-    them. Else by rows, in tiles of at most
-    _SCRATCH_FLOATS unfolded values, and an even number of at least two where there are
-    2 * _SIDE_BY_SIDE_MIN rows or more, so that a lone image's two threads share the tiles
-    evenly; inside a batch each image runs the same tiles.
-    """
-    if K > 4 * rows and K >= _SIDE_BY_SIDE_MIN and rows * D <= _SCRATCH_FLOATS:
-        return (0, rows), (0, K // 2, K)
-    pieces = max(1, -(-rows * D // _SCRATCH_FLOATS))
-    if rows >= 2 * _SIDE_BY_SIDE_MIN:
+def _row_tiles(M, D, MR, pointwise):
+    """Bounds of a product's row tiles: at most _SCRATCH_FLOATS unfolded values each (a 1x1's
+    rows are read in place: one tile), an even number of two or more where a lone image's
+    two threads can share them, each a whole number of micro-kernel rows but the last."""
+    pieces = 1 if pointwise else max(1, -(-M * D // _SCRATCH_FLOATS))
+    if M >= 2 * _SIDE_BY_SIDE_MIN:
         pieces = max(2, pieces + pieces % 2)
-    pieces = min(pieces, rows)
-    return tuple(j * rows // pieces for j in range(pieces + 1)), (0, K)
+    step = -(-(-(-M // pieces)) // MR) * MR                            # rows per tile, whole MR tiles
+    return tuple(range(0, M, step)) + (M,)
 
 
 def _head_windows(heads, pixels_shape, K):

@@ -1,18 +1,20 @@
 """The fast CPU backend: every kernel of the contract (`kernels.CONTRACT`), gathered from the
 files that hold them, split by concern:
 
-    runtime.py   threads, BLAS at one thread, the lone image's helper, memory, argument checks
-    conv.py      convolution: im2col (Numba) + GEMM (BLAS) + epilogue, cut per image
-    winograd.py  Winograd convolution: transforms (Numba) + point GEMMs (BLAS)
+    gemm.py      the matrix product: one FMA chain per output, an llvmlite micro-kernel per
+                 SIMD path, weights packed once into panels (`pack_weights`)
+    runtime.py   threads, the lone image's helper, memory, argument checks
+    conv.py      convolution: im2col (Numba) + GEMM + epilogue in its registers
+    winograd.py  Winograd convolution: transforms (Numba) + point GEMMs
     pool.py      max, average, global and adaptive average pooling
     dense.py     the bias + ReLU epilogue, concatenation, linear, ReLU, softmax
 
 Each kernel is a private jitted body (`_unfold`, `_pool`, ...) behind a small public
 wrapper that checks shapes and dtypes, allocates the output and calls it. Every public
 function here has a plain-NumPy twin of the same name and signature in `reference.py`;
-read that one first. The matrix products themselves go to NumPy's BLAS (`np.matmul`),
-which runs near the machine's peak; serial Numba kernels handle the memory-bound data
-movement around them.
+read that one first. The matrix products are pyincept's own (gemm.py, twin
+`reference.gemm`), at the core's FMA peak and the same bits on every CPU; serial Numba
+kernels handle the memory-bound data movement around them.
 
 Shape legend (every kernel file)
 --------------------------------
@@ -24,6 +26,7 @@ What this is not: a general tensor library. Only float32, only what Inception ne
 """
 
 from .conv import conv2d
+from .gemm import pack_weights
 from .dense import bias_act, concat_channels, linear, relu, softmax
 from .pool import adaptive_avg_pool2d, avg_pool2d, global_avg_pool2d, max_pool2d
 from .runtime import ARENA, Arena, empty, get_num_threads, map_batch, set_num_threads, to_device, to_host
@@ -35,6 +38,6 @@ HAS_WINOGRAD = True             # conv2d_winograd, winograd_tile, winograd_weigh
 __all__ = [
     "ARENA", "Arena", "DEVICE", "HAS_WINOGRAD", "adaptive_avg_pool2d", "avg_pool2d", "bias_act",
     "concat_channels", "conv2d", "conv2d_winograd", "empty", "get_num_threads", "global_avg_pool2d",
-    "linear", "map_batch", "max_pool2d", "relu", "set_num_threads", "softmax", "to_device", "to_host",
+    "linear", "map_batch", "max_pool2d", "pack_weights", "relu", "set_num_threads", "softmax", "to_device", "to_host",
     "winograd_tile", "winograd_weights",
 ]

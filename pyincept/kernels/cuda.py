@@ -627,6 +627,11 @@ def to_device(a):
     return device
 
 
+def pack_weights(w):
+    """The weights as conv2d and linear read them on the GPU: a float32 device array."""
+    return to_device(w)
+
+
 def to_host(a):
     """A device array as a NumPy array (a channel slice is compacted on the GPU first)."""
     if not _on_device(a):

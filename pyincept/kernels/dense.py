@@ -1,10 +1,11 @@
 """The per-channel kernels on the CPU: the bias + ReLU epilogue every conv ends with,
-concatenation, linear layers (BLAS, or a fixed-order kernel), ReLU and softmax.
+concatenation, linear layers (pyincept's GEMM), ReLU and softmax.
 The readable twins are in `reference.py`; the shape letters are `cpu.py`'s.
 """
 
 import numpy as np
 
+from .gemm import gemm, gemm_into, pack_weights, padded_bias
 from .runtime import F0, _as_f32, _channel_window, _check_nhwc, _jit, _output, _output_window, _side_by_side
 
 
@@ -24,18 +25,6 @@ def _finish_rows(src, s0, bias, relu, dst, d0, first, last):
             if relu and v < 0.0:
                 v = F0
             b[k] = v
-
-
-@_jit
-def _finish_in_place(acc, bias, relu):
-    """`_finish_rows` of all of a C-contiguous acc onto itself."""
-    m, K = acc.shape
-    for i in range(m):
-        for k in range(K):
-            v = acc[i, k] + bias[k]
-            if relu and v < 0.0:
-                v = F0
-            acc[i, k] = v
 
 
 def bias_act(x, bias, relu=True, out=None):
@@ -99,49 +88,22 @@ def concat_channels(arrays, out=None):
     return out
 
 
-@_jit
-def _linear_columns(x, w, out, k0, k1):
-    """out[n, k] = sum over i of x[n, i] * w[i, k], for columns k0 .. k1-1 of every row n.
-
-    One row of w at a time, added into every image's outputs: each sum runs over i in
-    order, the same float32 operations whatever the batch or the column split. A BLAS
-    picks its kernel (and summation order) by shape: a matrix-vector product and a
-    matrix product give one image's logits other bits (benchmarks/NOTES.md).
-    """
-    N, I = x.shape
-    for n in range(N):
-        out[n, k0:k1] = 0.0
-    I4 = I - I % 4
-    for i in range(0, I4, 4):                           # four rows of w per pass over out: the same
-        w0, w1, w2, w3 = w[i, k0:k1], w[i + 1, k0:k1], w[i + 2, k0:k1], w[i + 3, k0:k1]   # sums in the
-        for n in range(N):                              # same order, fewer passes over out
-            a0, a1, a2, a3 = x[n, i], x[n, i + 1], x[n, i + 2], x[n, i + 3]
-            o = out[n, k0:k1]
-            for k in range(k1 - k0):
-                o[k] = (((o[k] + a0 * w0[k]) + a1 * w1[k]) + a2 * w2[k]) + a3 * w3[k]
-    for i in range(I4, I):
-        row = w[i, k0:k1]
-        for n in range(N):
-            a = x[n, i]
-            o = out[n, k0:k1]
-            for k in range(k1 - k0):
-                o[k] += a * row[k]
-
-
 def linear(x, w, bias=None):
-    """Fully connected layer. x (N, I), w (I, O) -> (N, O), then the bias epilogue.
-    Each image's outputs are the same bits alone and in any batch (`_linear_columns`)."""
-    x, w = _as_f32(x), _as_f32(w)
-    if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[0]:
-        raise ValueError(f"linear: x {x.shape} and w {w.shape} do not chain as (N, I) @ (I, O)")
-    N, O = x.shape[0], w.shape[1]
-    acc = np.empty((N, O), np.float32)
-    # Bound by reading w: each thread of a lone image reads its own half of the columns.
-    x, w = np.ascontiguousarray(x), np.ascontiguousarray(w)
-    _side_by_side(lambda k0, k1: _linear_columns(x, w, acc, k0, k1), O)
-    if bias is not None:
-        _finish_in_place(acc, _as_f32(bias), False)
-    return acc
+    """Fully connected layer. x (N, I), w (I, O) or its Panels -> (N, O), the bias added in
+    the product's registers. One FMA chain per output (kernels/gemm.py): each image's
+    outputs are the same bits alone and in any batch. A lone image is bound by reading w,
+    so its two threads take half the weight panels each."""
+    x = np.ascontiguousarray(_as_f32(x))
+    panels = pack_weights(w)
+    if x.ndim != 2 or panels.ndim != 2 or x.shape[1] != panels.depth:
+        raise ValueError(f"linear: x {x.shape} and w {panels.shape} do not chain as (N, I) @ (I, O)")
+    N, O = x.shape[0], panels.columns
+    if x.shape[1] == 0:
+        return gemm(x, panels, bias)
+    out = np.empty((N, O), np.float32)
+    epilogue = padded_bias(bias, O, panels.path) if bias is not None else None
+    _side_by_side(lambda j0, j1: gemm_into(x, panels, out, 0, N, j0, j1, epilogue), panels.data.shape[0], smallest=2)
+    return out
 
 
 @_jit

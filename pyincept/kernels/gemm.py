@@ -40,7 +40,6 @@ Shape letters: M rows (output pixels, Winograd tiles or images), D depth (R*S*C)
 columns (output channels); MR x NR the micro-kernel's tile, P = ceil(K / NR) panels.
 """
 
-import os
 from typing import NamedTuple
 
 import numpy as np
@@ -51,7 +50,7 @@ from numba.extending import intrinsic
 
 from .. import config
 from ..errors import PyinceptError
-from .runtime import _as_f32, _jit, _jit_inline
+from .runtime import _as_f32, _jit, _jit_inline, _scratch
 
 
 # --- which micro-kernel this CPU runs ---------------------------------------------------
@@ -233,41 +232,54 @@ def _tile(code, kc, mr, a, a_off, lda, b, b_off, c, c_off, ldc, first, bias, bia
 # --- 3. the driver ---------------------------------------------------------------------
 
 
-@_jit
-def _gemm(code, MR, NR, KC, MC, a, a_off, lda, i0, i1, D, panels, j0, j1, K, c, c_off, ldc,
-          bias, relu, finish, tmp):
-    """Rows i0 .. i1-1 and panels j0 .. j1-1 of C = A @ B, by the rule (the file's docstring).
+def _driver(path):
+    """The blocked driver, compiled for one SIMD path: its tile shape and blocking are
+    constants of the compiled code (a closure's cells, which Numba's cache keys on), so
+    LLVM sees one micro-kernel and keeps every accumulator of it in registers."""
+    code, MR, NR = path.code, path.rows, path.nr
+    KC, MC = blocking(path)
 
-    A[i, k] = a[a_off + i*lda + k]; B's panel j is panels[j*D*NR : (j+1)*D*NR], (D, NR);
-    C[i, col] = c[c_off + i*ldc + col] for col < K. finish: add bias[col] (padded to P*NR)
-    and, if relu, clamp at 0. tmp: MR*NR floats for the tiles that overhang C's last row
-    or column; every other tile is stored by the micro-kernel in place.
-    """
-    for ic in range(i0, i1, MC):                                   # a block of rows: A's, in L2
-        ie = min(i1, ic + MC)
-        for pc in range(0, D, KC):                                 # a block of depth, in order
-            kc = min(KC, D - pc)
-            first, last = pc == 0, pc + kc == D
-            for j in range(j0, j1):                                # a panel: its kc x NR part in L1
-                nr = min(NR, K - j * NR)
-                b_off = j * D * NR + pc * NR
-                for i in range(ic, ie, MR):
-                    mr = min(MR, ie - i)
-                    a_at = a_off + i * lda + pc
-                    c_at = c_off + i * ldc + j * NR
-                    if mr == MR and nr == NR:
-                        _tile(code, kc, mr, a, a_at, lda, panels, b_off, c, c_at, ldc, first,
-                              bias, j * NR, relu, finish and last)
-                        continue
-                    if not first:                                  # the chain so far, into tmp
-                        for r in range(mr):
-                            for q in range(nr):
-                                tmp[r * NR + q] = c[c_at + r * ldc + q]
-                    _tile(code, kc, mr, a, a_at, lda, panels, b_off, tmp, 0, NR, first,
-                          bias, j * NR, relu, finish and last)
-                    for r in range(mr):
-                        for q in range(nr):
-                            c[c_at + r * ldc + q] = tmp[r * NR + q]
+    @_jit
+    def gemm(a, a_off, lda, a_step, i0, i1, D, b, b_off, b_step, j0, j1, K, c, c_off, ldc, c_step, e0, e1,
+             bias, relu, finish, tmp):
+        """Rows i0 .. i1-1 and panels j0 .. j1-1 of C = A @ B, for the products e0 .. e1-1 of a
+        stack (one, or a Winograd layer's points), by the rule (the file's docstring).
+
+        Product e: A[i, k] = a[a_off + e*a_step + i*lda + k]; B's panel j is the (D, NR) block at
+        b[b_off + e*b_step + j*D*NR]; C[i, col] = c[c_off + e*c_step + i*ldc + col], col < K.
+        finish: add bias[col] (padded to whole panels) and, if relu, clamp at 0. tmp: MR*NR
+        floats for the tiles that overhang C's last row or column; every other tile is stored
+        by the micro-kernel in place.
+        """
+        for e in range(e0, e1):
+            ae, be, ce = a_off + e * a_step, b_off + e * b_step, c_off + e * c_step
+            for ic in range(i0, i1, MC):                           # a block of rows: A's, in L2
+                ie = min(i1, ic + MC)
+                for pc in range(0, D, KC):                         # a block of depth, in order
+                    kc = min(KC, D - pc)
+                    first, last = pc == 0, pc + kc == D
+                    for j in range(j0, j1):                        # a panel: its kc x NR part in L1
+                        nr = min(NR, K - j * NR)
+                        b_at = be + j * D * NR + pc * NR
+                        for i in range(ic, ie, MR):
+                            mr = min(MR, ie - i)
+                            a_at = ae + i * lda + pc
+                            c_at = ce + i * ldc + j * NR
+                            if mr == MR and nr == NR:
+                                _tile(code, kc, mr, a, a_at, lda, b, b_at, c, c_at, ldc, first,
+                                      bias, j * NR, relu, finish and last)
+                                continue
+                            if not first:                          # the chain so far, into tmp
+                                for r in range(mr):
+                                    for q in range(nr):
+                                        tmp[r * NR + q] = c[c_at + r * ldc + q]
+                            _tile(code, kc, mr, a, a_at, lda, b, b_at, tmp, 0, NR, first,
+                                  bias, j * NR, relu, finish and last)
+                            for r in range(mr):
+                                for q in range(nr):
+                                    c[c_at + r * ldc + q] = tmp[r * NR + q]
+
+    return gemm
 
 
 def blocking(path):
@@ -276,6 +288,9 @@ def blocking(path):
     KC = 4096 // path.nr
     MC = max(path.rows, (65536 // KC) // path.rows * path.rows)
     return KC, MC
+
+
+_DRIVERS = {name: _driver(path) for name, path in SIMD_PATHS.items()}
 
 
 # --- 2. weights in panels ----------------------------------------------------------------
@@ -309,11 +324,19 @@ class Panels:
     def __len__(self):
         return self.shape[0]
 
+    def __getitem__(self, e):
+        """Matrix e of a stack (a Winograd point's weights), still packed."""
+        return Panels(self.data[e], self.shape[1:], self.path)
+
     def unpack(self):
         """The weights as packed, in their logical shape."""
         *lead, P, D, NR = self.data.shape
         b = np.moveaxis(self.data, -2, -3).reshape(*lead, D, P * NR)[..., : self.columns]
         return np.ascontiguousarray(b).reshape(self.shape)
+
+    def __array__(self, dtype=None, copy=None):
+        """np.asarray(panels): the weights in their logical shape (a copy)."""
+        return self.unpack() if dtype is None else self.unpack().astype(dtype)
 
     def __repr__(self):
         return f"Panels(shape={self.shape}, path={self.path.name}, data={self.data.shape})"
@@ -354,29 +377,52 @@ def padded_bias(bias, K, path):
 _NO_BIAS = np.zeros(1, np.float32)
 
 
-def gemm_into(a, panels, c, i0=0, i1=None, j0=0, j1=None, bias=None, relu=False, tmp=None):
+def gemm_into(a, panels, c, i0=0, i1=None, j0=0, j1=None, bias=None, relu=False, columns=None):
     """C[i0:i1, panel columns j0*NR .. j1*NR] = A @ B by the rule, into c (a 2-D view with
     unit column stride, any row stride: a channel window of a module's output).
 
     a: (M, D) float32 with unit column stride; panels: a Panels of one (D, K) matrix;
     bias: padded_bias(...) or None (no epilogue); relu: clamp at 0 after the bias.
+    columns: how many columns c has room for, when more than K (whole panels: the padded
+    columns are zeros and no tile needs the edge's detour through tmp).
     """
     path = panels.path
     M, D = a.shape
-    K = panels.columns
     i1 = M if i1 is None else i1
     j1 = panels.data.shape[-3] if j1 is None else j1
     if i1 <= i0 or j1 <= j0:
         return c
     a_flat, a_off, lda = _flat(a)
     c_flat, c_off, ldc = _flat(c)
-    if tmp is None:
-        tmp = np.empty(path.rows * path.nr, np.float32)
-    KC, MC = blocking(path)
-    finish = bias is not None
-    _gemm(path.code, path.rows, path.nr, KC, MC, a_flat, a_off, lda, i0, i1, D, panels.data.reshape(-1),
-          j0, j1, K, c_flat, c_off, ldc, bias if finish else _NO_BIAS, bool(relu), finish, tmp)
+    _run(path, a_flat, a_off, lda, 0, i0, i1, D, panels.data.reshape(-1), 0, 0, j0, j1,
+         panels.columns if columns is None else columns, c_flat, c_off, ldc, 0, 0, 1, bias, relu)
     return c
+
+
+def gemm_stack(v, panels, m, e0, e1, i0=0, i1=None):
+    """m[e] = v[e] @ B[e] for the products e0 .. e1-1 of a stack, in one call: v (n, T, D) and
+    m (n, T, P*NR) contiguous, panels of (n, D, K) (a Winograd layer's points). m's rows
+    hold whole panels (the padding columns come out zero)."""
+    path = panels.path
+    n, T, D = v.shape
+    i1 = T if i1 is None else i1
+    P = panels.data.shape[-3]
+    width = P * path.nr
+    if m.shape != (n, T, width) or not (v.flags.c_contiguous and m.flags.c_contiguous):
+        raise ValueError(f"gemm_stack wants contiguous v (n, T, D) and m (n, T, {width}), got {v.shape} and {m.shape}")
+    if e1 <= e0 or i1 <= i0:
+        return m
+    _run(path, v.reshape(-1), 0, D, T * D, i0, i1, D, panels.data.reshape(-1), 0, P * D * path.nr, 0, P,
+         width, m.reshape(-1), 0, width, T * width, e0, e1, None, False)
+    return m
+
+
+def _run(path, a, a_off, lda, a_step, i0, i1, D, b, b_off, b_step, j0, j1, K, c, c_off, ldc, c_step,
+         e0, e1, bias, relu):
+    finish = bias is not None
+    tmp = _scratch("gemm_tile", (path.rows * path.nr,))             # this thread's
+    _DRIVERS[path.name](a, a_off, lda, a_step, i0, i1, D, b, b_off, b_step, j0, j1, K, c, c_off, ldc, c_step,
+                        e0, e1, bias if finish else _NO_BIAS, bool(relu), finish, tmp)
 
 
 def _flat(m):
@@ -385,11 +431,13 @@ def _flat(m):
     if m.dtype != np.float32 or m.ndim != 2 or (m.shape[1] > 1 and m.strides[1] != 4) or m.strides[0] % 4:
         raise ValueError(f"a GEMM operand must be 2-D float32 with unit column stride, got {m.dtype} "
                          f"{m.shape} strides {m.strides}")
+    if m.flags.c_contiguous:
+        return m.reshape(-1), 0, m.shape[1]
     root = m
     while isinstance(root.base, np.ndarray):
         root = root.base
     if not root.flags.c_contiguous:
-        root = m = np.ascontiguousarray(m)
+        raise ValueError("a GEMM operand must be a view of a contiguous buffer")
     offset = (m.ctypes.data - root.ctypes.data) // 4
     flat = np.ndarray(root.nbytes // 4, np.float32, buffer=root)
     return flat, offset, m.strides[0] // 4 if m.shape[0] > 1 else m.shape[1]
@@ -424,6 +472,7 @@ def _epilogue(c, bias, relu):
 
 @_jit
 def _peak_loop(code, MR, NR, kc, a, b, c, repeats, bias):
+    """The micro-kernel alone, `repeats` times on the same operands."""
     for _ in range(repeats):
         _tile(code, kc, MR, a, 0, kc, b, 0, c, 0, NR, True, bias, 0, False, False)
 

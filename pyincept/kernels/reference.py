@@ -217,13 +217,23 @@ def winograd_weights(w, tile=2):
         r = max(w.shape[:2])
         G = _line_table(r, tile)["G"]                                         # (n, r)
         taps = w.reshape(r, C * K).astype(np.float64)                         # (r, C*K)
-        return (G @ taps).astype(np.float32).reshape(len(G), C, K)           # G g: (n, C, K)
+        return _in_order(G, taps).astype(np.float32).reshape(len(G), C, K)   # G g: (n, C, K)
     G = _square_table(w.shape[0], tile)["G"]                                  # (n, r)
     n, r = G.shape
     # Both products run along long rows of C*K values (as two tensordots, which transposed
     # the filters, they took 3-5x longer: a quarter of loading the network).
-    gw = (G @ w.reshape(r, r * C * K).astype(np.float64)).reshape(n, r, C * K)   # G g: rows of g
-    return np.matmul(G, gw).astype(np.float32).reshape(n, n, C, K)             # (G g) GT: its columns
+    gw = _in_order(G, w.reshape(r, r * C * K).astype(np.float64)).reshape(n, r, C * K)   # G g: rows of g
+    return np.stack([_in_order(G, gw[a]) for a in range(n)]).astype(np.float32).reshape(n, n, C, K)   # (G g) GT
+
+
+def _in_order(G, x):
+    """G @ x for a small G (n, r), each sum over r taken in order in float64: the same bits
+    on every machine (a BLAS would pick its own order by kernel, so the transformed filters,
+    and every logit after them, could differ in the last bit from one CPU to another)."""
+    out = np.zeros((G.shape[0], *x.shape[1:]), np.float64)
+    for t in range(G.shape[1]):
+        out += G[:, t, None] * x[t]                                           # (n, 1) * (C*K,)
+    return out
 
 
 def conv2d_winograd(x, u, bias=None, padding=0, relu=False, out=None, kernel_size=(3, 3)):
@@ -408,6 +418,11 @@ def to_device(a):
 
 def to_host(a):
     return np.asarray(a)
+
+
+def pack_weights(w):
+    """The weights as conv2d and linear read them here: a plain float32 array."""
+    return to_device(w)
 
 
 def map_batch(fn, N):

@@ -1,16 +1,16 @@
-"""The CPU kernels' runtime: threads, BLAS at one thread, the lone image's helper thread,
-scratch and activation memory, the argument checks every wrapper shares, and the float32
-constants the kernels' arithmetic uses. The kernels themselves live in conv, winograd,
-pool and dense.
+"""The CPU kernels' runtime: threads, the lone image's helper thread, scratch and
+activation memory, the argument checks every wrapper shares, and the float32 constants
+the kernels' arithmetic uses. The kernels themselves live in gemm, conv, winograd, pool
+and dense.
 
 How a forward pass uses the cores: `map_batch` deals a batch's micro-batches to shard
 threads; a lone image's layers split their own work in two (`_side_by_side`), handing
-half to a helper thread that waits spinning. Every Numba kernel is serial; BLAS runs at
-one thread inside a pass. Numba flags come from `config` (`_jit`, `_jit_inline`).
+half to a helper thread that waits spinning. Every Numba kernel is serial, the matrix
+product included (gemm.py: no BLAS on the forward path). Numba flags come from `config`
+(`_jit`, `_jit_inline`).
 """
 
 import ctypes
-import functools
 import math
 import os
 import threading
@@ -26,9 +26,9 @@ from .. import config
 
 
 # --- threads ------------------------------------------------------------------------
-# Every Numba kernel is serial, and BLAS runs single-threaded inside a forward pass: a
-# second thread pool (Numba's, or OpenBLAS's, whose idle threads spin after each GEMM)
-# fights the first for the cores (benchmarks/NOTES.md). So the threads are pyincept's own:
+# Every Numba kernel is serial: a second thread pool (Numba's, or a BLAS's, whose idle
+# threads spin after each product) fights the first for the cores (benchmarks/NOTES.md).
+# So the threads are pyincept's own:
 #   batch > 1: `map_batch` splits the batch into n shards that run concurrently, one per
 #              thread: every core runs its own images, unfold, GEMM, epilogue and
 #              pooling alike;
@@ -41,29 +41,18 @@ _jit = njit(**config.JIT_OPTIONS)
 _jit_inline = njit(**config.JIT_INLINE_OPTIONS)
 
 _threads = 1
-_blas = []                  # a _BlasLibrary for every BLAS library loaded
 _executor = None            # the shard threads (created on first use)
 _executor_lock = threading.Lock()
 
 
 def set_num_threads(n):
-    """Threads for a forward pass (shards of a batch, halves of a lone image's layers), and
-    for BLAS when called outside one (retrain's NumPy, anything else); returns n."""
-    global _threads, _blas, _executor
-    from threadpoolctl import ThreadpoolController
-
+    """Threads for a forward pass (shards of a batch, halves of a lone image's layers); returns n."""
+    global _threads, _executor
     n = max(1, int(n))
-    with _single_threaded_blas.lock:
-        _blas = [_BlasLibrary(lib) for lib in ThreadpoolController().select(user_api="blas").lib_controllers]
-        if _single_threaded_blas.depth == 0:
-            for lib in _blas:
-                lib.set_threads(n)
-        else:                                         # passes are running: the last one out sets n
-            _single_threaded_blas.restore = [(lib, n) for lib in _blas]
-        with _executor_lock:
-            if _threads != n:
-                _executor = None      # dropped, not shut down: a pass on another thread may still use it
-            _threads = n
+    with _executor_lock:
+        if _threads != n:
+            _executor = None          # dropped, not shut down: a pass on another thread may still use it
+        _threads = n
     return n
 
 
@@ -76,18 +65,17 @@ def map_batch(fn, N):
 
     The batch is cut into micro-batches of at most config.MICRO_BATCH images (activation
     memory grows with the micro-batch, not the batch) dealt out to `_threads` shards,
-    one Python thread each, running concurrently with single-threaded BLAS. A batch of
-    one image runs here, its layers splitting their work in two (`_side_by_side`).
-    Every image goes through the same kernels and the same matrix products whatever
-    the shard (`_gemm_pieces`), so its results are the same bits at any thread count.
+    one Python thread each, running concurrently. A batch of one image runs here, its
+    layers splitting their work in two (`_side_by_side`). Every output of every product
+    is one FMA chain (gemm.py), whichever images share the product and whichever thread
+    runs it, so an image's results are the same bits at any thread count and in any batch.
     """
     size = max(1, min(config.MICRO_BATCH, -(-N // _threads)))
     slices = [slice(i, min(N, i + size)) for i in range(0, N, size)]
     shards = min(_threads, len(slices))
 
     def run(group):
-        with _single_threaded_blas():
-            return [fn(s) for s in group]
+        return [fn(s) for s in group]
 
     if shards == 1:                                               # one image, or one thread
         _local.splitting = _threads > 1                           # a lone image: each layer splits its work
@@ -103,74 +91,7 @@ def map_batch(fn, N):
     return results
 
 
-# --- BLAS at one thread while any pass runs ---------------------------------------------
-# Inside a pass BLAS runs single-threaded: pyincept's own threads share the cores, and a
-# threaded BLAS would cut each product again by its own rules (`_gemm_pieces`). The limit
-# is process-wide, held from the first pass in until the last one out, because that is all
-# OpenBLAS offers: its openblas_set_num_threads_local is process-wide too in its pthreads
-# builds (numpy's wheels). And it is set through OpenBLAS's own call, not threadpoolctl's
-# public one, which obeys only the first thread that ever set a limit (benchmarks/NOTES.md).
-# Other code in the process meanwhile gets one BLAS thread too.
-
-
-class _BlasLibrary:
-    """One loaded BLAS library, through its threadpoolctl controller."""
-
-    def __init__(self, controller):
-        self.controller = controller
-
-    def get_threads(self):
-        return self.controller.get_num_threads()
-
-    def set_threads(self, n):
-        """The process-wide count, from any thread: threadpoolctl's own call without its
-        first-thread rule (its public set_num_threads where a release lacks it)."""
-        getattr(self.controller, "_real_set_num_threads", self.controller.set_num_threads)(n)
-
-
-class _single_threaded_blas:
-    """BLAS at one thread while any thread is inside (re-entrant); the counts it found are
-    set back when the last one leaves."""
-
-    lock = threading.Lock()
-    depth = 0                      # threads inside, counted once per thread
-    restore = []                   # [(library, its count before the first one came in)]
-
-    def __enter__(self):
-        self.outermost = getattr(_local, "blas_depth", 0) == 0
-        _local.blas_depth = getattr(_local, "blas_depth", 0) + 1
-        if self.outermost:
-            cls = _single_threaded_blas
-            with cls.lock:
-                if cls.depth == 0:
-                    cls.restore = [(lib, lib.get_threads()) for lib in _blas]
-                    for lib in _blas:
-                        lib.set_threads(1)
-                cls.depth += 1
-
-    def __exit__(self, *exc):
-        _local.blas_depth -= 1
-        if self.outermost:
-            cls = _single_threaded_blas
-            with cls.lock:
-                cls.depth -= 1
-                if cls.depth == 0:
-                    for lib, n in cls.restore:
-                        lib.set_threads(n)
-
-
-def _single_threaded(kernel):
-    """`kernel` with BLAS at one thread, inside a forward pass or not: a threaded BLAS cuts
-    each product again by its own rules, which would undo `_gemm_pieces`."""
-    @functools.wraps(kernel)
-    def run(*args, **kwargs):
-        with _single_threaded_blas():
-            return kernel(*args, **kwargs)
-
-    return run
-
-
-_local = threading.local()        # .splitting: this thread runs one image alone, BLAS at 1 thread
+_local = threading.local()        # .splitting: this thread runs one image alone
 _SIDE_BY_SIDE_MIN = 8             # pixels, tiles or rows: below this a split is not worth a thread hand-off
 # Elementwise work (pool window reads, epilogue values) below this runs whole: there a
 # hand-over to the helper costs about as much as the half it would save.
@@ -182,10 +103,9 @@ def _side_by_side(work, count, ops=None, smallest=_SIDE_BY_SIDE_MIN):
     while map_batch runs one image alone (`_local.splitting`).
 
     At batch 1 there are no images to run side by side, so each layer splits its own
-    work: the pieces of its matrix products (`_gemm_pieces`: unfold, GEMM and epilogue
-    of each), pool rows or epilogue pixels, each half with single-threaded BLAS.
-    NumPy's GEMMs and the Numba kernels release the GIL, so the halves run at once, and
-    no idle BLAS thread spins beside them. Anywhere else (inside a shard, or a kernel
+    work: the tiles or weight panels of its matrix products (unfold, GEMM and epilogue
+    of each), Winograd points, pool rows or epilogue pixels. The Numba kernels, the GEMM
+    included, release the GIL, so the halves run at once. Anywhere else (inside a shard, or a kernel
     called on its own) the work runs whole, as does work of fewer than `smallest` items
     or elementwise work of fewer than _SPLIT_MIN_OPS `ops`. Who runs an item never
     changes its numbers: work(a, b) computes items a .. b-1 the same way on any thread.
@@ -311,7 +231,6 @@ class _Helper:
             raise error
 
     def _serve(self):
-        # No BLAS limit of its own: it only ever runs halves of a pass whose caller holds one.
         flags, seq = self.flags, 0
         while True:
             seq += 1
@@ -356,7 +275,6 @@ def _forget_threads():
     """In a forked child: the parent's helper and shard threads do not exist there."""
     global _helper, _helper_lock, _executor, _executor_lock
     _helper, _helper_lock, _executor, _executor_lock = None, threading.Lock(), None, threading.Lock()
-    _single_threaded_blas.lock = threading.Lock()
 
 
 os.register_at_fork(after_in_child=_forget_threads)

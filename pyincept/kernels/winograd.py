@@ -10,16 +10,17 @@ import numpy as np
 
 from . import reference
 from .geometry import conv_output_hw, pad4, pair
+from .gemm import Panels, gemm_stack, pack_weights, simd
 from .runtime import (
     F0, F0_25, F0_5, F1_25, F2, F2_5, F4, F4_25, F5, F5_25, F8, _as_f32, _bias_vector, _check_nhwc,
-    _jit, _jit_inline, _output, _output_window, _scratch, _side_by_side, _single_threaded,
+    _jit, _jit_inline, _output, _output_window, _scratch, _side_by_side,
 )
 
 
-# A Winograd chunk's transformed inputs and GEMM outputs together: 512K floats = 2 MB, so
+# A Winograd chunk's transformed inputs and GEMM outputs together: 1M floats = 4 MB, so
 # each chunk's data is still in cache when the GEMMs read it and the output transform
-# reads theirs.
-_WINOGRAD_FLOATS = 512 << 10
+# reads theirs, with rows enough that each point's weights serve many tiles.
+_WINOGRAD_FLOATS = 1 << 20
 
 
 # --- Winograd: F(2x2, 3x3), F(4x4, 3x3), F(2x2, 5x5), F(4, 3), F(2, 7) and F(4, 7) ------
@@ -41,23 +42,30 @@ def winograd_tile(in_channels, kernel_size=(3, 3)):
 
 
 def winograd_weights(w, tile=None):
-    """Filters in the Winograd domain, as the GEMMs want them: 3x3 (3, 3, C, K) ->
-    (16, C, K) for tile 2, (36, C, K) for tile 4; 5x5 -> (36, C, K); 1x3 or 3x1 -> (6, C, K);
-    1x7 or 7x1 -> (8, C, K) for tile 2, (10, C, K) for tile 4. tile=None: `winograd_tile`'s."""
+    """Filters in the Winograd domain, packed for the point GEMMs (Panels of logical shape
+    (n, C, K)): 3x3 (3, 3, C, K) -> n = 16 for tile 2, 36 for tile 4; 5x5 -> 36; 1x3 or
+    3x1 -> 6; 1x7 or 7x1 -> 8 for tile 2, 10 for tile 4. tile=None: `winograd_tile`'s."""
     w = _as_f32(w)
     if tile is None:
         tile = winograd_tile(w.shape[2], w.shape[:2])
     R, S, C, K = w.shape
-    # A block of output channels at a time: the float64 temporaries of a whole filter bank
-    # (60 MB for Mixed_7b's 3x3 at C=448) were the loading peak of resident memory.
-    step = max(1, _TRANSFORM_FLOATS // (R * S * C))
-    u = None
+    path = simd()
+    NR = path.nr
+    P = -(-K // NR)
+    # A panel's worth of output channels at a time, at most _TRANSFORM_FLOATS filter values
+    # (the float64 temporaries of a whole bank, 60 MB for Mixed_7b's 3x3 at C=448, were the
+    # loading peak), each written straight into its panels: no second copy of the bank.
+    step = max(1, _TRANSFORM_FLOATS // (R * S * C * NR)) * NR
+    data = None
     for k0 in range(0, K, step):
         block = reference.winograd_weights(w[..., k0 : k0 + step], tile)     # (n, n, C, k) or (n, C, k)
-        if u is None:
-            u = np.empty((*block.shape[:-1], K), np.float32)
-        u[..., k0 : k0 + block.shape[-1]] = block
-    return u.reshape(-1, C, K)                                        # (n*n or n, C, K), contiguous
+        block = block.reshape(-1, C, block.shape[-1])                      # (n, C, k)
+        if data is None:
+            data = np.zeros((len(block), P, C, NR), np.float32)           # (n, P, C, NR)
+        for j in range(k0 // NR, -(-(k0 + block.shape[-1]) // NR)):
+            cols = block[..., j * NR - k0 : (j + 1) * NR - k0]            # (n, C, <= NR)
+            data[:, j, :, : cols.shape[-1]] = cols
+    return Panels(data, (len(data), C, K), path)
 
 
 _TRANSFORM_FLOATS = 1 << 17        # filter values per block of winograd_weights: float64 temporaries of ~3 MB
@@ -461,20 +469,21 @@ def _winograd3_output(m, bias, relu, along_w, T, t0, out, d0, first, last):
         _store_line(y, along_w, n, line, 4 * j, out, d0)
 
 
-@_single_threaded
 def conv2d_winograd(x, u, bias=None, padding=0, relu=False, out=None, kernel_size=(3, 3)):
-    """A stride-1 convolution by Winograd; u = winograd_weights(w, tile) for w of kernel_size.
+    """A stride-1 convolution by Winograd; u = winograd_weights(w, tile) for w of kernel_size
+    (Panels; a plain (n, C, K) bank is packed here).
 
     3x3: (16, C, K) runs F(2x2, 3x3), (36, C, K) runs F(4x4, 3x3). 5x5: (36, C, K) runs
     F(2x2, 5x5). 1x3 and 3x1: (6, C, K) runs F(4, 3), and 1x7 and 7x1: (8, C, K) runs
     F(2, 7), (10, C, K) F(4, 7), along the filter's axis, which is the only one these may pad.
-    Same contract as conv2d(x, w, bias, 1, padding, relu, out). Each image's T tiles of
-    outputs are cut as `_gemm_pieces` says: chunks of tiles that fit _WINOGRAD_FLOATS, or
-    two halves of the output channels. Per chunk: input transform into v (n, T, C), n GEMMs
-    v[e] @ u[e] into m (n, T, K), output transform with bias and ReLU straight into `out`.
+    Same contract as conv2d(x, w, bias, 1, padding, relu, out). The batch's tiles, all images
+    together, are cut into chunks that fit _WINOGRAD_FLOATS. Per chunk: input transform into
+    v (n, T, C), n point GEMMs v[e] @ u[e] into m (n, T, P*NR) (kernels/gemm.py: one FMA
+    chain per output, so a tile's bits do not depend on its chunk), output transform with
+    bias and ReLU straight into `out`.
     """
     x = _check_nhwc(x, "x")
-    u = _as_f32(u)
+    u = pack_weights(u)
     N = x.shape[0]
     g = _geometry(x.shape, u.shape, _hashable(padding), _hashable(kernel_size))
     n, C, K = u.shape
@@ -497,40 +506,37 @@ def conv2d_winograd(x, u, bias=None, padding=0, relu=False, out=None, kernel_siz
         else:                                                          # 6x6 patches, every tile-th pixel
             transform_in = lambda t0, v, a, b: kernel_in(x, tile, top, left, TH, TW, t0, v, a, b)       # noqa: E731
         transform_out = lambda t0, m, a, b: kernel_out(m, bias, relu, TH, TW, t0, parent, d0, a, b)      # noqa: E731
-    per_image, bounds = g.per_image, g.bounds
-    pieces = len(bounds) - 1
-    if pieces == 1:
-        # One chunk per image (every layer from 35x35 down). A lone image's two threads share
-        # it in three steps, so that no product is ever cut: half the tiles' input transforms
-        # each, then half of the n products (Winograd points) each, then half the output
-        # transforms. Inside a batch each image runs the same n products, whole, and the
-        # images of a group take each point's product one after another, on its weights
-        # while they are still in cache.
-        group = max(1, min(N, _WINOGRAD_FLOATS // (per_image * n * (C + K))))       # as many as fit a chunk
-        for i0 in range(0, N, group):
-            G = min(group, N - i0)
-            v = _scratch("wino_v", (n, G * per_image, C))               # image g's tiles: rows g*per_image ..
-            m = _scratch("wino_m", (n, G * per_image, K))
-            t0 = i0 * per_image
-            v4, m4 = v.reshape(n, G, per_image, C), m.reshape(n, G, per_image, K)
-            _side_by_side(lambda a, b: transform_in(t0, v, a, b), G * per_image)
-            _side_by_side(lambda a, b: np.matmul(v4[a:b], u[a:b, None], out=m4[a:b]), n, smallest=2)  # points a .. b-1
-            _side_by_side(lambda a, b: transform_out(t0, m, a, b), G * per_image)
+    path = u.path
+    width = u.data.shape[1] * path.nr                                  # P*NR: m's rows hold whole panels
+    bounds = _winograd_chunks(N * g.per_image, n * (C + width), path.rows)
+
+    def points(v, m, e0, e1):
+        """The GEMMs of Winograd points e0 .. e1-1: v[e] (T, C) @ u[e] (C, K) into m[e]."""
+        gemm_stack(v, u, m, e0, e1)
+
+    if len(bounds) == 2:
+        # One chunk (every layer from 35x35 down, a lone image or a few): a lone image's two
+        # threads share it in three steps: half the tiles' input transforms each, then half
+        # the n products (Winograd points) each, then half the output transforms.
+        count = bounds[1]
+        v = _scratch("wino_v", (n, count, C))
+        m = _scratch("wino_m", (n, count, width))
+        _side_by_side(lambda a, b: transform_in(0, v, a, b), count)
+        _side_by_side(lambda a, b: points(v, m, a, b), n, smallest=2)
+        _side_by_side(lambda a, b: transform_out(0, m, a, b), count)
         return out
 
     def chunks(i0, i1):
-        """Transform, n GEMMs and transform back for chunks i0 .. i1-1: chunk i is chunk i // N
-        of image i % N (images one after another on the same weights)."""
+        """Transform, n GEMMs and transform back for chunks i0 .. i1-1."""
         for i in range(i0, i1):
-            j, image = divmod(i, N)
-            t0, count = image * per_image + bounds[j], bounds[j + 1] - bounds[j]
+            t0, count = bounds[i], bounds[i + 1] - bounds[i]
             v = _scratch("wino_v", (n, count, C))
-            m = _scratch("wino_m", (n, count, K))
+            m = _scratch("wino_m", (n, count, width))
             transform_in(t0, v, 0, count)
-            np.matmul(v, u, out=m)                                     # n x (count, C) @ (C, K)
+            points(v, m, 0, n)
             transform_out(t0, m, 0, count)
 
-    _side_by_side(chunks, N * pieces, smallest=2)
+    _side_by_side(chunks, len(bounds) - 1, smallest=2)
     return out
 
 
@@ -548,7 +554,6 @@ class _Geometry(NamedTuple):
     TW: int
     tile: int
     per_image: int         # one image's tiles
-    bounds: tuple          # `_winograd_chunks` of one image
 
 
 _WINOGRAD_SIZES = {(3, 3): (16, 36), (5, 5): (36,), (1, 3): (6,), (3, 1): (6,), (1, 7): (8, 10), (7, 1): (8, 10)}
@@ -592,16 +597,15 @@ def _geometry(x_shape, u_shape, padding, kernel_size):
         per_image = TH * TW
         kernels = (_winograd_input if n == 16 else _winograd4_input,
                    {16: _winograd_output, 36: _winograd4_output if R == 3 else _winograd5_output}[n])
-    return _Geometry(OH, OW, tuple(kernels), along_w, pad0, T, top, left, TH, TW, tile, per_image,
-                     _winograd_chunks(per_image, n * (C + K)))
+    return _Geometry(OH, OW, tuple(kernels), along_w, pad0, T, top, left, TH, TW, tile, per_image)
 
 
-def _winograd_chunks(tiles, floats_per_tile):
-    """Tile bounds of one image's Winograd chunks, from its geometry alone (as `_gemm_pieces`):
-    as few as fit _WINOGRAD_FLOATS, and an even number where there are several, so that
-    a lone image's two threads take half each."""
+def _winograd_chunks(tiles, floats_per_tile, MR):
+    """Tile bounds of a batch's Winograd chunks: as few as fit _WINOGRAD_FLOATS, and an even
+    number where there are several, so that a lone image's two threads take half each;
+    each a whole number of micro-kernel rows but the last."""
     pieces = max(1, -(-tiles * floats_per_tile // _WINOGRAD_FLOATS))
     if pieces > 1:
         pieces += pieces % 2
-    pieces = min(pieces, tiles)
-    return tuple(j * tiles // pieces for j in range(pieces + 1))
+    step = -(-(-(-tiles // pieces)) // MR) * MR
+    return tuple(range(0, tiles, step)) + (tiles,)

@@ -62,9 +62,11 @@ class Network:
     def set_fuse(self, fuse):
         """fuse=True: lay fusion.Pointwise1x1 over every module whose 1x1 convs can share one
         GEMM; False: every module runs its branch table in torchvision's order."""
+        self._restore_host_weights()                 # a plan is made from the host filters
         for part in self.parts():
             if isinstance(part, Block):
                 fusion.fuse(part, fuse)
+        self._keep_kernel_forms_only()
         return self
 
     def set_algorithm(self, algorithm):
@@ -102,10 +104,13 @@ class Network:
 
     def _keep_kernel_forms_only(self):
         """Where the model can read its weights again (`reload`), drop the host filters that
-        only their Winograd form runs from (loading does it layer by layer: `load(lean=True)`)."""
+        a kernel form of their own runs from (loading does it layer by layer: `load(lean=True)`)."""
         if self.reload is not None:
             for layer in self.conv_layers():
                 layer.keep_kernel_form_only()
+            for part in self.parts():
+                if getattr(part, "plan", None) is not None:
+                    part.plan.keep_kernel_form_only()
 
     def _restore_host_weights(self):
         """Before another algorithm or device: every layer's host filters, reloaded when dropped."""
