@@ -50,7 +50,7 @@ from numba.extending import intrinsic
 
 from .. import config
 from ..errors import PyinceptError
-from .runtime import _as_f32, _jit, _jit_inline, _scratch
+from .runtime import _as_f32, _jit, _jit_inline, _scratch, aligned_zeros
 
 
 # --- which micro-kernel this CPU runs ---------------------------------------------------
@@ -125,8 +125,10 @@ def simd():
 # --- 1. the micro-kernel ---------------------------------------------------------------
 
 
-def _micro_kernel(rows, vectors, lanes):
-    """An @intrinsic computing one MR x NR tile of C (MR = rows, NR = vectors * lanes):
+def _micro_kernel(rows, vectors, lanes, prefetch=16):
+    """An @intrinsic computing one MR x NR tile of C (MR = rows, NR = vectors * lanes),
+    asking for B's row k + `prefetch` while it works on row k (weights are cold in a
+    forward pass: they come from memory once per layer; 1.05-1.1x, benchmarks/NOTES.md):
 
         tile(kc, mr, a, a_off, lda, b, b_off, c, c_off, ldc, first, bias, bias_off, relu, finish)
 
@@ -163,6 +165,9 @@ def _micro_kernel(rows, vectors, lanes):
 
             fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec, vec, vec]),
                                                  f"llvm.fma.v{lanes}f32")
+            i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+            fetch = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
+                                                   "llvm.prefetch.p0")
             acc = [[cgutils.alloca_once(builder, vec) for _ in range(vectors)] for _ in range(rows)]
 
             def c_offset(r, v):
@@ -190,6 +195,11 @@ def _micro_kernel(rows, vectors, lanes):
                 b_row = builder.add(b_off, builder.mul(k, const(NR)))
                 bk = [builder.load(vector_at(b_ptr, builder.add(b_row, const(v * lanes))), align=4)
                       for v in range(vectors)]                                 # B[k, :], NR floats
+                if prefetch:                                                   # B's row k + prefetch, on its way
+                    ahead = builder.gep(b_ptr, [builder.add(b_row, const(prefetch * NR))])
+                    for line in range(0, NR * 4, 64):
+                        at = builder.gep(builder.bitcast(ahead, i8p), [ir.Constant(i32, line)])
+                        builder.call(fetch, [at, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
                 for r in range(rows):
                     s = builder.load(builder.gep(row_ptr[r], [k]))            # A[r, k]
                     ark = builder.shuffle_vector(builder.insert_element(undef, s, lane0), undef, splat)
@@ -251,12 +261,14 @@ def _driver(path):
         floats for the tiles that overhang C's last row or column; every other tile is stored
         by the micro-kernel in place.
         """
+        blocks = -(-D // KC)                                       # depth blocks, of equal size:
+        step = -(-D // blocks)                                     # no short last block reloading C
         for e in range(e0, e1):
             ae, be, ce = a_off + e * a_step, b_off + e * b_step, c_off + e * c_step
             for ic in range(i0, i1, MC):                           # a block of rows: A's, in L2
                 ie = min(i1, ic + MC)
-                for pc in range(0, D, KC):                         # a block of depth, in order
-                    kc = min(KC, D - pc)
+                for pc in range(0, D, step):                       # a block of depth, in order
+                    kc = min(step, D - pc)
                     first, last = pc == 0, pc + kc == D
                     for j in range(j0, j1):                        # a panel: its kc x NR part in L1
                         nr = min(NR, K - j * NR)
@@ -358,7 +370,7 @@ def pack_weights(w, path=None):
     *lead, D, K = w.shape
     NR = path.nr
     P = -(-K // NR)
-    data = np.zeros((*lead, P, D, NR), np.float32)                 # (..., P, D, NR)
+    data = aligned_zeros((*lead, P, D, NR))                        # (..., P, D, NR)
     for j in range(P):
         cols = w[..., j * NR : (j + 1) * NR]                       # (..., D, <= NR)
         data[..., j, :, : cols.shape[-1]] = cols

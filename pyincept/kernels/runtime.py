@@ -298,6 +298,23 @@ F0, F0_25, F0_5, F1_25, F2, F2_5, F4, F4_25, F5, F5_25, F8 = (
     np.float32(c) for c in (0, 0.25, 0.5, 1.25, 2, 2.5, 4, 4.25, 5, 5.25, 8))
 
 
+def aligned_empty(shape, dtype=np.float32):
+    """An uninitialised array whose first element sits on a 64-byte boundary: a cache line,
+    so the GEMM's vector loads of weight panels and stores of output rows never straddle
+    two lines (up to 1.2x on a Winograd layer's products, benchmarks/NOTES.md)."""
+    size = math.prod(shape)
+    itemsize = np.dtype(dtype).itemsize
+    raw = np.empty(size * itemsize + 64, np.uint8)
+    start = -raw.ctypes.data % 64
+    return raw[start : start + size * itemsize].view(dtype).reshape(shape)
+
+
+def aligned_zeros(shape, dtype=np.float32):
+    a = aligned_empty(shape, dtype)
+    a.fill(0)
+    return a
+
+
 _scratch_buffers = threading.local()   # concurrent shards and forward passes never share
 
 
@@ -307,7 +324,7 @@ def _scratch(role, shape):
     size = math.prod(shape)
     buf = buffers.get(role)
     if buf is None or buf.size < size:
-        buf = buffers[role] = np.empty(size, np.float32)
+        buf = buffers[role] = aligned_empty((size,))
     return buf[:size].reshape(shape)
 
 
@@ -381,12 +398,12 @@ class Arena:
     def empty(self, shape):
         size = math.prod(shape)
         if size * 4 < self.min_bytes:
-            return np.empty(shape, np.float32)
+            return aligned_empty(shape)
         with self.lock:
             spare = self.free.get(size)
             base = spare.pop() if spare else None
         if base is None:
-            base = np.empty(size, np.float32)
+            base = aligned_empty((size,))
         lease = _Lease(base, shape)
         weakref.finalize(lease, self._release, base)
         return np.asarray(lease)

@@ -13,7 +13,7 @@ from .geometry import conv_output_hw, pad4, pair
 from .gemm import Panels, gemm_stack, pack_weights, simd
 from .runtime import (
     F0, F0_25, F0_5, F1_25, F2, F2_5, F4, F4_25, F5, F5_25, F8, _as_f32, _bias_vector, _check_nhwc,
-    _jit, _jit_inline, _output, _output_window, _scratch, _side_by_side,
+    _jit, _jit_inline, _output, _output_window, _scratch, _side_by_side, aligned_zeros,
 )
 
 
@@ -61,7 +61,7 @@ def winograd_weights(w, tile=None):
         block = reference.winograd_weights(w[..., k0 : k0 + step], tile)     # (n, n, C, k) or (n, C, k)
         block = block.reshape(-1, C, block.shape[-1])                      # (n, C, k)
         if data is None:
-            data = np.zeros((len(block), P, C, NR), np.float32)           # (n, P, C, NR)
+            data = aligned_zeros((len(block), P, C, NR))                  # (n, P, C, NR)
         for j in range(k0 // NR, -(-(k0 + block.shape[-1]) // NR)):
             cols = block[..., j * NR - k0 : (j + 1) * NR - k0]            # (n, C, <= NR)
             data[:, j, :, : cols.shape[-1]] = cols
