@@ -431,6 +431,8 @@ def gemm_stack(v, panels, m, e0, e1, i0=0, i1=None):
 
 def _run(path, a, a_off, lda, a_step, i0, i1, D, b, b_off, b_step, j0, j1, K, c, c_off, ldc, c_step,
          e0, e1, bias, relu):
+    if D == 0:
+        raise ValueError("a matrix product needs a depth of at least 1")
     finish = bias is not None
     tmp = _scratch("gemm_tile", (path.rows * path.nr,))             # this thread's
     _DRIVERS[path.name](a, a_off, lda, a_step, i0, i1, D, b, b_off, b_step, j0, j1, K, c, c_off, ldc, c_step,

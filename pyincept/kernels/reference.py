@@ -231,8 +231,11 @@ def _in_order(G, x):
     on every machine (a BLAS would pick its own order by kernel, so the transformed filters,
     and every logit after them, could differ in the last bit from one CPU to another)."""
     out = np.zeros((G.shape[0], *x.shape[1:]), np.float64)
-    for t in range(G.shape[1]):
-        out += G[:, t, None] * x[t]                                           # (n, 1) * (C*K,)
+    term = np.empty(x.shape[1:], np.float64)
+    for a in range(G.shape[0]):
+        for t in range(G.shape[1]):
+            if G[a, t] != 0:                                                  # G is sparse: skip its zeros
+                np.add(out[a], np.multiply(x[t], G[a, t], out=term), out=out[a])   # out[a] += G[a, t] x[t]
     return out
 
 
