@@ -50,7 +50,7 @@ from numba.extending import intrinsic
 
 from .. import config
 from ..errors import PyinceptError
-from .runtime import _as_f32, _jit, _jit_inline, _scratch, aligned_zeros
+from .runtime import _as_f32, _jit, _jit_inline, aligned_zeros
 
 
 # --- which micro-kernel this CPU runs ---------------------------------------------------
@@ -130,14 +130,16 @@ def _micro_kernel(rows, vectors, lanes, prefetch=16):
     asking for B's row k + `prefetch` while it works on row k (weights are cold in a
     forward pass: they come from memory once per layer; 1.05-1.1x, benchmarks/NOTES.md):
 
-        tile(kc, mr, a, a_off, lda, b, b_off, c, c_off, ldc, first, bias, bias_off, relu, finish)
+        tile(kc, mr, nr, a, a_off, lda, b, b_off, c, c_off, ldc, first, bias, bias_off, relu, finish)
 
     acc[r, :] starts at 0 (first) or at C's row r (a chain picked up after an earlier
     depth block); then for k = 0 .. kc-1: acc[r, :] = fma(A[r, k], B[k, :], acc[r, :]),
     with A[r, k] = a[a_off + r*lda + k] and B[k, :] = b[b_off + k*NR : ... + NR]; then,
     when `finish`, acc += bias[bias_off : + NR] and, when `relu`, acc = max(acc, 0) (a NaN
-    stays NaN); the tile goes to c[c_off + r*ldc : ... + NR]. Rows r >= mr read row mr-1
-    again: an edge tile's extra rows are computed, and dropped by the caller.
+    stays NaN); the tile goes to c[c_off + r*ldc : ... + NR]. An edge tile has mr < MR
+    rows or nr < NR columns in C: its rows past mr read row mr-1 of A again and are never
+    stored, and its columns past nr are loaded and stored under a lane mask (llvm.masked.*),
+    so nothing outside C's mr x nr corner is touched.
     """
     NR = vectors * lanes
     f32 = ir.FloatType()
@@ -145,14 +147,14 @@ def _micro_kernel(rows, vectors, lanes, prefetch=16):
     array = types.Array(types.float32, 1, "C")
 
     @intrinsic
-    def tile(typingctx, kc, mr, a, a_off, lda, b, b_off, c, c_off, ldc, first, bias, bias_off, relu, finish):
+    def tile(typingctx, kc, mr, nr, a, a_off, lda, b, b_off, c, c_off, ldc, first, bias, bias_off, relu, finish):
         if any(arg != array for arg in (a, b, c, bias)):
             return None
-        sig = types.void(types.intp, types.intp, array, types.intp, types.intp, array, types.intp, array,
+        sig = types.void(types.intp, types.intp, types.intp, array, types.intp, types.intp, array, types.intp, array,
                          types.intp, types.intp, types.boolean, array, types.intp, types.boolean, types.boolean)
 
         def codegen(context, builder, signature, args):
-            kc, mr, a, a_off, lda, b, b_off, c, c_off, ldc, first, bias, bias_off, relu, finish = args
+            kc, mr, nr, a, a_off, lda, b, b_off, c, c_off, ldc, first, bias, bias_off, relu, finish = args
             data = [context.make_array(array)(context, builder, x).data for x in (a, b, c, bias)]
             a_ptr, b_ptr, c_ptr, bias_ptr = data
             intp = context.get_value_type(types.intp)
@@ -168,10 +170,52 @@ def _micro_kernel(rows, vectors, lanes, prefetch=16):
             i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
             fetch = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
                                                    "llvm.prefetch.p0")
+            bits = ir.VectorType(ir.IntType(1), lanes)
+            masked_load = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(vec, [vec.as_pointer(), i32, bits, vec]), f"llvm.masked.load.v{lanes}f32.p0")
+            masked_store = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(ir.VoidType(), [vec, vec.as_pointer(), i32, bits]),
+                f"llvm.masked.store.v{lanes}f32.p0")
             acc = [[cgutils.alloca_once(builder, vec) for _ in range(vectors)] for _ in range(rows)]
 
             def c_offset(r, v):
                 return builder.add(c_off, builder.add(builder.mul(const(r), ldc), const(v * lanes)))
+
+            # An edge tile's lanes: column v*lanes + l is C's while it is below nr.
+            whole = builder.and_(builder.icmp_signed("==", mr, const(rows)), builder.icmp_signed("==", nr, const(NR)))
+            wide = ir.VectorType(intp, lanes)
+            nr_splat = builder.shuffle_vector(builder.insert_element(ir.Constant(wide, ir.Undefined), nr,
+                                                                     ir.Constant(i32, 0)),
+                                              ir.Constant(wide, ir.Undefined), ir.Constant(ir.VectorType(i32, lanes), [0] * lanes))
+            lane_mask = [builder.icmp_signed("<", ir.Constant(wide, [v * lanes + l for l in range(lanes)]), nr_splat)
+                         for v in range(vectors)]
+
+            def for_c(action):
+                """action(r, v) for every vector of the tile in C: all of them in a whole tile,
+                only rows below mr (under their lane masks) in an edge tile."""
+                with builder.if_else(whole) as (full, edge):
+                    with full:
+                        for r in range(rows):
+                            for v in range(vectors):
+                                action(r, v, None)
+                    with edge:
+                        for r in range(rows):
+                            with builder.if_then(builder.icmp_signed("<", const(r), mr)):
+                                for v in range(vectors):
+                                    action(r, v, lane_mask[v])
+
+            def load_c(r, v, mask):
+                at = vector_at(c_ptr, c_offset(r, v))
+                value = (builder.load(at, align=4) if mask is None else
+                         builder.call(masked_load, [at, ir.Constant(i32, 4), mask, ir.Constant(vec, [0.0] * lanes)]))
+                builder.store(value, acc[r][v])
+
+            def store_c(r, v, mask):
+                at = vector_at(c_ptr, c_offset(r, v))
+                if mask is None:
+                    builder.store(builder.load(acc[r][v]), at, align=4)
+                else:
+                    builder.call(masked_store, [builder.load(acc[r][v]), at, ir.Constant(i32, 4), mask])
 
             # Each row's start in A, computed once: rows past mr point at row mr - 1.
             row_ptr = []
@@ -184,9 +228,10 @@ def _micro_kernel(rows, vectors, lanes, prefetch=16):
                         for v in range(vectors):
                             builder.store(ir.Constant(vec, [0.0] * lanes), acc[r][v])
                 with resumed:
-                    for r in range(rows):
+                    for r in range(rows):                                  # rows past mr: never stored
                         for v in range(vectors):
-                            builder.store(builder.load(vector_at(c_ptr, c_offset(r, v)), align=4), acc[r][v])
+                            builder.store(ir.Constant(vec, [0.0] * lanes), acc[r][v])
+                    for_c(load_c)
             lane0 = ir.Constant(ir.IntType(32), 0)
             splat = ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes)
             undef = ir.Constant(vec, ir.Undefined)
@@ -214,9 +259,7 @@ def _micro_kernel(rows, vectors, lanes, prefetch=16):
                         y = builder.fadd(builder.load(acc[r][v]), bv)
                         negative = builder.select(relu, builder.fcmp_ordered("<", y, zero), never)   # NaN: false
                         builder.store(builder.select(negative, zero, y), acc[r][v])
-            for r in range(rows):
-                for v in range(vectors):
-                    builder.store(builder.load(acc[r][v]), vector_at(c_ptr, c_offset(r, v)), align=4)
+            for_c(store_c)
             return context.get_dummy_value()
 
         return sig, codegen
@@ -229,14 +272,15 @@ _tile_avx512, _tile_avx2, _tile_generic = _TILES["avx512"], _TILES["avx2"], _TIL
 
 
 @_jit_inline
-def _tile(code, kc, mr, a, a_off, lda, b, b_off, c, c_off, ldc, first, bias, bias_off, relu, finish):
-    """The micro-kernel of SIMD path `code` (Simd.code)."""
+def _tile(code, kc, mr, nr, a, a_off, lda, b, b_off, c, c_off, ldc, first, bias, bias_off, relu, finish):
+    """The micro-kernel of SIMD path `code` (Simd.code: a constant of each driver, so only
+    its own branch is compiled into it)."""
     if code == 2:
-        _tile_avx512(kc, mr, a, a_off, lda, b, b_off, c, c_off, ldc, first, bias, bias_off, relu, finish)
+        _tile_avx512(kc, mr, nr, a, a_off, lda, b, b_off, c, c_off, ldc, first, bias, bias_off, relu, finish)
     elif code == 1:
-        _tile_avx2(kc, mr, a, a_off, lda, b, b_off, c, c_off, ldc, first, bias, bias_off, relu, finish)
+        _tile_avx2(kc, mr, nr, a, a_off, lda, b, b_off, c, c_off, ldc, first, bias, bias_off, relu, finish)
     else:
-        _tile_generic(kc, mr, a, a_off, lda, b, b_off, c, c_off, ldc, first, bias, bias_off, relu, finish)
+        _tile_generic(kc, mr, nr, a, a_off, lda, b, b_off, c, c_off, ldc, first, bias, bias_off, relu, finish)
 
 
 # --- 3. the driver ---------------------------------------------------------------------
@@ -251,15 +295,14 @@ def _driver(path):
 
     @_jit
     def gemm(a, a_off, lda, a_step, i0, i1, D, b, b_off, b_step, j0, j1, K, c, c_off, ldc, c_step, e0, e1,
-             bias, relu, finish, tmp):
+             bias, relu, finish):
         """Rows i0 .. i1-1 and panels j0 .. j1-1 of C = A @ B, for the products e0 .. e1-1 of a
         stack (one, or a Winograd layer's points), by the rule (the file's docstring).
 
         Product e: A[i, k] = a[a_off + e*a_step + i*lda + k]; B's panel j is the (D, NR) block at
         b[b_off + e*b_step + j*D*NR]; C[i, col] = c[c_off + e*c_step + i*ldc + col], col < K.
-        finish: add bias[col] (padded to whole panels) and, if relu, clamp at 0. tmp: MR*NR
-        floats for the tiles that overhang C's last row or column; every other tile is stored
-        by the micro-kernel in place.
+        finish: add bias[col] (padded to whole panels) and, if relu, clamp at 0. Tiles that
+        overhang C's last row or column are stored under masks by the micro-kernel.
         """
         blocks = -(-D // KC)                                       # depth blocks, of equal size:
         step = -(-D // blocks)                                     # no short last block reloading C
@@ -274,22 +317,8 @@ def _driver(path):
                         nr = min(NR, K - j * NR)
                         b_at = be + j * D * NR + pc * NR
                         for i in range(ic, ie, MR):
-                            mr = min(MR, ie - i)
-                            a_at = ae + i * lda + pc
-                            c_at = ce + i * ldc + j * NR
-                            if mr == MR and nr == NR:
-                                _tile(code, kc, mr, a, a_at, lda, b, b_at, c, c_at, ldc, first,
-                                      bias, j * NR, relu, finish and last)
-                                continue
-                            if not first:                          # the chain so far, into tmp
-                                for r in range(mr):
-                                    for q in range(nr):
-                                        tmp[r * NR + q] = c[c_at + r * ldc + q]
-                            _tile(code, kc, mr, a, a_at, lda, b, b_at, tmp, 0, NR, first,
-                                  bias, j * NR, relu, finish and last)
-                            for r in range(mr):
-                                for q in range(nr):
-                                    c[c_at + r * ldc + q] = tmp[r * NR + q]
+                            _tile(code, kc, min(MR, ie - i), nr, a, ae + i * lda + pc, lda, b, b_at,
+                                  c, ce + i * ldc + j * NR, ldc, first, bias, j * NR, relu, finish and last)
 
     return gemm
 
@@ -434,9 +463,8 @@ def _run(path, a, a_off, lda, a_step, i0, i1, D, b, b_off, b_step, j0, j1, K, c,
     if D == 0:
         raise ValueError("a matrix product needs a depth of at least 1")
     finish = bias is not None
-    tmp = _scratch("gemm_tile", (path.rows * path.nr,))             # this thread's
     _DRIVERS[path.name](a, a_off, lda, a_step, i0, i1, D, b, b_off, b_step, j0, j1, K, c, c_off, ldc, c_step,
-                        e0, e1, bias if finish else _NO_BIAS, bool(relu), finish, tmp)
+                        e0, e1, bias if finish else _NO_BIAS, bool(relu), finish)
 
 
 def _flat(m):
@@ -484,11 +512,20 @@ def _epilogue(c, bias, relu):
 # --- the machine's peak, measured with the micro-kernel itself -------------------------
 
 
-@_jit
-def _peak_loop(code, MR, NR, kc, a, b, c, repeats, bias):
-    """The micro-kernel alone, `repeats` times on the same operands."""
-    for _ in range(repeats):
-        _tile(code, kc, MR, a, 0, kc, b, 0, c, 0, NR, True, bias, 0, False, False)
+def _peak_loop(path):
+    """The micro-kernel of `path` alone, compiled as its driver is: loop(kc, a, b, c, repeats,
+    bias) runs one whole tile `repeats` times on the same operands."""
+    code, MR, NR = path.code, path.rows, path.nr
+
+    @_jit
+    def loop(kc, a, b, c, repeats, bias):
+        for _ in range(repeats):
+            _tile(code, kc, MR, NR, a, 0, kc, b, 0, c, 0, NR, True, bias, 0, False, False)
+
+    return loop
+
+
+_PEAK_LOOPS = {name: _peak_loop(path) for name, path in SIMD_PATHS.items()}
 
 
 def peak_gfma(seconds=0.5, path=None):
@@ -503,10 +540,11 @@ def peak_gfma(seconds=0.5, path=None):
     c = np.empty(path.rows * path.nr, np.float32)
     bias = np.zeros(path.nr, np.float32)
     per_call = path.rows * path.nr * kc
-    _peak_loop(path.code, path.rows, path.nr, kc, a, b, c, 10, bias)
+    loop = _PEAK_LOOPS[path.name]
+    loop(kc, a, b, c, 10, bias)
     best, start, repeats = 0.0, time.perf_counter(), 2000
     while time.perf_counter() - start < seconds:
         t = time.perf_counter()
-        _peak_loop(path.code, path.rows, path.nr, kc, a, b, c, repeats, bias)
+        loop(kc, a, b, c, repeats, bias)
         best = max(best, per_call * repeats / (time.perf_counter() - t) / 1e9)
     return best
