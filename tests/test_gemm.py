@@ -189,3 +189,41 @@ def test_the_command_line_refuses_a_path_this_cpu_cannot_run_in_one_line():
 def test_the_micro_kernel_measures_the_cores_peak():
     for path in PATHS:
         assert G.peak_gfma(0.05, path) > 0.5            # a rate, in GFMA/s; its size belongs to the benchmarks
+
+
+def test_no_kernel_but_the_gemm_fuses_a_multiply_and_an_add():
+    """Outside the matrix product every sum is the expression as written: LLVM may not contract
+    a multiply and an add into an FMA (no fastmath), or the Winograd transforms, pools and
+    epilogues would round otherwise on a CPU with FMA than on one without. Checked in the
+    machine code of each kernel, compiled afresh (x86-64: vfmadd/vfmsub/vfnmadd)."""
+    import os
+    import platform
+    import tempfile
+
+    if platform.machine().lower() not in ("x86_64", "amd64") or "fma" not in G.host_features():
+        pytest.skip("the check reads x86-64 FMA instructions")
+    code = (
+        "import numpy as np, pyincept\n"
+        "from pyincept.kernels import conv, dense, pool, winograd\n"
+        "for name in ('inception_v3', 'googlenet'):\n"
+        "    pyincept.create_model(name)(np.zeros((1, 80, 80, 3), np.float32))\n"
+        "kernels = {f'{m.__name__}.{k}': f for m in (conv, dense, pool, winograd) for k, f in vars(m).items()\n"
+        "           if hasattr(f, 'inspect_asm') and f.signatures}\n"
+        "fused = sorted(k for k, f in kernels.items() for s in f.signatures\n"
+        "               if any(op in f.inspect_asm(s) for op in ('vfmadd', 'vfmsub', 'vfnmadd', 'vfnmsub')))\n"
+        "from numba import njit\n"
+        "@njit(fastmath=True)\n"                                   # the control: contraction allowed
+        "def control(a, b, c):\n"
+        "    for i in range(a.size):\n"
+        "        c[i] = a[i] * b[i] + c[i]\n"
+        "x = np.ones(64, np.float32); control(x, x, x)\n"
+        "assert 'vfmadd' in control.inspect_asm(control.signatures[0]), 'the check cannot see an FMA'\n"
+        "print(len(kernels), fused)\n"
+    )
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, NUMBA_CACHE_DIR=cache)
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    count, fused = result.stdout.split(" ", 1)
+    assert int(count) >= 12, result.stdout                      # transforms, pools, unfold, epilogues ...
+    assert fused.strip() == "[]", f"kernels with a fused multiply-add: {fused}"
