@@ -6,9 +6,11 @@ One run measures one model of the registry (`--model`, default inception_v3; goo
 224x224 too), each measurement in a fresh process started one at a time
 (`benchmarks/worker.py`): batch-1 latency and batch-8/32 throughput of every engine
 (interleaved over rounds), peak memory of each engine alone, pyincept's start-up with a
-warm and a cold Numba cache, numpy's sgemm on the model's own GEMM shapes (the ceiling),
-the time of each of pyincept's stages, its determinism, and how it scales with batch and
-input size. The Markdown report goes to stdout (progress to stderr).
+warm and a cold Numba cache, the micro-kernel's FMA peak on one core (the roof every
+`% of FMA peak` divides by), one core's matrix product on the model's own GEMM shapes
+(pyincept's, numpy's, torch's), the time of each of pyincept's stages, its determinism,
+and how it scales with batch and input size. The Markdown report goes to stdout
+(progress to stderr).
 `benchmarks/README.md` says what each number means.
 
 Exit status: 0 when every measurement ran (engines that are not installed are skipped
@@ -53,6 +55,7 @@ FULL = {
     "scale_passes": 96,                # images per scale point (at least 1 timed pass, at most 3)
     "cold_start": True,
     "gemm_seconds": 0.5,
+    "peak_seconds": 0.5,               # the micro-kernel's FMA peak, per SIMD path
 }
 QUICK = {
     **FULL,
@@ -90,7 +93,9 @@ class Suite:
 
     def env(self, extra=None):
         """Each worker's environment: the thread counts, and OpenBLAS choosing its own kernel as
-        on a user's machine (the OPENBLAS_FORCED variables unset) unless --openblas-as-set."""
+        on a user's machine (the OPENBLAS_FORCED variables unset) unless --openblas-as-set.
+        pyincept reads PYINCEPT_NUM_THREADS alone; the BLAS and OpenMP counts are for the
+        other engines and numpy (pyincept's forward pass calls no BLAS)."""
         env = dict(os.environ)
         if not self.openblas_as_set:
             for key in OPENBLAS_FORCED:
@@ -141,8 +146,9 @@ def main(argv=None):
     parser.add_argument("--no-scale", action="store_true", help="skip the scale section (batch and input size sweeps)")
     parser.add_argument("--out", help="also write the report to this file")
     parser.add_argument("--json", help="also write every raw sample (seconds, MiB) to this JSON file")
-    parser.add_argument("--engines", default=",".join(engines.ENGINES),
-                        help=f"comma-separated subset of {', '.join(engines.ENGINES)} (default: all)")
+    parser.add_argument("--engines", default=",".join(engines.default_engines()),
+                        help=f"comma-separated subset of {', '.join(engines.ENGINES)} (default: all but "
+                             "pyincept-avx2, which joins them on a CPU with AVX-512)")
     parser.add_argument("--threads", type=int, default=2, help="threads for every engine (default 2)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the shared random weights")
     parser.add_argument("--rounds", type=int, help="override the number of interleaved timing rounds")
@@ -193,7 +199,7 @@ def main(argv=None):
         "loadavg_end": os.getloadavg(),
         "machine": report.machine(),
         "versions": report.versions(),
-        "blas": report.blas(),
+        "numpy_blas": report.numpy_blas(),
         "source": report.source(ROOT),
     })
     text = report.render(res)
@@ -211,8 +217,8 @@ def run(plan, chosen, workdir, quiet=False):
     suite = Suite(workdir, plan["threads"], verbose=not quiet, model=model,
                   size=plan.get("input_size", [plan["scale_size"]])[0], openblas_as_set=plan.get("openblas_as_set", False))
     res = {"plan": plan, "engines": {}, "times": {}, "usage": {}, "loadavg": {}, "load_s": {}, "rss": {},
-           "coldstart": {}, "gemm": [], "layers": None, "determinism": None, "scale": None, "accuracy": {},
-           "macs_per_image": None, "prepared": {}}
+           "coldstart": {}, "simd": None, "gemm": None, "layers": None, "determinism": None, "scale": None,
+           "accuracy": {}, "macs_per_image": None, "prepared": {}}
 
     if plan.get("baseline"):
         res["baseline"] = extract_baseline(plan["baseline"], workdir / "baseline")
@@ -258,7 +264,7 @@ def run(plan, chosen, workdir, quiet=False):
 
     for name in [n for n in plan["rss_engines"] if n in names]:
         suite.log(f"peak memory of {name} alone, batch {plan['rss_batch']}")
-        out, _ = suite.worker("rss", name, "--batch", plan["rss_batch"])
+        out, _ = suite.worker("rss", name, "--batch", plan["rss_batch"], env=engine_env(name, res))
         if out:
             res["rss"][name] = out
 
@@ -270,17 +276,9 @@ def run(plan, chosen, workdir, quiet=False):
             res["macs_per_image"] = sum(s["macs"] for s in res["layers"]["stages"])
         suite.log("pyincept determinism")
         res["determinism"], _ = suite.worker("determinism", "--batch", plan["determinism_batch"])
-    suite.log("GEMM ceiling")
-    gemm, _ = suite.worker("gemm", "--seconds", plan["gemm_seconds"]) if model in GEMM_SHAPES_BY_MODEL else (None, None)
-    if model not in GEMM_SHAPES_BY_MODEL:
-        res["gemm_skipped"] = f"no GEMM shapes of {model} in `benchmarks/worker.py:GEMM_SHAPES_BY_MODEL`"
-    res["gemm_blas"] = gemm.get("blas") if gemm else None
-    for row in gemm["shapes"] if gemm else []:
-        row["median"] = float(np.median(row["times"]))
-        row["gflops"] = report.gflops(row["M"] * row["K"] * row["N"], row["median"])
-        if "torch_times" in row:
-            row["torch_gflops"] = report.gflops(row["M"] * row["K"] * row["N"], float(np.median(row["torch_times"])))
-        res["gemm"].append(row)
+    suite.log("the micro-kernel's FMA peak, one core per SIMD path")
+    res["simd"], _ = suite.worker("simd", "--seconds", plan["peak_seconds"])
+    res["gemm"] = matrix_product(suite, plan, model)
 
     if not plan["no_scale"] and "pyincept" in names:
         res["scale"] = scale(suite, plan)
@@ -317,10 +315,27 @@ def extract_baseline(rev, folder):
 
 
 def engine_env(name, res):
-    """Extra environment for an engine's workers: the baseline's worker imports its own package."""
+    """Extra environment for an engine's workers: its own (engines.ENVIRONMENT), and the
+    baseline's worker imports its own package."""
+    env = dict(engines.ENVIRONMENT.get(name, {}))
     if name == engines.BASELINE:
-        return {engines.BASELINE_SOURCE: res["baseline"]["folder"]}
-    return None
+        env[engines.BASELINE_SOURCE] = res["baseline"]["folder"]
+    return env or None
+
+
+def matrix_product(suite, plan, model):
+    """One core's matrix product on the model's own GEMM shapes: {"shapes": rows, "paths",
+    "libraries"}, each row's raw `times` {library: seconds} with their `median` and `gflops`
+    beside; {"skipped": why} for a model without shapes; None when the worker failed."""
+    if model not in GEMM_SHAPES_BY_MODEL:
+        return {"skipped": f"no GEMM shapes of {model} in `benchmarks/worker.py:GEMM_SHAPES_BY_MODEL`"}
+    suite.log("the matrix product on the model's GEMM shapes, one core")
+    out, _ = suite.worker("gemm", "--seconds", plan["gemm_seconds"])
+    for row in out["shapes"] if out else []:
+        macs = row["M"] * row["K"] * row["N"]                      # report.gflops counts 2 flops per MAC
+        row["median"] = {lib: float(np.median(ts)) for lib, ts in row["times"].items()}
+        row["gflops"] = {lib: report.gflops(macs, t) for lib, t in row["median"].items()}
+    return out
 
 
 def accuracy(workdir, names):

@@ -1,7 +1,11 @@
 """The engines under test, all holding the same weights of one model of the registry
 (`--model`, default `inception_v3`; `googlenet` and `inception_v3_fid` too, see `TORCHVISION`).
 
-- `pyincept`: this package, on the `.npz` written by `pyincept.save_weights`.
+- `pyincept`: this package, on the `.npz` written by `pyincept.save_weights`, its matrix
+  products on the CPU's best micro-kernel (or the one PYINCEPT_SIMD names).
+- `pyincept-avx2`: the same, with PYINCEPT_SIMD=avx2 in its process: on a CPU with AVX-512,
+  the AVX2 micro-kernel beside the AVX-512 one (same bits, half the vector width). A default
+  engine only where AVX-512 runs (`default_engines`); elsewhere AVX2 is what `pyincept` runs.
 - `torch`: torchvision's twin (`inception_v3`, `googlenet`) in eager mode, NCHW, under
   `torch.inference_mode()`.
 - `torch-cl`: the same model and input in `torch.channels_last` memory format.
@@ -30,6 +34,7 @@ from pathlib import Path
 # name -> (what the report calls it, Python modules it needs)
 ENGINES = {
     "pyincept": ("pyincept", ("pyincept",)),
+    "pyincept-avx2": ("pyincept (PYINCEPT_SIMD=avx2)", ("pyincept",)),
     "torch": ("torch eager NCHW", ("torch", "torchvision")),
     "torch-cl": ("torch eager channels_last", ("torch", "torchvision")),
     "ort": ("onnxruntime", ("onnxruntime",)),
@@ -38,6 +43,10 @@ ENGINES = {
 # its package is extracted into the work folder, and its worker imports it from there.
 BASELINE = "pyincept-base"
 BASELINE_SOURCE = "PYINCEPT_BENCH_BASELINE"      # the worker's environment: the extracted package's folder
+PYINCEPTS = ("pyincept", "pyincept-avx2", BASELINE)     # the engines that are pyincept, on its .npz
+# What an engine's processes get in their environment besides the suite's thread counts:
+# pyincept chooses its micro-kernel once per process, from PYINCEPT_SIMD.
+ENVIRONMENT = {"pyincept-avx2": {"PYINCEPT_SIMD": "avx2"}}
 
 DEFAULT_MODEL = "inception_v3"
 PYINCEPT_WEIGHTS = "pyincept.npz"
@@ -98,6 +107,16 @@ def label(name):
     return ENGINES[name][0] if name != BASELINE else "pyincept (baseline)"
 
 
+def default_engines(features=None):
+    """The engines a plain run compares: all of ENGINES, less `pyincept-avx2` where the CPU
+    has no AVX-512 (there AVX2 is the path `pyincept` runs anyway). `features`: a set of CPU
+    feature names as llvmlite spells them (default: this CPU's), as `gemm.runnable_paths` takes."""
+    from pyincept.kernels import gemm
+
+    both = "avx512" in gemm.runnable_paths(features)
+    return [name for name in ENGINES if name != "pyincept-avx2" or both]
+
+
 def installed(module):
     """Whether `module` can be imported here, without importing it."""
     try:
@@ -111,9 +130,14 @@ def missing(name, workdir=None, model=DEFAULT_MODEL):
     absent = [m for m in ENGINES[name if name != BASELINE else "pyincept"][1] if not installed(m)]
     if absent:
         return f"not installed ({', '.join(absent)})"
+    if name == "pyincept-avx2":
+        from pyincept.kernels import gemm
+
+        if "avx2" not in gemm.runnable_paths():
+            return f"this CPU cannot run the avx2 path (it runs {', '.join(gemm.runnable_paths())})"
     if workdir is not None:
-        need = {"pyincept": PYINCEPT_WEIGHTS, BASELINE: PYINCEPT_WEIGHTS, "torch": TORCH_WEIGHTS,
-                "torch-cl": TORCH_WEIGHTS, "ort": onnx_model(model)}[name]
+        need = {**dict.fromkeys(PYINCEPTS, PYINCEPT_WEIGHTS), "torch": TORCH_WEIGHTS, "torch-cl": TORCH_WEIGHTS,
+                "ort": onnx_model(model)}[name]
         if not (Path(workdir) / need).exists():
             why = " (exporting it needs torch and torchvision)" if name == "ort" else ""
             return f"no {need}{why}"
@@ -234,10 +258,13 @@ class Runner:
 def load(name, workdir, threads, model=DEFAULT_MODEL):
     """Load engine `name` holding `model` from its file in workdir, using `threads` threads."""
     workdir = Path(workdir)
-    if name in ("pyincept", BASELINE):
-        # Threads: PYINCEPT_NUM_THREADS (numba) and OPENBLAS_NUM_THREADS, set by the caller
-        # in the environment before this process started (they are read at import).
+    if name in PYINCEPTS:
+        # Threads: PYINCEPT_NUM_THREADS, set by the caller in the environment before this
+        # process started (read at import). The micro-kernel: PYINCEPT_SIMD, read at the
+        # first product, so an engine's own (ENVIRONMENT) holds even when the caller forgot it.
         import numpy as np
+
+        os.environ.update(ENVIRONMENT.get(name, {}))
 
         if name == BASELINE:
             source = Path(os.environ[BASELINE_SOURCE]).resolve()
@@ -248,6 +275,12 @@ def load(name, workdir, threads, model=DEFAULT_MODEL):
             raise RuntimeError(f"the baseline imported {pyincept.__file__}, not the package in {source}")
 
         net = pyincept_model(pyincept, model, workdir / PYINCEPT_WEIGHTS)
+        wanted = ENVIRONMENT.get(name, {}).get("PYINCEPT_SIMD")
+        if wanted:
+            from pyincept.kernels import gemm
+
+            if gemm.simd().name != wanted:
+                raise RuntimeError(f"{name} runs the {gemm.simd().name} micro-kernel, not {wanted}")
         return Runner(net, lambda x: np.ascontiguousarray(x, dtype=np.float32))
     if name in ("torch", "torch-cl"):
         import torch

@@ -9,6 +9,9 @@ Everything here is pure formatting and arithmetic on the results `__main__` coll
 - GFLOP/s is 2 * MACs / seconds, MACs of the model measured from `pyincept.summary.layer_table`
   (Inception v3: 5.713 GMACs = 11.43 GFLOP per 299x299 image; GoogLeNet: 1.498 GMACs =
   3.00 GFLOP per 224x224 image; conv and fc only);
+- % of FMA peak is GFLOP/s divided by 2 x threads x one core's FMA peak in GFMA/s, the
+  peak measured with pyincept's own micro-kernel (`gemm.peak_gfma`) on the SIMD path
+  pyincept ran: the roof no multiply-add can beat on these cores;
 - a ratio is pyincept's number divided by the other engine's: below 1 is better for
   latency and memory, above 1 is better for throughput.
 """
@@ -94,21 +97,21 @@ def forced_kernel_warning(plan, machine):
 
 
 def openblas_line(res):
-    """Which OpenBLAS kernel the runs used, why, and its GEMM ceiling."""
+    """Which OpenBLAS kernel numpy loaded in the engines' environment, and why."""
     plan = res["plan"]
-    kernel = " / ".join(map(str, res.get("gemm_blas") or ["?"]))
+    kernel = " / ".join(map(str, (res.get("simd") or {}).get("openblas") or ["?"]))
     env = plan.get("openblas_env") or {}
     shown = ", ".join(f"{k}={v}" for k, v in env.items())
     how = (f"as set ({shown or 'neither is set'}; `--openblas-as-set`)" if plan.get("openblas_as_set") else
            "OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE unset in every engine's process, as on a user's machine"
            + (f" (this shell sets {shown})" if shown else ""))
     warning = forced_kernel_warning(plan, res.get("machine", {}))
-    line = f"OpenBLAS kernel **{kernel}** ({how}); its GEMM ceiling here: {num(gemm_ceiling(res))} GFLOP/s"
+    line = f"OpenBLAS kernel **{kernel}** ({how})"
     return line + (f"  \n  **Warning: {warning}.**" if warning else "")
 
 
-def blas():
-    """numpy's BLAS, as numpy reports it (pyincept's GEMMs and the ceiling run on it)."""
+def numpy_blas():
+    """numpy's BLAS, as numpy reports it (`np.matmul` of the matrix-product section runs on it)."""
     try:
         import numpy as np
 
@@ -130,6 +133,22 @@ def summary(times):
 
 def gflops(macs, seconds):
     return 2.0 * macs / seconds / 1e9 if macs and seconds else None
+
+
+def fma_peak(res, threads=None):
+    """The machine's FMA peak in GFLOP/s on `threads` cores (the plan's, unless given):
+    2 flops per FMA x threads x one core's GFMA/s for the micro-kernel of the SIMD path
+    pyincept ran, as the `simd` worker measured it. None when it was not measured."""
+    simd = res.get("simd") or {}
+    per_core = (simd.get("peak_gfma") or {}).get(simd.get("path"))
+    threads = res["plan"]["threads"] if threads is None else threads
+    return 2.0 * threads * per_core if per_core else None
+
+
+def percent(part, whole):
+    """100 x part / whole, as a table shows it (no decimals); None when either is missing."""
+    r = ratio(part, whole)
+    return None if r is None else num(100 * r, 0)
 
 
 def ratio(a, b):
@@ -218,9 +237,12 @@ def header(res):
         f"- **pyincept source**: {res.get('source', 'unknown')}" + (
             f"; baseline: `{plan['baseline']}` = {res['baseline'].get('commit') or res['baseline'].get('error')}, "
             "its package extracted by `git archive` and timed in the same rounds" if plan.get("baseline") else ""),
-        f"- **BLAS** (numpy, used by pyincept): {res['blas']}; {openblas_line(res)}",
-        f"- **Threads**: {plan['threads']} for every engine (pyincept: PYINCEPT_NUM_THREADS and OPENBLAS_NUM_THREADS; "
-        f"torch: set_num_threads, 1 inter-op; onnxruntime: intra_op_num_threads, inter_op 1, ORT_ENABLE_ALL)",
+        f"- **GEMM** (pyincept's own, `kernels/gemm.py`; its forward pass calls no BLAS): {gemm_line(res)}",
+        f"- **numpy's BLAS** (not pyincept's: `np.matmul` in the matrix-product section runs on it): "
+        f"{res.get('numpy_blas', 'unknown')}; {openblas_line(res)}",
+        f"- **Threads**: {plan['threads']} for every engine (pyincept: PYINCEPT_NUM_THREADS, the only one it reads; "
+        f"torch: set_num_threads, 1 inter-op; onnxruntime: intra_op_num_threads, inter_op 1, ORT_ENABLE_ALL); "
+        f"OPENBLAS_NUM_THREADS, OMP_NUM_THREADS and MKL_NUM_THREADS are {plan['threads']} in every process too",
         f"- **Weights**: `random_parameters({plan['seed']})`, the same for every engine "
         f"(files: {', '.join(f'`{k}`' for k, note in res['prepared'].items() if 'failed' not in note)}); "
         "inputs: standard-normal NHWC images, moved to each engine's layout before the clock starts"
@@ -234,6 +256,36 @@ def header(res):
     if skipped:
         lines += ["Engines skipped:", "", *skipped, ""]
     return lines
+
+
+def gemm_line(res):
+    """Which micro-kernel pyincept ran and why, its measured peak per path, and the roof
+    that every `% of FMA peak` divides by."""
+    simd = res.get("simd")
+    if not simd:
+        return "not measured (the `simd` worker failed: see Errors)"
+    path, forced, peaks = simd["path"], simd.get("forced"), simd["peak_gfma"]
+    why = (f"forced by `PYINCEPT_SIMD={forced}`" if forced and forced.lower() != "auto" else
+           f"the CPU's best ({f'PYINCEPT_SIMD={forced}' if forced else 'PYINCEPT_SIMD unset'})")
+    per_path = ", ".join(f"{'**' if p == path else ''}{p} {num(g)} GFMA/s{'**' if p == path else ''}"
+                         for p, g in peaks.items())
+    threads = res["plan"]["threads"]
+    line = (f"the **{path}** micro-kernel, {why}; its peak on one core, measured by `gemm.peak_gfma` on "
+            f"L1-resident operands: {per_path}; so the FMA peak on {threads} thread(s), the roof of "
+            f"`% of FMA peak`: 2 x {threads} x {num(peaks.get(path))} = {num(fma_peak(res))} GFLOP/s")
+    note = simd_paths_note(simd["runnable"], res)
+    return line + (f"  \n  {note}" if note else "")
+
+
+def simd_paths_note(runnable, res=None):
+    """One line on the fast SIMD paths this CPU has, and so whether `pyincept-avx2` is timed."""
+    if "avx512" in runnable:
+        ran = res is not None and "pyincept-avx2" in engines_run(res)
+        return ("This CPU runs AVX-512 and AVX2: " + ("`pyincept (PYINCEPT_SIMD=avx2)` times the AVX2 micro-kernel "
+                "beside the AVX-512 one." if ran else "`--engines pyincept-avx2` times the AVX2 micro-kernel too."))
+    if "avx2" in runnable:
+        return "This CPU has no AVX-512: the AVX2 path is the only fast path here."
+    return "This CPU has no AVX2 with FMA: the generic path is the only one here."
 
 
 def _load(avg):
@@ -309,9 +361,14 @@ USAGE_NOTE = ("`cores busy` = the process's CPU seconds (all threads) ÷ wall se
               "pools that wait by calling sched_yield, so compare it between runs of one engine.")
 
 
+ROOFLINE_NOTE = ("`% of FMA peak` = GFLOP/s ÷ the machine's FMA peak on the threads used (the header's GEMM "
+                 "line): how much of the cores' multiply-add rate the network turns into its counted MACs. An "
+                 "engine that executes fewer multiply-adds than the count (Winograd's convolutions) can pass 100%.")
+
+
 def latency_section(res):
-    macs, ceiling = res["macs_per_image"], gemm_ceiling(res)
-    head = ["engine", "median ms", "min ms", "max ms", "samples", "GFLOP/s", "% of GEMM ceiling", "÷ onnxruntime",
+    macs, roof = res["macs_per_image"], fma_peak(res)
+    head = ["engine", "median ms", "min ms", "max ms", "samples", "GFLOP/s", "% of FMA peak", "÷ onnxruntime",
             "÷ torch eager", "cores busy", "invol. switches/s", "1-min load after"]
     rows = []
     for name in engines_run(res):
@@ -320,13 +377,13 @@ def latency_section(res):
             continue
         g = gflops(macs, s["median"])
         rows.append([res["engines"][name]["label"], ms(s["median"]), ms(s["min"]), ms(s["max"]), s["n"], num(g),
-                     num(ratio(g, ceiling) and 100 * ratio(g, ceiling), 0),
+                     percent(g, roof),
                      times_x(ratio(s["median"], _median(res, "ort", 1))),
                      times_x(ratio(s["median"], _median(res, "torch", 1)))] + usage_cells(res, name, 1) +
                     [" / ".join(f"{a:.1f}" for a in res["loadavg"].get(name, []))])
     return section("Latency, batch 1",
             f"One image at a time, {model_of(res['plan'])[2]}. Lower is better; ratios are this engine's median over the other's. "
-            + USAGE_NOTE + " `1-min load after`: the load average when each round's process ended (the engine's own "
+            + ROOFLINE_NOTE + " " + USAGE_NOTE + " `1-min load after`: the load average when each round's process ended (the engine's own "
             "threads account for about the thread count of it).",
             head, rows)
 
@@ -340,9 +397,9 @@ def throughput_section(res):
     bigs = big_batches(res["plan"])
     if not bigs:
         return []
-    macs, ceiling = res["macs_per_image"], gemm_ceiling(res)
+    macs, roof = res["macs_per_image"], fma_peak(res)
     head = ["engine", "batch", "ms per batch (median)", "min – max ms", "samples", "img/s", "GFLOP/s",
-            "% of GEMM ceiling", "÷ onnxruntime", "÷ torch eager", "cores busy", "invol. switches/s"]
+            "% of FMA peak", "÷ onnxruntime", "÷ torch eager", "cores busy", "invol. switches/s"]
     rows = []
     for b in bigs:
         for name in engines_run(res):
@@ -351,11 +408,12 @@ def throughput_section(res):
                 continue
             g = gflops(macs * b if macs else None, s["median"])
             rows.append([res["engines"][name]["label"], b, ms(s["median"]), f"{ms(s['min'])} – {ms(s['max'])}", s["n"],
-                         num(b / s["median"]), num(g), num(ratio(g, ceiling) and 100 * ratio(g, ceiling), 0),
+                         num(b / s["median"]), num(g), percent(g, roof),
                          times_x(ratio(throughput(res, name, b), throughput(res, "ort", b))),
                          times_x(ratio(throughput(res, name, b), throughput(res, "torch", b)))] + usage_cells(res, name, b))
     return section("Throughput",
-            "Images per second at a fixed batch. Higher is better; ratios are this engine's img/s over the other's.",
+            "Images per second at a fixed batch. Higher is better; ratios are this engine's img/s over the other's. "
+            "`% of FMA peak` as in the latency table.",
             head, rows)
 
 
@@ -398,30 +456,42 @@ def _builder(plan):
     return "inception_v3(weights.npz)" if model == DEFAULT_MODEL else f'create_model("{model}", weights.npz)'
 
 
-def gemm_ceiling(res):
-    rows = [r for r in res["gemm"] if "reference" not in r["name"]]
-    return max((r["gflops"] for r in rows), default=None)
+GEMM_LIBRARIES = {"numpy": "np.matmul", "torch": "torch.matmul"}     # else "pyincept <path>" as it is
 
 
 def gemm_section(res):
-    if res.get("gemm_skipped"):
-        return ["## GEMM ceiling", "", f"Not measured: {res['gemm_skipped']}.", ""]
-    if not res["gemm"]:
+    """One core's matrix product on the model's own shapes: pyincept's, numpy's, torch's,
+    each as GFLOP/s and as a share of one core's FMA peak."""
+    title = "Matrix product (one core)"
+    g = res.get("gemm")
+    if g and g.get("skipped"):
+        return [f"## {title}", "", f"Not measured: {g['skipped']}.", ""]
+    if not g or not g["shapes"]:
         return []
-    model, title, size = model_of(res["plan"])
-    own = "Inception v3's own GEMM shapes at batch 1. The best v3 shape" if model == DEFAULT_MODEL else (
-        f"{title}'s own GEMM shapes at batch 1, {size}. The best {title} shape")
-    with_torch = any("torch_gflops" in r for r in res["gemm"])
-    head = ["GEMM", "M", "K", "N", "numpy median ms", "numpy GFLOP/s"] + (["torch.matmul GFLOP/s"] if with_torch else [])
-    rows = [[r["name"], r["M"], r["K"], r["N"], ms(r["median"], 2), num(r["gflops"])] +
-            ([num(r.get("torch_gflops"))] if with_torch else []) for r in res["gemm"]]
-    return section("GEMM ceiling",
-            f"`np.matmul` on float32 (numpy's OpenBLAS sgemm, the GEMM pyincept calls, {res['plan']['threads']} threads) "
-            f"on {own} is the ceiling used for "
-            f"`% of GEMM ceiling` above: **{num(gemm_ceiling(res))} GFLOP/s**. It is numpy's ceiling, not the "
-            "machine's: an engine with its own GEMM or convolution kernels (onnxruntime's MLAS, torch's oneDNN) "
-            "can pass 100%."
-            + (" `torch.matmul` shows what another BLAS gets on the same shapes." if with_torch else ""),
+    model, name, size = model_of(res["plan"])
+    own = "Inception v3's own GEMM shapes at batch 1" if model == DEFAULT_MODEL else (
+        f"{name}'s own GEMM shapes at batch 1, {size}")
+    libraries, roof = g["libraries"], fma_peak(res, threads=1)
+    simd = res.get("simd") or {}
+    first = libraries[0]
+    head = ["GEMM", "M", "K", "N", f"{first} median ms"]
+    for lib in libraries:
+        head += [f"{GEMM_LIBRARIES.get(lib, lib)} GFLOP/s", "% of FMA peak"]
+    rows = [[r["name"], r["M"], r["K"], r["N"], ms(r["median"][first], 2)] +
+            [cell for lib in libraries for cell in (num(r["gflops"].get(lib)), percent(r["gflops"].get(lib), roof))]
+            for r in g["shapes"]]
+    kernel = " / ".join(map(str, simd.get("openblas") or ["?"]))
+    paths = " and ".join(f"**{p}**" for p in g["paths"])
+    peaks = ", ".join(f"{p} {num(v)} GFMA/s" for p, v in (simd.get("peak_gfma") or {}).items())
+    return section(title,
+            f"C = A @ B in float32 on one core, on {own} (M rows: output pixels; K depth: R·S·C; N: output "
+            f"channels) and a square 2048³ for reference: pyincept's `gemm_into` on the {paths} micro-kernel"
+            f"{'s' if len(g['paths']) > 1 else ''}, its weights packed into panels beforehand as at load; `np.matmul` "
+            f"with numpy's BLAS held to one thread (threadpoolctl; OpenBLAS's {kernel} kernel)"
+            + ("; `torch.matmul` at `torch.set_num_threads(1)`" if "torch" in libraries else "") +
+            ". GFLOP/s = 2·M·K·N ÷ the median seconds. `% of FMA peak` = GFLOP/s ÷ one core's FMA peak, "
+            f"2 x {num((simd.get('peak_gfma') or {}).get(simd.get('path')))} GFMA/s = **{num(roof)} GFLOP/s** for "
+            f"the {simd.get('path', '?')} path pyincept ran. The micro-kernel's peak per path on this CPU: {peaks or '?'}.",
             head, rows)
 
 
@@ -450,8 +520,9 @@ def determinism_section(res):
                                    f" (max |Δ logit| = {d['alone_vs_batch_max_abs']:.2e}, "
                                    f"{d['alone_vs_batch_max_rel']:.2e} of the largest logit; top-1 equal: "
                                    f"{yes(d['top1_agree'])})") +
-            f", under OpenBLAS's {' / '.join(map(str, d.get('blas') or ['?']))} kernel. Every product holds one "
-            "image's rows, cut by that image's geometry alone (`kernels/conv.py:_gemm_pieces`).",
+            f", on the {d.get('simd', '?')} micro-kernel. Every output of every matrix product is one FMA chain "
+            "over its depth, in order (`kernels/gemm.py`), so an image's bits do not depend on the batch it sits in, "
+            "nor on the tile or the thread that computes it.",
             f"- The same batch twice: bit-for-bit identical: {yes(d['batch_rerun_identical'])}; "
             f"the same single image twice: {yes(d['single_rerun_identical'])}.", ""]
 
@@ -462,18 +533,22 @@ def stages_section(res):
         return []
     stages = [(s, statistics.median(s["times"])) for s in L["stages"]]
     total = sum(t for _, t in stages)
-    head = ["stage", "kind", "median ms", "% of time", "GMACs", "% of MACs", "GFLOP/s"]
-    all_macs = sum(s["macs"] for s, _ in stages)
+    head = ["stage", "kind", "median ms", "% of time", "GMACs", "% of MACs", "GFLOP/s", "% of FMA peak"]
+    all_macs, roof = sum(s["macs"] for s, _ in stages), fma_peak(res)
     rows = [[s["name"], s["kind"], ms(t, 2), num(100 * t / total), num(s["macs"] / 1e9, 3),
-             num(100 * s["macs"] / all_macs), num(gflops(s["macs"], t))] for s, t in stages]
-    rows.append(["**sum of stages**", "", ms(total, 2), "100.0", num(all_macs / 1e9, 3), "100.0", num(gflops(all_macs, total))])
+             num(100 * s["macs"] / all_macs), num(gflops(s["macs"], t)), percent(gflops(s["macs"], t), roof)]
+            for s, t in stages]
+    rows.append(["**sum of stages**", "", ms(total, 2), "100.0", num(all_macs / 1e9, 3), "100.0",
+                 num(gflops(all_macs, total)), percent(gflops(all_macs, total), roof)])
     whole = statistics.median(L["whole_times"])
     aux = L.get("aux", ["AuxLogits"])                          # results from before --model: Inception v3's
     aux = f"{', '.join(aux)} not run" if aux else "the model holds no aux heads"
     return section("Where pyincept's time goes (batch 1)",
             f"Each stage of `model.stages` timed on its own, called one by one as `{L.get('network', 'Inception3')}.run` "
             f"calls them ({aux}), median of {len(L['whole_times'])}; `model(x)` end to end: {ms(whole)} ms. "
-            "MACs from `pyincept.summary.layer_table`.",
+            f"MACs from `pyincept.summary.layer_table`. `% of FMA peak`: the stage's GFLOP/s ÷ the machine's FMA "
+            f"peak on the {res['plan']['threads']} thread(s) used ({num(roof)} GFLOP/s, the header's GEMM line); "
+            "a Winograd stage executes fewer multiply-adds than it counts, so it can pass 100%.",
             head, rows)
 
 

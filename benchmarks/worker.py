@@ -3,7 +3,7 @@
 The suite (`python -m benchmarks`) starts one of these per measurement, one at a time,
 so every engine runs alone: its own imports, its own thread pools, its own peak memory.
 Thread counts arrive through the environment (PYINCEPT_NUM_THREADS, OPENBLAS_NUM_THREADS,
-OMP_NUM_THREADS, set by the suite) and `--threads` (torch, onnxruntime). The model is
+OMP_NUM_THREADS, set by the suite, and PYINCEPT_SIMD for `pyincept-avx2`) and `--threads` (torch, onnxruntime). The model is
 `--model` (a registry name, default inception_v3) and its input size `--size` (the suite
 passes the model's own; a torch or onnxruntime worker never imports pyincept to look it up).
 
@@ -16,7 +16,10 @@ Each task prints its result as one line, `BENCH-RESULT {json}`, last on stdout.
     layers       pyincept: time of each stage of `model.stages` at batch 1
     determinism  pyincept: an image alone vs inside a batch; two runs bit-for-bit
     scale        pyincept: time and peak memory at one batch size and input size
-    gemm         numpy sgemm GFLOP/s on the model's own GEMM shapes (GEMM_SHAPES)
+    simd         pyincept's micro-kernel here, its FMA peak on one core per SIMD path,
+                 and the OpenBLAS kernel numpy loads beside it
+    gemm         one core's GFLOP/s on the model's own GEMM shapes (GEMM_SHAPES): pyincept's
+                 gemm_into, numpy's np.matmul, torch.matmul
 
 Nothing heavy is imported at module level: `coldstart` starts its clock before numpy.
 """
@@ -176,8 +179,7 @@ def task_determinism(args):
 
     import pyincept
     from benchmarks.engines import pyincept_model
-
-    from threadpoolctl import threadpool_info
+    from pyincept.kernels import gemm
 
     model = pyincept_model(pyincept, args.model, f"{args.workdir}/pyincept.npz")
     x = images(args.batch, size=args.size)
@@ -193,7 +195,7 @@ def task_determinism(args):
         "top1_agree": bool((alone.argmax(1) == batched.argmax(1)).all()),
         "batch_rerun_identical": bool(np.array_equal(model(x), batched)),
         "single_rerun_identical": bool(np.array_equal(model(x[:1]), alone[:1])),
-        "blas": [lib.get("architecture") for lib in threadpool_info() if lib["user_api"] == "blas"],
+        "simd": gemm.simd().name,
     }
 
 
@@ -212,7 +214,8 @@ def task_scale(args):
             "peak_rss_mib": peak, "macs_per_image": macs}
 
 
-# Inception v3's own GEMMs at batch 1, 299x299 (M rows = output pixels, K = R*S*C, N = out channels).
+# Inception v3's own GEMMs at batch 1, 299x299: M rows (output pixels), K depth (R*S*C), N
+# columns (output channels); kernels/gemm.py calls the same three M, D and K.
 GEMM_SHAPES = [
     ("Conv2d_2b_3x3, im2col", 21609, 288, 64),
     ("Mixed_5b, fused 1x1s", 1225, 192, 208),
@@ -236,45 +239,89 @@ GEMM_SHAPES_BY_MODEL = {
 }
 
 
-def task_gemm(args):
-    """GFLOP/s of float32 matrix products per shape: 2*M*K*N flops / median seconds.
+def openblas_kernels():
+    """The kernel (threadpoolctl's `architecture`) of each BLAS this process has loaded, once
+    each (numpy's and scipy's OpenBLAS are two libraries, usually on one kernel)."""
+    from threadpoolctl import threadpool_info
 
-    `numpy`: np.matmul, i.e. numpy's OpenBLAS sgemm, the library pyincept's convolutions
-    call. `torch`: torch.matmul (its own BLAS), when torch is installed, for comparison.
+    return list(dict.fromkeys(lib.get("architecture") for lib in threadpool_info() if lib["user_api"] == "blas"))
+
+
+def gemm_paths(in_use, runnable):
+    """The SIMD paths whose products the gemm task times: the one pyincept runs here, and
+    AVX2 beside AVX-512 (what the `pyincept-avx2` engine runs)."""
+    return [in_use] + (["avx2"] if in_use == "avx512" and "avx2" in runnable else [])
+
+
+def task_simd(args):
+    """The micro-kernel pyincept runs in this environment (PYINCEPT_SIMD, else the CPU's
+    best), and `gemm.peak_gfma` for every path this CPU can run: the micro-kernel alone on
+    L1-resident operands, one core, about `--seconds` each. It is the roof of the report's
+    `% of FMA peak`: no product of pyincept's can do more FMAs per second on a core."""
+    import os
+
+    from pyincept.kernels import gemm                              # imports numpy, so its OpenBLAS
+
+    runnable = gemm.runnable_paths()
+    return {"path": gemm.simd().name, "forced": os.environ.get("PYINCEPT_SIMD") or None, "runnable": runnable,
+            "peak_gfma": {p: gemm.peak_gfma(args.seconds, gemm.SIMD_PATHS[p]) for p in runnable},
+            "seconds": args.seconds, "openblas": openblas_kernels()}
+
+
+def task_gemm(args):
+    """Seconds per float32 product C = A @ B of each shape, on ONE core, every sample:
+
+    `pyincept <path>`: `gemm.gemm_into` with the weights B packed into panels beforehand (as
+    at load), for each of `gemm_paths`; `numpy`: np.matmul with numpy's BLAS held to one
+    thread (threadpoolctl); `torch`: torch.matmul at torch.set_num_threads(1), when torch is
+    installed. One core on each side, so the numbers compare the matrix products themselves,
+    not how each library splits work between threads.
     """
     import numpy as np
+    from threadpoolctl import threadpool_limits
 
     from benchmarks import engines
+    from pyincept.kernels import gemm
 
     rng = np.random.default_rng(0)
     shapes = [(name, rng.standard_normal((M, K), dtype=np.float32), rng.standard_normal((K, N), dtype=np.float32))
               for name, M, K, N in GEMM_SHAPES_BY_MODEL[args.model]]
+    paths = gemm_paths(gemm.simd().name, gemm.runnable_paths())
 
-    def seconds(matmul, a, b, c):
-        once = clock(lambda: matmul(a, b, out=c), 1, warmups=1)[0]
-        repeats = max(3, min(50, int(args.seconds / max(once, 1e-6))))
-        return clock(lambda: matmul(a, b, out=c), repeats, warmups=1)
+    def seconds(product, *operands, **out):
+        """Every sample of product(*operands, **out), about args.seconds of them."""
+        first = clock(lambda: product(*operands, **out), 1, warmups=1)     # the untimed call may compile
+        repeats = max(3, min(50, int(args.seconds / max(first[0], 1e-6))))
+        return first + clock(lambda: product(*operands, **out), repeats - 1, warmups=0)
 
     rows = []
     for name, a, b in shapes:
         (M, K), N = a.shape, b.shape[1]
-        rows.append({"name": name, "M": M, "K": K, "N": N,
-                     "times": seconds(np.matmul, a, b, np.empty((M, N), np.float32))})
+        c, want = np.empty((M, N), np.float32), np.empty((M, N), np.float32)
+        times = {}
+        with threadpool_limits(1, user_api="blas"):
+            times["numpy"] = seconds(np.matmul, a, b, out=want)
+        for path in paths:
+            panels = gemm.pack_weights(b, gemm.SIMD_PATHS[path])      # once, as at load: not timed
+            times[f"pyincept {path}"] = seconds(gemm.gemm_into, a, panels, c)
+            if np.abs(c - want).max() > 1e-3 * np.abs(want).max():    # timed a real product, not garbage
+                raise RuntimeError(f"{name}: pyincept's {path} product differs from np.matmul's")
+        rows.append({"name": name, "M": M, "K": K, "N": N, "times": times})
     if engines.installed("torch"):
         import torch
 
-        torch.set_num_threads(args.threads)
+        torch.set_num_threads(1)
         for row, (name, a, b) in zip(rows, shapes):
             a, b = torch.from_numpy(a), torch.from_numpy(b)
-            row["torch_times"] = seconds(torch.matmul, a, b, torch.empty(a.shape[0], b.shape[1]))
-    from threadpoolctl import threadpool_info
-
-    return {"shapes": rows, "blas": [lib.get("architecture") for lib in threadpool_info() if lib["user_api"] == "blas"]}
+            row["times"]["torch"] = seconds(torch.matmul, a, b, out=torch.empty(a.shape[0], b.shape[1]))
+    return {"shapes": rows, "paths": paths, "libraries": [f"pyincept {p}" for p in paths] + ["numpy"] + (
+        ["torch"] if engines.installed("torch") else [])}
 
 
 TASKS = {
     "prepare": task_prepare, "time": task_time, "rss": task_rss, "coldstart": task_coldstart,
-    "layers": task_layers, "determinism": task_determinism, "scale": task_scale, "gemm": task_gemm,
+    "layers": task_layers, "determinism": task_determinism, "scale": task_scale, "simd": task_simd,
+    "gemm": task_gemm,
 }
 
 
@@ -290,7 +337,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, nargs="+", default=[5])
     parser.add_argument("--model", default="inception_v3", help="a registry name (pyincept.models())")
     parser.add_argument("--size", type=int, default=299, help="input size (square): the model's, or a scale point's")
-    parser.add_argument("--seconds", type=float, default=0.5, help="gemm: about this long per shape")
+    parser.add_argument("--seconds", type=float, default=0.5, help="gemm: about this long per shape and library; simd: per path")
     parser.add_argument("--logits-out")
     args = parser.parse_args(argv)
     if args.task != "time":

@@ -26,7 +26,7 @@ HEADERS = [
     "## Throughput",
     "## Peak memory",
     "## Start-up (pyincept)",
-    "## GEMM ceiling",
+    "## Matrix product (one core)",
     "## Accuracy",
     "## Determinism (pyincept)",
     "## Where pyincept's time goes (batch 1)",
@@ -43,8 +43,10 @@ def run_suite(tmp_path, *args, env=None):
 
 def test_quick_suite_runs_and_reports(tmp_path):
     """The whole quick suite, with the code at HEAD as the baseline timed beside today's."""
-    out = tmp_path / "report.md"
-    p = run_suite(tmp_path, "--out", str(out), "--baseline", "HEAD")
+    import json
+
+    out, raw = tmp_path / "report.md", tmp_path / "raw.json"
+    p = run_suite(tmp_path, "--out", str(out), "--json", str(raw), "--baseline", "HEAD")
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     text = p.stdout
     for header in HEADERS + ["## Scale (pyincept)", "By batch size, 299x299:", "By input size:"]:
@@ -59,6 +61,22 @@ def test_quick_suite_runs_and_reports(tmp_path):
     else:
         assert "(baseline)**: skipped, no baseline at 'HEAD'" in text
     assert "## Errors" not in text
+    # the roof was measured, in the pyincept engine's environment, and every table divides by it
+    from benchmarks.worker import GEMM_SHAPES
+    from pyincept.kernels import gemm
+
+    res = json.loads(raw.read_text())
+    assert res["simd"]["path"] == gemm.simd().name and set(res["simd"]["peak_gfma"]) == set(gemm.runnable_paths())
+    assert all(v > 0 for v in res["simd"]["peak_gfma"].values())
+    for title in ("Latency, batch 1", "Throughput", "Where pyincept's time goes (batch 1)"):
+        assert float(cell(text, title, rows_of(text, title)[1][0], "% of FMA peak")) > 0, title
+    # every raw sample of the matrix product, per library, and its section's pyincept column
+    shapes = res["gemm"]["shapes"]
+    assert [r["name"] for r in shapes] == [name for name, *_ in GEMM_SHAPES]
+    for row in shapes:
+        assert set(row["times"]) == set(res["gemm"]["libraries"]) and all(len(t) >= 3 for t in row["times"].values())
+    assert f"pyincept {gemm.simd().name} GFLOP/s" in rows_of(text, "Matrix product (one core)")[0]
+    assert ("pyincept (PYINCEPT_SIMD=avx2)" in text) == ("avx512" in gemm.runnable_paths())
     if importlib.util.find_spec("torch"):
         assert "| torch eager NCHW | " in text and "| torch eager channels_last | " in text
         assert "PASS** (required) pyincept vs torchvision logits" in text     # correctness is not a timing
@@ -70,10 +88,13 @@ def test_quick_suite_runs_and_reports(tmp_path):
 
 def test_quick_suite_on_googlenet(tmp_path):
     """`--model googlenet`: the same suite on GoogLeNet at 224x224, every engine on the same weights."""
-    p = run_suite(tmp_path, "--model", "googlenet", "--no-scale")
+    p = run_suite(tmp_path, "--model", "googlenet", "--no-scale", "--engines", "pyincept,pyincept-avx2,torch,torch-cl,ort")
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     text = p.stdout
     assert text.startswith("# pyincept benchmark: GoogLeNet, 224x224 (quick smoke run"), text[:200]
+    # the AVX2 micro-kernel as an engine, asked for by name: timed, and the same bits as pyincept's
+    assert cell(text, "Accuracy", "pyincept (PYINCEPT_SIMD=avx2)", "max abs Δ vs pyincept") == "0.00e+00"
+    assert "pyincept (PYINCEPT_SIMD=avx2)" in [r[0] for r in rows_of(text, "Latency, batch 1")]
     for header in HEADERS:
         assert header in text, header
     assert "One image at a time, 224x224." in text
@@ -221,11 +242,12 @@ def test_missing_engine_says_why(tmp_path):
 # --- the report's arithmetic ---------------------------------------------------------------
 
 
-def fake_results(batches=(1, 8, 32), rss_batch=32, ort=True, per_image=None):
+def fake_results(batches=(1, 8, 32), rss_batch=32, ort=True, per_image=None, avx2=False):
     """What `benchmarks.__main__.run` returns, with round numbers: pyincept 100 ms per image
-    at every batch, onnxruntime 80 ms, torch 150 ms (or `per_image`'s)."""
-    per_image = per_image or {"pyincept": 0.100, "torch": 0.150, "ort": 0.080}
-    names = ["pyincept", "torch"] + (["ort"] if ort else [])
+    at every batch, onnxruntime 80 ms, torch 150 ms (or `per_image`'s); with `avx2`, the
+    pyincept-avx2 engine too, at 125 ms. The micro-kernel's peak: 50 GFMA/s on one core."""
+    per_image = {"pyincept": 0.100, "torch": 0.150, "ort": 0.080, "pyincept-avx2": 0.125, **(per_image or {})}
+    names = ["pyincept"] + (["pyincept-avx2"] if avx2 else []) + ["torch"] + (["ort"] if ort else [])
     plan = {"quick": False, "rounds": 1, "batches": list(batches), "repeats": [3] * len(batches), "threads": 2,
             "seed": 0, "rss_batch": rss_batch, "scale_size": 299}
     return {
@@ -237,18 +259,27 @@ def fake_results(batches=(1, 8, 32), rss_batch=32, ort=True, per_image=None):
         "loadavg": {n: [2.0] for n in names},
         "load_s": {},
         "rss": {n: {"batch": rss_batch, "after_load_mib": 300.0, "peak_rss_mib": m, "seconds": 1.0}
-                for n, m in {"pyincept": 500.0, "torch": 1000.0, "ort": 1000.0}.items() if n in names},
+                for n, m in {"pyincept": 500.0, "pyincept-avx2": 500.0, "torch": 1000.0, "ort": 1000.0}.items()
+                if n in names},
         "coldstart": {"warm": {"import_s": 0.2, "load_s": 0.2, "first_forward_s": 0.2, "total_s": 0.6, "wall_s": 0.7,
                                "peak_rss_mib": 350.0}},
-        "gemm": [{"name": "Mixed_6e, fused 1x1s", "M": 289, "K": 768, "N": 768, "median": 0.001, "gflops": 200.0},
-                 {"name": "square, not in v3 (reference)", "M": 2048, "K": 2048, "N": 2048, "median": 0.08,
-                  "gflops": 250.0}],
+        "simd": {"path": "avx2", "forced": None, "runnable": ["avx2", "generic"],
+                 "peak_gfma": {"avx2": 50.0, "generic": 20.0}, "seconds": 0.5, "openblas": ["Haswell"]},
+        "gemm": {"paths": ["avx2"], "libraries": ["pyincept avx2", "numpy"],
+                 "shapes": [{"name": "Mixed_6e, fused 1x1s", "M": 289, "K": 768, "N": 768,
+                             "times": {"pyincept avx2": [0.0125], "numpy": [0.025]},
+                             "median": {"pyincept avx2": 0.0125, "numpy": 0.025},
+                             "gflops": {"pyincept avx2": 80.0, "numpy": 40.0}},
+                            {"name": "square, not in v3 (reference)", "M": 2048, "K": 2048, "N": 2048,
+                             "times": {"pyincept avx2": [0.25], "numpy": [0.5]},
+                             "median": {"pyincept avx2": 0.25, "numpy": 0.5},
+                             "gflops": {"pyincept avx2": 68.7, "numpy": 34.4}}]},
         "layers": {"stages": [{"name": "Conv2d_1a_3x3", "kind": "BasicConv2d", "times": [0.01], "macs": 10**9},
                               {"name": "fc", "kind": "Linear", "times": [0.03], "macs": 2 * 10**9}],
                    "whole_times": [0.04]},
         "determinism": {"batch": 8, "max_abs_logit": 7.0, "alone_vs_batch_identical": True, "alone_vs_batch_max_abs": 0.0,
                         "alone_vs_batch_max_rel": 0.0, "top1_agree": True, "batch_rerun_identical": True,
-                        "single_rerun_identical": True, "blas": ["Haswell"]},
+                        "single_rerun_identical": True, "simd": "avx2"},
         "scale": None,
         "accuracy": {"torch": {"max_abs_logit": 7.0, "max_abs_delta": 7e-6, "relative": 1e-6, "top1_equal": True}},
         "macs_per_image": 5_713_000_000,
@@ -261,7 +292,7 @@ def fake_results(batches=(1, 8, 32), rss_batch=32, ort=True, per_image=None):
         "loadavg_end": (2.0, 1.0, 0.5),
         "machine": report.machine(),
         "versions": report.versions(),
-        "blas": "openblas",
+        "numpy_blas": "scipy-openblas 0.3.31",
     }
 
 
@@ -312,7 +343,6 @@ def test_render_has_every_section_and_the_ratios():
         assert header in text, header
     assert "| onnxruntime | 1.25x | 0.80x | 0.80x | 0.50x |" in text     # pyincept ÷ ort: latency, b8, b32, RSS
     assert "| torch eager NCHW | 0.67x | 1.50x | 1.50x | 0.50x |" in text
-    assert "ceiling used for `% of GEMM ceiling` above: **200.0 GFLOP/s**" in text   # the square is not the ceiling
     text = report.render(fake_results(batches=(1, 2), rss_batch=2, ort=False))
     assert "**onnxruntime**: skipped, not installed (onnxruntime)" in text
 
@@ -329,11 +359,151 @@ def test_render_names_the_model():
     text = report.render(res)
     assert text.startswith("# pyincept benchmark: GoogLeNet, 224x224\n")
     assert "One image at a time, 224x224." in text and "299" not in text
-    assert "on GoogLeNet's own GEMM shapes at batch 1, 224x224. The best GoogLeNet shape is the ceiling" in text
+    assert "on GoogLeNet's own GEMM shapes at batch 1, 224x224 (M rows" in text
     assert "as `GoogLeNet.run` calls them (the model holds no aux heads)" in text
     assert "the aux heads (aux1, aux2) are left out of every engine's copy" in text
-    res["gemm_skipped"] = "no GEMM shapes of googlenet"
-    assert "## GEMM ceiling\n\nNot measured: no GEMM shapes of googlenet." in report.render(res)
+    res["gemm"] = {"skipped": "no GEMM shapes of googlenet"}
+    assert "## Matrix product (one core)\n\nNot measured: no GEMM shapes of googlenet." in report.render(res)
+
+
+def rows_of(text, section):
+    """The table rows of a report section, as lists of cells."""
+    body = text.split(f"## {section}")[1].split("\n## ")[0]
+    return [[c.strip() for c in line.strip("|").split("|")] for line in body.splitlines() if line.startswith("| ")]
+
+
+def cell(text, section, first, column):
+    """The cell under header `column` in the row of `section` whose first cell is `first`."""
+    head, *rows = rows_of(text, section)
+    row = next(r for r in rows if r[0] == first)
+    return row[head.index(column)]
+
+
+def test_roofline_is_gflops_over_the_measured_peak_at_the_threads_used():
+    """`% of FMA peak` = GFLOP/s ÷ (2 x threads x the micro-kernel's GFMA/s on one core, for the
+    path pyincept ran): 50 GFMA/s and 2 threads make a 200 GFLOP/s roof."""
+    res = fake_results()
+    assert report.fma_peak(res) == 200.0 and report.fma_peak(res, threads=1) == 100.0
+    text = report.render(res)
+    # pyincept: 5.713 GMACs in 100 ms = 114.26 GFLOP/s = 57% of 200; torch (150 ms) 38%; onnxruntime (80 ms) 71%
+    assert cell(text, "Latency, batch 1", "pyincept", "% of FMA peak") == "57"
+    assert cell(text, "Latency, batch 1", "torch eager NCHW", "% of FMA peak") == "38"
+    assert cell(text, "Latency, batch 1", "onnxruntime", "% of FMA peak") == "71"
+    assert cell(text, "Throughput", "pyincept", "% of FMA peak") == "57"          # batch 8: the same rate per image
+    assert "% of GEMM ceiling" not in text
+    # the stages, against the same roof: 1 GMAC in 10 ms = 200 GFLOP/s; 2 in 30 ms = 133; 3 in 40 ms = 150
+    stages = "Where pyincept's time goes (batch 1)"
+    assert cell(text, stages, "Conv2d_1a_3x3", "% of FMA peak") == "100"
+    assert cell(text, stages, "fc", "% of FMA peak") == "67"
+    assert cell(text, stages, "**sum of stages**", "% of FMA peak") == "75"
+
+    res["plan"]["threads"] = 4                                      # twice the cores: half the share
+    text = report.render(res)
+    assert cell(text, "Latency, batch 1", "pyincept", "% of FMA peak") == "29"
+    assert cell(text, stages, "Conv2d_1a_3x3", "% of FMA peak") == "50"
+    assert "2 x 4 x 50.0 = 400.0 GFLOP/s" in text
+
+    res["simd"].update({"path": "generic", "forced": "generic"})     # the roof of the path pyincept ran
+    assert report.fma_peak(res) == 2 * 4 * 20.0
+    assert cell(report.render(res), "Latency, batch 1", "pyincept", "% of FMA peak") == "71"   # 114.26 / 160
+
+    res["simd"] = None                                              # the probe failed: no roof, no column values
+    text = report.render(res)
+    assert report.fma_peak(res) is None
+    assert cell(text, "Latency, batch 1", "pyincept", "% of FMA peak") == "–"
+    assert "not measured (the `simd` worker failed" in text
+
+
+def test_header_names_pyincepts_gemm_not_numpys_blas():
+    res = fake_results()
+    text = report.render(res)
+    gemm_line = next(line for line in text.splitlines() if line.startswith("- **GEMM**"))
+    assert "the **avx2** micro-kernel, the CPU's best (PYINCEPT_SIMD unset)" in gemm_line
+    assert "**avx2 50.0 GFMA/s**, generic 20.0 GFMA/s" in gemm_line
+    assert "2 x 2 x 50.0 = 200.0 GFLOP/s" in gemm_line
+    assert "This CPU has no AVX-512: the AVX2 path is the only fast path here." in text
+    blas_line = next(line for line in text.splitlines() if line.startswith("- **numpy's BLAS**"))
+    assert "not pyincept's" in blas_line and "OpenBLAS kernel **Haswell**" in blas_line
+    assert "used by pyincept" not in text and "GEMM ceiling" not in text
+    threads = next(line for line in text.splitlines() if line.startswith("- **Threads**"))
+    assert "pyincept: PYINCEPT_NUM_THREADS, the only one it reads" in threads
+
+    res["simd"]["forced"] = "avx2"
+    assert "the **avx2** micro-kernel, forced by `PYINCEPT_SIMD=avx2`" in report.render(res)
+    res["simd"]["forced"] = "auto"
+    assert "the **avx2** micro-kernel, the CPU's best (PYINCEPT_SIMD=auto)" in report.render(res)
+
+
+def test_matrix_product_section():
+    """pyincept's product and numpy's on one core, each as GFLOP/s and as a share of one core's
+    peak (2 x 50 GFMA/s = 100 GFLOP/s); the peak of every path stated."""
+    text = report.render(fake_results())
+    title = "Matrix product (one core)"
+    head = rows_of(text, title)[0]
+    assert head == ["GEMM", "M", "K", "N", "pyincept avx2 median ms", "pyincept avx2 GFLOP/s", "% of FMA peak",
+                    "np.matmul GFLOP/s", "% of FMA peak"]
+    assert "| Mixed_6e, fused 1x1s | 289 | 768 | 768 | 12.50 | 80.0 | 80 | 40.0 | 40 |" in text
+    assert "| square, not in v3 (reference) | 2048 | 2048 | 2048 | 250.00 | 68.7 | 69 | 34.4 | 34 |" in text
+    intro = text.split(f"## {title}")[1].split("|")[0]
+    assert "2 x 50.0 GFMA/s = **100.0 GFLOP/s** for the avx2 path pyincept ran" in intro
+    assert "avx2 50.0 GFMA/s, generic 20.0 GFMA/s" in intro
+    assert "numpy's BLAS held to one thread (threadpoolctl; OpenBLAS's Haswell kernel)" in intro
+    assert "torch.matmul" not in intro                                  # no torch column in these results
+
+
+def test_determinism_says_why_and_names_the_path():
+    text = report.render(fake_results())
+    det = text.split("## Determinism (pyincept)")[1].split("\n## ")[0]
+    assert "on the avx2 micro-kernel. Every output of every matrix product is one FMA chain" in det
+    assert "`kernels/gemm.py`" in det and "_gemm_pieces" not in det and "OpenBLAS" not in det
+
+
+def test_pyincept_avx2_is_a_default_engine_exactly_where_avx512_runs():
+    """The selection, on feature sets as llvmlite names them, not on this CPU's."""
+    from benchmarks.worker import gemm_paths
+
+    avx512 = {"avx512f", "avx2", "fma", "sse2"}
+    assert engines.default_engines(avx512) == ["pyincept", "pyincept-avx2", "torch", "torch-cl", "ort"]
+    assert engines.default_engines({"avx2", "fma", "sse2"}) == ["pyincept", "torch", "torch-cl", "ort"]
+    assert engines.default_engines({"avx512f", "avx2", "sse2"}) == ["pyincept", "torch", "torch-cl", "ort"]  # no FMA
+    assert engines.default_engines(set()) == ["pyincept", "torch", "torch-cl", "ort"]
+    assert engines.label("pyincept-avx2") == "pyincept (PYINCEPT_SIMD=avx2)"
+    # the matrix-product section times the path pyincept runs, and AVX2 beside AVX-512
+    assert gemm_paths("avx512", ["avx512", "avx2", "generic"]) == ["avx512", "avx2"]
+    assert gemm_paths("avx2", ["avx512", "avx2", "generic"]) == ["avx2"]
+    assert gemm_paths("avx2", ["avx2", "generic"]) == ["avx2"]
+    assert gemm_paths("generic", ["avx2", "generic"]) == ["generic"]
+    # the header's line on the fast paths
+    assert report.simd_paths_note(["avx2", "generic"]) == "This CPU has no AVX-512: the AVX2 path is the only fast path here."
+    assert "pyincept-avx2" in report.simd_paths_note(["avx512", "avx2", "generic"])
+    assert "generic path is the only one" in report.simd_paths_note(["generic"])
+
+
+def test_pyincept_avx2_runs_with_its_own_environment(tmp_path):
+    from benchmarks.__main__ import Suite, engine_env
+
+    assert engine_env("pyincept-avx2", {}) == {"PYINCEPT_SIMD": "avx2"}
+    assert engine_env("pyincept", {}) is None and engine_env("ort", {}) is None
+    env = Suite(tmp_path, 2, verbose=False).env(engine_env("pyincept-avx2", {}))
+    assert env["PYINCEPT_SIMD"] == "avx2" and env["PYINCEPT_NUM_THREADS"] == "2"
+    assert engines.missing("pyincept-avx2", tmp_path) in (f"no {engines.PYINCEPT_WEIGHTS}",
+                                                          "this CPU cannot run the avx2 path (it runs generic)")
+
+
+def test_pyincept_avx2_in_every_timing_table_and_the_ratios_keep_pyincept():
+    res = fake_results(avx2=True)
+    res["simd"]["runnable"] = ["avx512", "avx2", "generic"]
+    text = report.render(res)
+    label = "pyincept (PYINCEPT_SIMD=avx2)"
+    for title in ("Headline", "Latency, batch 1", "Throughput", "Peak memory"):
+        assert label in [r[0] for r in rows_of(text, title)], title
+    assert cell(text, "Latency, batch 1", label, "median ms") == "125.0"
+    # the ratio table: the default pyincept over each other engine, the AVX2 one among them
+    assert f"| {label} | 0.80x | 1.25x | 1.25x | 1.00x |" in text
+    assert "| onnxruntime | 1.25x | 0.80x | 0.80x | 0.50x |" in text
+    assert "`pyincept (PYINCEPT_SIMD=avx2)` times the AVX2 micro-kernel beside the AVX-512 one." in text
+    status = {t.split(":")[0]: s for s, _, t in report.targets(res)}
+    assert status["batch-1 latency ≤ 0.8x onnxruntime"] == "FAIL"               # still pyincept's 100 ms, not 125
 
 
 def test_gpu_benchmark_without_a_gpu_says_why():
