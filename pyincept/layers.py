@@ -211,11 +211,25 @@ class Linear(Layer):
             weight = np.ascontiguousarray(weight.reshape(C, H, W, -1).transpose(1, 2, 0, 3).reshape(weight.shape))
         self.host = (weight, bias)
         self.use(self.ops)
+        if lean:
+            self.keep_kernel_form_only()
 
     def use(self, ops):
         self.ops = ops
         if self.host is not None:
+            if self.host[0] is None:
+                raise PyinceptError(f"{self.name} holds its weights in its kernel's form only: "
+                                    "switch the device through the network, which reloads them")
             self.weight, self.bias = ops.pack_weights(self.host[0]), ops.to_device(self.host[1])
+
+    def keep_kernel_form_only(self):
+        """Let go of the host weight where the kernel runs from a form of its own (the CPU's
+        panels, a GPU copy); `Network.reload` brings it back."""
+        if self.host is not None and self.host[0] is not None and self.weight is not self.host[0]:
+            self.host = (None, self.host[1])
+
+    def holds_host_weight(self):
+        return self.host is None or self.host[0] is not None
 
     def output_shape(self, shape):
         return shape[0], self.out_features

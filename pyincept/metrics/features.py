@@ -16,7 +16,6 @@ import warnings
 
 import numpy as np
 
-from .. import kernels
 from ..errors import PyinceptError
 
 FEATURES = ("64", "192", "768", "2048", "logits_unbiased", "logits")
@@ -57,5 +56,12 @@ def extract(model, x, names):
             features[name] = np.asarray(out["fc"], np.float32)
         else:
             pooled = np.asarray(out["avgpool"], np.float32).reshape(len(x), -1)          # (N, 2048)
-            features[name] = pooled if name == "2048" else kernels.linear(pooled, model.fc.host[0])
+            features[name] = pooled if name == "2048" else _unbiased_logits(model, pooled)
     return features
+
+
+def _unbiased_logits(model, pooled):
+    """The fc without its bias (pytorch-fid's "logits_unbiased"), on the device the model runs
+    on, from the weights in the form its kernel holds them."""
+    ops = model.ops
+    return np.asarray(ops.to_host(ops.linear(ops.to_device(pooled), model.fc.weight)), np.float32)

@@ -20,7 +20,7 @@ import numpy as np
 from .. import fusion, kernels
 from ..errors import PyinceptError, WeightsError
 from ..io.npz import check_parameters, parameter_mismatch
-from ..layers import BasicConv2d, Block, Taps
+from ..layers import BasicConv2d, Block, Linear, Taps
 
 ALGORITHMS = ("winograd", "im2col")
 SOFTMAX = "softmax"        # a derived output: the classifier's logits through softmax
@@ -84,10 +84,14 @@ class Network:
 
     def conv_layers(self):
         """Every BasicConv2d, stages and aux heads alike."""
+        return [layer for layer in self.weighted_layers() if isinstance(layer, BasicConv2d)]
+
+    def weighted_layers(self):
+        """Every layer with weights (BasicConv2d, Linear), stages and aux heads alike."""
         layers = []
         for part in self.parts():
             layers.extend(part.layers() if isinstance(part, Block) else [part])
-        return [layer for layer in layers if isinstance(layer, BasicConv2d)]
+        return [layer for layer in layers if isinstance(layer, (BasicConv2d, Linear))]
 
     def to(self, device):
         """Run on "cpu", "reference" (the plain-NumPy twins) or "cuda": weights move to the
@@ -106,7 +110,7 @@ class Network:
         """Where the model can read its weights again (`reload`), drop the host filters that
         a kernel form of their own runs from (loading does it layer by layer: `load(lean=True)`)."""
         if self.reload is not None:
-            for layer in self.conv_layers():
+            for layer in self.weighted_layers():
                 layer.keep_kernel_form_only()
             for part in self.parts():
                 if getattr(part, "plan", None) is not None:
@@ -114,7 +118,7 @@ class Network:
 
     def _restore_host_weights(self):
         """Before another algorithm or device: every layer's host filters, reloaded when dropped."""
-        if all(layer.holds_host_weight() for layer in self.conv_layers()):
+        if all(layer.holds_host_weight() for layer in self.weighted_layers()):
             return
         params = self.reload()
         for part in self.parts():
