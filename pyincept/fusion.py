@@ -82,15 +82,25 @@ class Pointwise1x1:
     def convs(self):
         return self.members + ([self.pooled] if self.pooled is not None else [])
 
-    def load(self):
+    def load(self, lean=False):
         """Concatenate the members' folded (1, 1, C, K_i) weights along K; each member's then
-        becomes its columns of that one array, so the filters are held once."""
-        self.host_weight = np.concatenate([conv.folded[0] for _, conv in self.convs()], axis=3)   # (1, 1, C, sum K)
+        becomes its columns of that one array, so the filters are held once. lean: the
+        network can read them again, so the GEMM's form is made from the members' blocks
+        straight away (`ops.pack_weights` of a list: no concatenated copy) and is all that
+        is kept."""
+        blocks = [conv.folded[0] for _, conv in self.convs()]                       # (1, 1, C, K_i) each
+        if lean:
+            self.host_weight = None
+            self.weight = self.ops.pack_weights(blocks)                             # (1, 1, C, sum K)
+            for _, conv in self.convs():
+                conv.folded = (None, conv.folded[1])
+                conv.use(conv.ops)                                                 # no weight of its own
+            return
+        self.host_weight = np.concatenate(blocks, axis=3)                          # (1, 1, C, sum K)
         k0 = 0
         for _, conv in self.convs():
             K = conv.out_channels
             conv.folded = (self.host_weight[..., k0 : k0 + K], conv.folded[1])       # a view: (1, 1, C, K_i)
-            conv.fused = True
             conv.use(conv.ops)                                                     # no weight of its own now
             k0 += K
         self.use(self.ops)

@@ -127,15 +127,17 @@ class BasicConv2d(Layer):
         if self.folded is None:
             return
         weight, bias = self.folded
+        self.bias = ops.to_device(bias)
+        self.weight = self.winograd = None
+        if self.fused:                               # its module's GEMM holds its columns
+            return
         if weight is None:
             raise PyinceptError(f"{self.name} holds its weights in its kernel's form only: "
                                 "switch the algorithm, fusion or device through the network, which reloads them")
-        self.bias = ops.to_device(bias)
-        self.weight = self.winograd = None
         if self.winograd_applies():                  # a 3x3's tile goes by what measured faster
             tile = ops.winograd_tile(self.in_channels, self.kernel_size)
             self.winograd = ops.winograd_weights(weight, tile)
-        elif not self.fused:
+        else:
             self.weight = ops.pack_weights(weight)              # the CPU's panels, made once
 
     def keep_kernel_form_only(self):
@@ -354,9 +356,7 @@ class Block(Layer):
         for layer in self.layers():
             layer.load(params, lean)
         if self.plan is not None:
-            self.plan.load()
-            if lean:
-                self.plan.keep_kernel_form_only()
+            self.plan.load(lean)
 
     def layer_names(self):
         """Every tap inside the block, in the order a branch table lists them."""

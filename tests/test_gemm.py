@@ -156,6 +156,11 @@ def test_panels_hold_the_weights_and_unpack_to_them():
             assert panels.shape == shape and np.array_equal(panels.unpack(), w)
             assert panels.data.shape[-1] == path.nr and panels.data.shape[-3] == -(-shape[-1] // path.nr)
             assert G.pack_weights(panels) is panels
+    blocks = [rng.standard_normal((1, 1, 30, k)).astype(np.float32) for k in (5, 17, 16, 3)]   # a fused 1x1's members
+    for path in PATHS:
+        joined = G.pack_weights(blocks, path)
+        assert joined.shape == (1, 1, 30, 41)
+        assert np.array_equal(joined.data, G.pack_weights(np.concatenate(blocks, axis=3), path).data)
 
 
 # --- choosing the path ------------------------------------------------------------------

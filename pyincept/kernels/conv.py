@@ -104,17 +104,18 @@ def conv2d(x, w, bias=None, stride=1, padding=0, relu=False, out=None, heads=())
     epilogue = padded_bias(bias, K, path) if finish else None
     pointwise = (R, S, sh, sw, top, bottom, left, right) == (1, 1, 1, 1, 0, 0, 0, 0)
     x2d = x.reshape(M, C) if pointwise else None
-    rows = _row_tiles(M, D, path.rows, pointwise)                      # tile bounds
     P = panels.data.shape[0]
 
-    def tile(t, j0, j1):
-        """Unfold, GEMM and epilogue of row tile t, panels j0 .. j1-1."""
-        i0, i1 = rows[t], rows[t + 1]
+    def unfolded(i0, i1):
+        """Rows i0 .. i1-1 of the (N*OH*OW, R*S*C) im2col matrix: a view for a 1x1, else unfolded."""
         if pointwise:
-            a = x2d[i0:i1]                                             # (m, C): no unfolding
-        else:
-            a = _scratch("cols", (i1 - i0, D))                         # (m, R*S*C)
-            _unfold(x, R, S, sh, sw, top, left, OH, OW, i0, a)
+            return x2d[i0:i1]                                          # (m, C): no unfolding
+        a = _scratch("cols", (i1 - i0, D))                             # (m, R*S*C)
+        _unfold(x, R, S, sh, sw, top, left, OH, OW, i0, a)
+        return a
+
+    def multiply(a, i0, i1, j0, j1):
+        """GEMM and epilogue of rows i0 .. i1-1 (a: their unfolded rows), panels j0 .. j1-1."""
         gemm_into(a, panels, product[i0:i1], 0, i1 - i0, j0, j1, epilogue, relu)
         k0, k1 = j0 * path.nr, min(K, j1 * path.nr)
         for h0, h_bias, h_relu, h_rows, h_d0 in heads:                 # the heads' columns among k0 .. k1-1
@@ -122,10 +123,13 @@ def conv2d(x, w, bias=None, stride=1, padding=0, relu=False, out=None, heads=())
             if a0 < b0:
                 _finish_rows(whole, c0 + a0, h_bias[a0 - h0 : b0 - h0], h_relu, h_rows, h_d0 + a0 - h0, i0, i1)
 
-    if K > 4 * M and P >= 2:                                           # few rows, many weights: split the panels
-        _side_by_side(lambda j0, j1: [tile(t, j0, j1) for t in range(len(rows) - 1)], P, smallest=2)
+    if K > 4 * M and P >= 2 and M * D <= _SCRATCH_FLOATS:             # few rows, many weights: split the panels,
+        a = unfolded(0, M)                                             # every row unfolded once
+        _side_by_side(lambda j0, j1: multiply(a, 0, M, j0, j1), P, smallest=2)
     else:
-        _side_by_side(lambda t0, t1: [tile(t, 0, P) for t in range(t0, t1)], len(rows) - 1, smallest=2)
+        rows = _row_tiles(M, D, path.rows, pointwise)                  # tile bounds
+        _side_by_side(lambda t0, t1: [multiply(unfolded(rows[t], rows[t + 1]), rows[t], rows[t + 1], 0, P)
+                                      for t in range(t0, t1)], len(rows) - 1, smallest=2)
     _late_heads(late, out)
     return out
 

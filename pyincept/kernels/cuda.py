@@ -628,8 +628,9 @@ def to_device(a):
 
 
 def pack_weights(w):
-    """The weights as conv2d and linear read them on the GPU: a float32 device array."""
-    return to_device(w)
+    """The weights as conv2d and linear read them on the GPU: a float32 device array (a list
+    of arrays: their concatenation along the last axis, a fused 1x1's members)."""
+    return to_device(np.concatenate(w, axis=-1) if isinstance(w, (list, tuple)) else w)
 
 
 def to_host(a):

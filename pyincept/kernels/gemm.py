@@ -386,23 +386,30 @@ class Panels:
 def pack_weights(w, path=None):
     """Weights (..., D, K) or conv filters HWIO (R, S, C, K) -> Panels, packed once (at load).
     A (R, S, C, K) array packs as its (R*S*C, K) matrix; a Winograd bank (n, C, K) as n
-    matrices. Panels are passed through."""
+    matrices. A list of arrays packs as their concatenation along K (a fused 1x1's members),
+    without making that copy. Panels are passed through."""
     if isinstance(w, Panels):
         return w
     path = path or simd()
-    w = _as_f32(w)
-    shape = w.shape
-    if w.ndim == 4:                                                # HWIO filters: (R*S*C, K)
-        w = w.reshape(-1, shape[3])
-    if w.ndim < 2:
-        raise ValueError(f"weights to pack must be (D, K) or (..., D, K), got {shape}")
-    *lead, D, K = w.shape
+    blocks = [_as_f32(b) for b in (w if isinstance(w, (list, tuple)) else [w])]
+    shape = (*blocks[0].shape[:-1], sum(b.shape[-1] for b in blocks))
+    if len(shape) < 2 or any(b.shape[:-1] != blocks[0].shape[:-1] for b in blocks):
+        raise ValueError(f"weights to pack must be (D, K) or (..., D, K), got {[b.shape for b in blocks]}")
+    if len(shape) == 4:                                            # HWIO filters: (R*S*C, K)
+        blocks = [b.reshape(-1, b.shape[3]) for b in blocks]
+    *lead, D, K = (*blocks[0].shape[:-1], shape[-1])
     NR = path.nr
     P = -(-K // NR)
     data = aligned_zeros((*lead, P, D, NR))                        # (..., P, D, NR)
-    for j in range(P):
-        cols = w[..., j * NR : (j + 1) * NR]                       # (..., D, <= NR)
-        data[..., j, :, : cols.shape[-1]] = cols
+    k0 = 0
+    for b in blocks:                                               # column k of B: panel k // NR, lane k % NR
+        k = 0
+        while k < b.shape[-1]:
+            j, lane = divmod(k0 + k, NR)
+            take = min(NR - lane, b.shape[-1] - k)                 # up to the end of this panel
+            data[..., j, :, lane : lane + take] = b[..., k : k + take]
+            k += take
+        k0 += b.shape[-1]
     return Panels(data, shape, path)
 
 

@@ -424,8 +424,9 @@ def to_host(a):
 
 
 def pack_weights(w):
-    """The weights as conv2d and linear read them here: a plain float32 array."""
-    return to_device(w)
+    """The weights as conv2d and linear read them here: a plain float32 array (a list of
+    arrays: their concatenation along the last axis, a fused 1x1's members)."""
+    return to_device(np.concatenate(w, axis=-1) if isinstance(w, (list, tuple)) else w)
 
 
 def map_batch(fn, N):
