@@ -365,10 +365,6 @@ class Panels:
     def __len__(self):
         return self.shape[0]
 
-    def __getitem__(self, e):
-        """Matrix e of a stack (a Winograd point's weights), still packed."""
-        return Panels(self.data[e], self.shape[1:], self.path)
-
     def unpack(self):
         """The weights as packed, in their logical shape."""
         *lead, P, D, NR = self.data.shape
