@@ -585,6 +585,16 @@ def scale_section(res):
 # --- targets ---------------------------------------------------------------------------------
 
 
+def size_cliff(res):
+    """The worst step of the scale table's input sizes: the largest ratio of one size's time
+    per multiply-add to the next smaller size's (1.0 or less: bigger inputs never cost more
+    per MAC; issue 17 saw 499x499 slower per image than 599x599). None where not measured."""
+    points = sorted((r["size"], statistics.median(r["times"]) / (r["batch"] * r["macs_per_image"]))
+                    for r in ((res.get("scale") or {}).get("size") or []))
+    steps = [b / a for (_, a), (_, b) in zip(points, points[1:])]
+    return max(steps) if steps else None
+
+
 def targets(res):
     """[(status, kind, text)]: status PASS / FAIL / SKIP (not measured in this run)."""
     out = []
@@ -597,21 +607,27 @@ def targets(res):
         shown = f"{value:.2f}x" if unit == "x" else f"{value:.3g} {unit}"
         out.append(("PASS" if ok else "FAIL", kind, f"{text}: {shown}"))
 
-    # Inception v3 leads onnxruntime by a margin; the other models match it at least.
-    lead = model_of(res["plan"])[0] == DEFAULT_MODEL
-    latency, speedup = (0.8, 1.5) if lead else (1.0, 1.0)
+    # Issue 24's targets. Inception v3 leads onnxruntime by a margin; GoogLeNet and the FID
+    # network match its latency and lead its batch-8 throughput. A small model's resident
+    # memory is mostly the interpreter's and Numba's, so GoogLeNet's peak is held to parity.
+    model = model_of(res["plan"])[0]
+    lead = model == DEFAULT_MODEL
+    latency, speedup = (0.8, {8: 1.5, 32: 1.5}) if lead else (1.0, {8: 1.2, 32: 1.0})
+    peak = 1.0 if model == "googlenet" else 0.5
     p_lat = _median(res, "pyincept", 1)
     check("required", f"batch-1 latency ≤ {latency}x onnxruntime", ratio(p_lat, _median(res, "ort", 1)), latency)
     check("required", "batch-1 latency ≤ 0.75x torch eager (NCHW)", ratio(p_lat, _median(res, "torch", 1)), 0.75)
     thr = {b: ratio(throughput(res, "pyincept", b), throughput(res, "ort", b)) if b in res["plan"]["batches"] else None
            for b in (8, 32)}
     for b in (8, 32):
-        check("required", f"batch-{b} throughput ≥ {speedup}x onnxruntime", thr[b], speedup, higher_is_better=True)
+        check("required", f"batch-{b} throughput ≥ {speedup[b]}x onnxruntime", thr[b], speedup[b], higher_is_better=True)
     rss = ratio(peak_rss(res, "pyincept"), peak_rss(res, "ort")) if res["plan"]["rss_batch"] == 32 else None
-    check("required", f"peak RSS at batch 32 ≤ {0.6 if lead else 1.0}x onnxruntime's", rss, 0.6 if lead else 1.0)
+    check("required", f"peak RSS at batch 32 ≤ {peak}x onnxruntime's", rss, peak)
     if lead:                         # a small model's resident memory is mostly the interpreter's and Numba's
         loaded = {n: (res["rss"].get(n) or {}).get("after_load_mib") for n in ("pyincept", "ort")}
         check("required", "RSS after loading ≤ 1.0x onnxruntime's", ratio(loaded["pyincept"], loaded["ort"]), 1.0)
+    check("required", "no cliff by size: time per multiply-add never rises more than 10% from one input size "
+          "to the next", size_cliff(res), 1.10)
     warm = res["coldstart"].get("warm")
     check("required", "warm-cache start-up (import, load, first forward) ≤ 1.5 s", warm and warm["total_s"], 1.5, unit="s")
     acc = res["accuracy"].get("torch")

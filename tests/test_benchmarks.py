@@ -309,7 +309,7 @@ def test_targets_pass_fail_skip():
     assert status["batch-1 latency ≤ 0.75x torch eager (NCHW)"] == "PASS"      # 100 / 150 = 0.67
     assert status["batch-8 throughput ≥ 1.5x onnxruntime"] == "FAIL"           # 0.8
     assert status["batch-32 throughput ≥ 1.5x onnxruntime"] == "FAIL"
-    assert status["peak RSS at batch 32 ≤ 0.6x onnxruntime's"] == "PASS"       # 500 / 1000
+    assert status["peak RSS at batch 32 ≤ 0.5x onnxruntime's"] == "PASS"       # 500 / 1000
     assert status["RSS after loading ≤ 1.0x onnxruntime's"] == "PASS"          # 300 / 300
     assert status["warm-cache start-up (import, load, first forward) ≤ 1.5 s"] == "PASS"
     assert status["pyincept vs torchvision logits"] == "PASS"
@@ -322,19 +322,41 @@ def test_targets_pass_fail_skip():
     assert status["RSS after loading ≤ 1.0x onnxruntime's"] == "FAIL"
 
     other = fake_results(per_image={"pyincept": 0.075, "torch": 0.150, "ort": 0.080})
-    other["plan"]["model"] = "googlenet"                                       # the other models: parity
+    other["plan"]["model"] = "googlenet"                                       # latency parity, batch 8 ahead
     status = {text.split(":")[0]: s for s, _, text in report.targets(other)}
     assert status["batch-1 latency ≤ 1.0x onnxruntime"] == "PASS"            # 75 / 80
+    assert status["batch-8 throughput ≥ 1.2x onnxruntime"] == "FAIL"           # 80 / 75 = 1.07
     assert status["batch-32 throughput ≥ 1.0x onnxruntime"] == "PASS"
     assert status["peak RSS at batch 32 ≤ 1.0x onnxruntime's"] == "PASS"       # 500 / 1000
     assert "RSS after loading ≤ 1.0x onnxruntime's" not in status
+    other["plan"]["model"] = "inception_v3_fid"                                # v3-sized: half onnxruntime's peak
+    status = {text.split(":")[0]: s for s, _, text in report.targets(other)}
+    assert status["peak RSS at batch 32 ≤ 0.5x onnxruntime's"] == "PASS"
 
     quick = {text.split(":")[0]: s for s, _, text in report.targets(fake_results(batches=(1, 2), rss_batch=2, ort=False))}
     assert quick["batch-1 latency ≤ 0.8x onnxruntime"] == "SKIP"
     assert quick["batch-8 throughput ≥ 1.5x onnxruntime"] == "SKIP"
-    assert quick["peak RSS at batch 32 ≤ 0.6x onnxruntime's"] == "SKIP"
+    assert quick["peak RSS at batch 32 ≤ 0.5x onnxruntime's"] == "SKIP"
     assert quick["RSS after loading ≤ 1.0x onnxruntime's"] == "SKIP"
     assert quick["batch-1 latency ≤ 0.75x torch eager (NCHW)"] == "PASS"
+    assert quick["no cliff by size"] == "SKIP"
+
+
+def test_no_cliff_by_size_is_the_worst_step_of_time_per_mac():
+    """Time per multiply-add at each input size against the next smaller one: a bigger input
+    may cost less per MAC, never (beyond 10%) more."""
+    def point(size, seconds, gmacs):
+        return {"size": size, "batch": 4, "times": [seconds, seconds * 3, seconds / 3], "macs_per_image": gmacs * 1e9}
+
+    res = fake_results()
+    res["scale"] = {"batch": [], "size": [point(399, 0.5, 10.0), point(299, 0.3, 5.0), point(599, 1.0, 24.0),
+                                          point(499, 0.9, 16.0)]}       # 15, 12.5, 14.1, 10.4 ns per MAC
+    assert report.size_cliff(res) == pytest.approx((0.9 / 16) / (0.5 / 10))
+    status = {text.split(":")[0]: s for s, _, text in report.targets(res)}
+    assert status["no cliff by size"] == "FAIL"                                  # 499 costs 1.125x 399's per MAC
+    res["scale"]["size"][3] = point(499, 0.78, 16.0)
+    assert report.size_cliff(res) < 1.0
+    assert {text.split(":")[0]: s for s, _, text in report.targets(res)}["no cliff by size"] == "PASS"
 
 
 def test_render_has_every_section_and_the_ratios():
