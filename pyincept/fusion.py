@@ -2,8 +2,8 @@
 
 Why it is exact: for pixels as rows, x @ [W1 | W2 | W3] = [x @ W1 | x @ W2 | x @ W3]. The
 branches of an Inception module that open with a 1x1 conv all read the module's input, so
-one (N*H*W, C) @ (C, K1+K2+K3) product reads x once and keeps BLAS busier than three thin
-ones; each branch then takes its columns, adds its bias and applies ReLU.
+one (N*H*W, C) @ (C, K1+K2+K3) product reads x once and keeps the matrix product busier
+than three thin ones; each branch then takes its columns, adds its bias and applies ReLU.
 
 A pool branch joins too when it opens with a 3x3/1 average pool, then a 1x1 conv. Both
 maps are linear and act on different axes (pixels vs channels): the pool's divisor at a
@@ -155,8 +155,9 @@ def fuse(block, on=True):
     it off (on=False: the branch table runs as written). Returns the plan, or None.
     Refused, with nothing changed, where the members hold their packed form only: the
     network reloads their filters first (`Network.set_fuse`)."""
-    if block.plan is not None and block.plan.host_weight is None and block.plan.weight is not None:
-        raise PyinceptError(f"{block.name}'s 1x1 filters are held in its kernel's form only: switch the "
+    if not all(layer.holds_host_weight() for layer in block.layers()) or (
+            block.plan is not None and block.plan.host_weight is None and block.plan.weight is not None):
+        raise PyinceptError(f"{block.name}'s filters are held in their kernels' form only: switch the "
                             "algorithm, fusion or device through the network, which reloads them")
     for layer in block.layers():                  # the last plan's members run on their own again,
         if isinstance(layer, BasicConv2d) and layer.fused:       # each with a copy of its columns,

@@ -144,6 +144,15 @@ def attach_head(model, head):
     fc.use(fc.ops)                                   # onto the device the model runs on
     fc.out_features = model.num_classes = K
     model.labels = head.labels
+    if model.reload is not None:                     # a later reload (set_algorithm, set_fuse, to) keeps the head
+        reload, ours = model.reload, {f"{fc.name}.weight": fc.host[0], f"{fc.name}.bias": fc.host[1]}
+
+        def reload_with_head(keys=None):
+            params = dict(reload(keys))
+            params.update({key: value for key, value in ours.items() if keys is None or key in keys})
+            return params
+
+        model.reload = reload_with_head
     return model
 
 

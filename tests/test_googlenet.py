@@ -138,6 +138,10 @@ def test_fusion_refuses_the_max_pool_branch_and_fuses_the_rest():
     with pytest.raises(PyinceptError, match="through the network, which reloads them"):
         fusion.fuse(block, False)                          # its filters are packed only: the network reloads them
     assert model.set_fuse(False) is model and block.plan is None
+    with pytest.raises(PyinceptError, match="through the network, which reloads them"):
+        fusion.fuse(block, True)                           # the members' filters are packed on their own now
+    assert block.plan is None and not any(conv.fused for conv in block.layers())
+    assert model.set_fuse(True).inception3a.plan is not None
 
 
 def test_reference_device_agrees_with_the_fast_path(googlenet_files):

@@ -99,8 +99,9 @@ def held_bytes(model):
                 root = root.base
             buffers[id(root)] = root
 
-    for layer in model.conv_layers():
-        for a in (*(layer.folded or ()), layer.weight, layer.bias, layer.winograd):
+    for layer in model.weighted_layers():
+        for a in (*(getattr(layer, "folded", None) or getattr(layer, "host", None) or ()), layer.weight, layer.bias,
+                  getattr(layer, "winograd", None)):
             hold(a)
     for part in model.parts():
         plan = getattr(part, "plan", None)
@@ -121,6 +122,7 @@ def test_each_weight_is_held_once_in_the_form_its_kernel_reads(converted):
     plans = [part.plan for part in model.parts() if getattr(part, "plan", None)]
     assert plans and all(plan.host_weight is None and isinstance(plan.weight, Panels) for plan in plans)
     assert all(conv.fused and conv.weight is None for plan in plans for _, conv in plan.convs())
+    assert model.fc.host[0] is None and isinstance(model.fc.weight, Panels)    # the fc too
     full = Inception3()                                              # the same weights, handed in: no reload,
     params, _ = load_weights(converted["zip"])                       # so every host copy stays
     full.load_parameters(params)

@@ -276,7 +276,11 @@ def test_attach_head_makes_the_model_answer_with_its_classes(trained):
     attach_head(model, head)
     assert model.labels == CLASSES
     logits = head.logits(features)                 # a 2048-deep float32 dot product per logit
-    np.testing.assert_allclose(model(x), logits, rtol=1e-5, atol=1e-5 * np.abs(logits).max())
+    answer = model(x)
+    np.testing.assert_allclose(answer, logits, rtol=1e-5, atol=1e-5 * np.abs(logits).max())
+    # Switching a knob reloads the weights the model dropped (its seed's): the head stays.
+    np.testing.assert_array_equal(model.set_fuse(False).set_fuse(True)(x), answer)
+    assert model.set_algorithm("im2col")(x).shape == (2, len(CLASSES)) and model.fc.out_features == len(CLASSES)
     with pytest.raises(pyincept.PyinceptError, match="takes 10 features"):
         attach_head(model, Head(np.zeros((10, 2)), np.zeros(2), ["a", "b"]))
 

@@ -146,16 +146,20 @@ def _micro_kernel(rows, vectors, lanes, prefetch=16):
     vec = ir.VectorType(f32, lanes)
     array = types.Array(types.float32, 1, "C")
 
+    def operand(arg):
+        """A 1-D C-contiguous float32 array; A, B and the bias may be read-only."""
+        return isinstance(arg, types.Array) and arg.dtype == types.float32 and arg.ndim == 1 and arg.layout == "C"
+
     @intrinsic
     def tile(typingctx, kc, mr, nr, a, a_off, lda, b, b_off, c, c_off, ldc, first, bias, bias_off, relu, finish):
-        if any(arg != array for arg in (a, b, c, bias)):
+        if not (operand(a) and operand(b) and operand(bias) and c == array):
             return None
-        sig = types.void(types.intp, types.intp, types.intp, array, types.intp, types.intp, array, types.intp, array,
-                         types.intp, types.intp, types.boolean, array, types.intp, types.boolean, types.boolean)
+        sig = types.void(types.intp, types.intp, types.intp, a, types.intp, types.intp, b, types.intp, array,
+                         types.intp, types.intp, types.boolean, bias, types.intp, types.boolean, types.boolean)
 
         def codegen(context, builder, signature, args):
             kc, mr, nr, a, a_off, lda, b, b_off, c, c_off, ldc, first, bias, bias_off, relu, finish = args
-            data = [context.make_array(array)(context, builder, x).data for x in (a, b, c, bias)]
+            data = [context.make_array(signature.args[i])(context, builder, args[i]).data for i in (3, 6, 8, 12)]
             a_ptr, b_ptr, c_ptr, bias_ptr = data
             intp = context.get_value_type(types.intp)
 
@@ -421,15 +425,16 @@ def padded_bias(bias, K, path):
 _NO_BIAS = np.zeros(1, np.float32)
 
 
-def gemm_into(a, panels, c, i0=0, i1=None, j0=0, j1=None, bias=None, relu=False, columns=None):
+def gemm_into(a, panels, c, i0=0, i1=None, j0=0, j1=None, bias=None, relu=False):
     """C[i0:i1, panel columns j0*NR .. j1*NR] = A @ B by the rule, into c (a 2-D view with
     unit column stride, any row stride: a channel window of a module's output).
 
     a: (M, D) float32 with unit column stride; panels: a Panels of one (D, K) matrix;
-    bias: padded_bias(...) or None (no epilogue); relu: clamp at 0 after the bias.
-    columns: how many columns c has room for, when more than K (whole panels: the padded
-    columns are zeros and no tile needs the edge's detour through tmp).
+    bias: padded_bias(...) for the epilogue (then relu: clamp at 0 after it), or None for
+    the raw product.
     """
+    if relu and bias is None:
+        raise ValueError("the ReLU epilogue comes after a bias: pass padded_bias(None, K, path) for none")
     path = panels.path
     M, D = a.shape
     i1 = M if i1 is None else i1
@@ -439,14 +444,15 @@ def gemm_into(a, panels, c, i0=0, i1=None, j0=0, j1=None, bias=None, relu=False,
     a_flat, a_off, lda = _flat(a)
     c_flat, c_off, ldc = _flat(c)
     _run(path, a_flat, a_off, lda, 0, i0, i1, D, panels.data.reshape(-1), 0, 0, j0, j1,
-         panels.columns if columns is None else columns, c_flat, c_off, ldc, 0, 0, 1, bias, relu)
+         panels.columns, c_flat, c_off, ldc, 0, 0, 1, bias, relu)
     return c
 
 
 def gemm_stack(v, panels, m, e0, e1, i0=0, i1=None):
     """m[e] = v[e] @ B[e] for the products e0 .. e1-1 of a stack, in one call: v (n, T, D) and
     m (n, T, P*NR) contiguous, panels of (n, D, K) (a Winograd layer's points). m's rows
-    hold whole panels (the padding columns come out zero)."""
+    hold whole panels, so no tile is an edge in its columns; the columns past K are the
+    padding's products (zeros for finite inputs), never read."""
     path = panels.path
     n, T, D = v.shape
     i1 = T if i1 is None else i1

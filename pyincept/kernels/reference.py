@@ -35,15 +35,16 @@ def fma(a, b, c):
     A value rounded to odd with at least two bits to spare rounds to nearest exactly as the
     exact value would (Boldo and Melquiond, "When double rounding is odd", 2005).
     """
-    p = np.asarray(a, np.float64) * np.asarray(b, np.float64)           # exact
-    c = np.asarray(c, np.float64)
-    s = p + c                                                            # rounded once, to float64
-    t = s - p
-    error = (p - (s - t)) + (c - t)                                      # TwoSum: s + error == p + c exactly
-    even = (s.view(np.int64) & 1) == 0
-    nudge = (error != 0) & even & np.isfinite(s)
-    s = np.where(nudge, np.nextafter(s, np.where(error > 0, np.inf, -np.inf)), s)
-    return s.astype(np.float32)
+    with np.errstate(invalid="ignore", over="ignore"):                  # inf and NaN pass through as IEEE says
+        p = np.asarray(a, np.float64) * np.asarray(b, np.float64)       # exact
+        c = np.asarray(c, np.float64)
+        s = p + c                                                        # rounded once, to float64
+        t = s - p
+        error = (p - (s - t)) + (c - t)                                  # TwoSum: s + error == p + c exactly
+        even = (s.view(np.int64) & 1) == 0
+        nudge = (error != 0) & even & np.isfinite(s)
+        s = np.where(nudge, np.nextafter(s, np.where(error > 0, np.inf, -np.inf)), s)
+        return s.astype(np.float32)
 
 
 def gemm(a, b):
@@ -64,7 +65,7 @@ def im2col(x, kernel_size, stride=1, padding=0):
 
     Why: a convolution is a dot product between each patch and each filter. Laid
     out as rows, all patches times all filters become ONE matrix product,
-    (N*OH*OW, R*S*C) @ (R*S*C, K), which BLAS computes near the machine's peak.
+    (N*OH*OW, R*S*C) @ (R*S*C, K), which a GEMM computes near the machine's peak.
     Row order inside a patch is (r, s, c), matching HWIO weights reshaped to (R*S*C, K).
     """
     R, S = pair(kernel_size)
@@ -223,7 +224,10 @@ def winograd_weights(w, tile=2):
     # Both products run along long rows of C*K values (as two tensordots, which transposed
     # the filters, they took 3-5x longer: a quarter of loading the network).
     gw = _in_order(G, w.reshape(r, r * C * K).astype(np.float64)).reshape(n, r, C * K)   # G g: rows of g
-    return np.stack([_in_order(G, gw[a]) for a in range(n)]).astype(np.float32).reshape(n, n, C, K)   # (G g) GT
+    u = np.empty((n, n, C * K), np.float32)
+    for a in range(n):
+        u[a] = _in_order(G, gw[a])                                            # (G g) GT: its columns
+    return u.reshape(n, n, C, K)
 
 
 def _in_order(G, x):

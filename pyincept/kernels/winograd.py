@@ -1,5 +1,5 @@
 """Winograd convolution on the CPU: per-tile input transforms (Numba), n independent point
-GEMMs (BLAS), output transforms with bias and ReLU (Numba). The math, with the matrices,
+GEMMs as one stack (gemm.py), output transforms with bias and ReLU (Numba). The math, with the matrices,
 is `reference.conv2d_winograd`; the shape letters are `cpu.py`'s.
 """
 
