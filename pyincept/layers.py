@@ -48,6 +48,16 @@ class Layer:
         """The names `run` can tap in this layer: its own, when it has one."""
         return [self.name] if self.name else []
 
+    # The backward pass. Every layer that runs forward as y = layer(x, taps) has
+    #     y = layer.direct(x, taps[, out])   the forward the backward differentiates
+    #     dx = layer.vjp(x, y, dy, grads)    the gradient at its input, from dy = dL/dy
+    # grads: None, or a dict that collects dL/dparameter by checkpoint key (pyincept layout).
+
+    def direct(self, x, taps, out=None):
+        """The forward the backward differentiates: this layer's own, where it has no
+        Winograd convolution inside (BasicConv2d, Split and Block say otherwise)."""
+        return self(x, taps) if out is None else self(x, taps, out=out)
+
 
 class Taps:
     """Collects named intermediate outputs during one forward pass.
@@ -84,6 +94,24 @@ def fold_batchnorm(w, gamma, beta, mean, var, eps=BN_EPS):
     return folded_w, folded_b
 
 
+def fold_batchnorm_vjp(dw_folded, db_folded, w, gamma, mean, var, eps=BN_EPS):
+    """fold_batchnorm backwards: the gradients of the checkpoint's own parameters from those
+    of the folded conv (W' = W * s, b' = beta - mean * s, s = gamma / sqrt(var + eps)),
+    the running statistics frozen (eval-mode batch norm, as fine-tuning with frozen
+    statistics has it):
+
+        dW     = dW' * s                                        (per output channel k)
+        dgamma = (sum over R, S, C of dW' * W  -  db' * mean) / sqrt(var + eps)
+        dbeta  = db'
+    -> (dW (R, S, C, K), dgamma (K,), dbeta (K,)), in float64 where any input is, else float32."""
+    dtype = np.result_type(dw_folded, w, np.float32)
+    root = np.sqrt(np.asarray(var, np.float64) + eps)
+    scale = gamma / root
+    dw = dw_folded * scale
+    dgamma = ((dw_folded * w).reshape(-1, w.shape[-1]).sum(axis=0) - db_folded * mean) / root
+    return dw.astype(dtype), dgamma.astype(dtype), np.asarray(db_folded, dtype)
+
+
 class BasicConv2d(Layer):
     """conv (no bias) -> BatchNorm(eps) -> ReLU, run as one conv with a folded bias."""
 
@@ -99,6 +127,7 @@ class BasicConv2d(Layer):
         self.algorithm = "im2col"         # or "winograd": used where winograd_applies()
         self.winograd = None              # the weight in the Winograd domain, when used
         self.fused = False                # run inside its module's one 1x1 GEMM (fusion.py)
+        self.bn = None                    # (gamma, mean, var): what the backward maps gradients through
 
     def parameter_shapes(self):
         """{checkpoint key: shape in pyincept layout} for this layer."""
@@ -111,10 +140,9 @@ class BasicConv2d(Layer):
 
     def load(self, params, lean=False):
         p = self.name
-        self.folded = fold_batchnorm(
-            params[f"{p}.conv.weight"], params[f"{p}.bn.weight"], params[f"{p}.bn.bias"],
-            params[f"{p}.bn.running_mean"], params[f"{p}.bn.running_var"], eps=self.eps,
-        )
+        gamma, beta, mean, var = (params[f"{p}.bn.{f}"] for f in ("weight", "bias", "running_mean", "running_var"))
+        self.folded = fold_batchnorm(params[f"{p}.conv.weight"], gamma, beta, mean, var, eps=self.eps)
+        self.bn = tuple(np.array(v, np.float32) for v in (gamma, mean, var))
         self.use(self.ops)
         if lean:                 # at once, not after its module: the loading peak is Mixed_7c's
             self.keep_kernel_form_only()
@@ -186,6 +214,50 @@ class BasicConv2d(Layer):
             y = self.ops.conv2d(x, self.weight, self.bias, self.stride, self.padding, relu=True, out=out)
         return taps.record(self.name, y)
 
+    def direct(self, x, taps, out=None):
+        """The conv by im2col whatever the algorithm: the backward differentiates the direct
+        convolution, whose float32 ReLU decisions are torch's. A Winograd forward's larger
+        rounding flips more of them near 0: on v3, 10x torch float32's input-gradient error
+        against float64, where im2col gives 1.8x (benchmarks/NOTES.md). A fused member, or a
+        Winograd layer, runs from its host filters."""
+        weight = self.weight if self.weight is not None else self.host_filters()
+        y = self.ops.conv2d(x, weight, self.bias, self.stride, self.padding, relu=True, out=out)
+        return taps.record(self.name, y)
+
+    def host_filters(self):
+        """The folded HWIO filters, wherever this layer holds them (host copy or CPU panels)."""
+        if self.folded is not None and self.folded[0] is not None:
+            return self.folded[0]
+        if self.weight is not None and hasattr(self.weight, "unpack"):
+            return self.weight.unpack()
+        raise PyinceptError(f"{self.name} holds its filters in the Winograd domain only: "
+                            "the network reloads them before a backward pass")
+
+    def vjp(self, x, y, dy, grads=None):
+        """ReLU, then the conv's linear part, backwards: dx. With `grads`, the gradients of
+        the checkpoint's own conv weight, bn weight and bn bias, the running statistics
+        frozen (eval-mode batch norm): `fold_batchnorm_vjp` maps the folded conv's onto them."""
+        g = self.ops.relu_vjp(dy, y)
+        dx, dw, db = self.ops.conv2d_vjp(g, x, self.host_filters(), self.stride, self.padding, params=grads is not None)
+        if grads is not None:
+            gamma, mean, var = self.bn
+            raw = self.raw_filters()
+            dw, dgamma, dbeta = fold_batchnorm_vjp(np.asarray(dw), np.asarray(db), raw, gamma, mean, var, self.eps)
+            grads[f"{self.name}.conv.weight"] = dw.astype(np.float32)
+            grads[f"{self.name}.bn.weight"] = dgamma.astype(np.float32)
+            grads[f"{self.name}.bn.bias"] = dbeta.astype(np.float32)
+        return dx
+
+    def raw_filters(self):
+        """The checkpoint's conv weight, before folding: the folded filters over the scale
+        (in float64: within an ulp of the file's, enough for the gamma gradient they weigh)."""
+        gamma, mean, var = self.bn
+        scale = gamma.astype(np.float64) / np.sqrt(var.astype(np.float64) + self.eps)
+        if np.any(scale == 0):
+            raise PyinceptError(f"{self.name}: a batch-norm weight of 0 folds its filters away; "
+                                "their gradient cannot be recovered from the folded conv")
+        return self.host_filters().astype(np.float64) / scale
+
 
 class Linear(Layer):
     """y = x @ w + b, with w stored (in, out). A (N, H, W, C) input is flattened first.
@@ -242,6 +314,21 @@ class Linear(Layer):
             y = self.ops.relu(y)
         return taps.record(self.name, y)
 
+    def vjp(self, x, y, dy, grads=None):
+        """dx (shaped like x), and with `grads` the checkpoint's weight (in, out) and bias."""
+        if self.relu:
+            dy = self.ops.relu_vjp(dy, y)
+        weight = self.weight if self.weight is not None else self.host[0]
+        dx, dw, db = self.ops.linear_vjp(dy, x.reshape(x.shape[0], -1), weight, params=grads is not None)
+        if grads is not None:
+            dw = np.asarray(self.ops.to_host(dw), np.float32)
+            if self.input_chw is not None:                                  # rows (h, w, c) -> the file's (c, h, w)
+                C, H, W = self.input_chw
+                dw = np.ascontiguousarray(dw.reshape(H, W, C, -1).transpose(2, 0, 1, 3).reshape(dw.shape))
+            grads[f"{self.name}.weight"] = dw
+            grads[f"{self.name}.bias"] = np.asarray(self.ops.to_host(db), np.float32)
+        return dx.reshape(x.shape)
+
 
 class Pool(Layer):
     """A parameter-free step: a pooling kernel, by its name in the kernel set, with fixed settings.
@@ -270,6 +357,10 @@ class Pool(Layer):
         y = kernel(x, **self.settings, out=out) if out is not None else kernel(x, **self.settings)
         return taps.record(self.name, y)
 
+    def vjp(self, x, y, dy, grads=None):
+        """The pool's own vjp kernel (`max_pool2d_vjp`: the first maximum of each window)."""
+        return getattr(self.ops, self.kernel + "_vjp")(dy, x, **self.settings)
+
 
 def avg_pool(kernel_size, stride=None, padding=0, count_include_pad=True, name=None):
     return Pool(name, "avg_pool2d", kernel_size=kernel_size, stride=stride, padding=padding,
@@ -291,12 +382,25 @@ class Split(Layer):
         shapes = [layer.output_shape(shape) for layer in self.layers]
         return (*shapes[0][:3], sum(s[3] for s in shapes))
 
-    def __call__(self, x, taps, out=None):
+    def __call__(self, x, taps, out=None, direct=False):
         if out is None:
             out = self.ops.empty(self.output_shape(x.shape))
         for layer, dst in zip(self.layers, channel_slices(out, [layer.out_channels for layer in self.layers])):
-            layer(x, taps, out=dst)
+            (layer.direct if direct else layer)(x, taps, out=dst)
         return out
+
+    def direct(self, x, taps, out=None):
+        return self(x, taps, out, direct=True)
+
+    def vjp(self, x, y, dy, grads=None, cotangents=None):
+        """Each layer's share of dy, back through it; both read x, so their dx add up."""
+        widths = [layer.out_channels for layer in self.layers]
+        dx = None
+        for layer, y_i, dy_i in zip(self.layers, channel_slices(y, widths), self.ops.concat_channels_vjp(dy, widths)):
+            dy_i = _plus(dy_i, (cotangents or {}).get(layer.name), layer.name)
+            part = layer.vjp(x, y_i, dy_i, grads)
+            dx = part if dx is None else dx + part
+        return dx
 
 
 def channel_slices(out, widths):
@@ -320,6 +424,7 @@ class Block(Layer):
     """
 
     branches = None
+    chain = None           # or: one list of steps run in turn, no concatenation (the aux heads)
     plan = None
 
     def __init__(self, name):
@@ -332,7 +437,7 @@ class Block(Layer):
     def steps(self):
         """Every layer the block calls, pools included: branch by branch, then the rest."""
         found = []
-        candidates = [inner for branch in self.branches or () for step in branch
+        candidates = [inner for branch in self._tables() for step in branch
                       for inner in (step, *(step.layers if isinstance(step, Split) else ()))]
         for step in candidates + [v for v in vars(self).values() if isinstance(v, Layer)]:
             if all(step is not f for f in found):
@@ -358,6 +463,10 @@ class Block(Layer):
         if self.plan is not None:
             self.plan.load(lean)
 
+    def _tables(self):
+        """The step lists the block runs: its branches, or its chain as one."""
+        return [self.chain] if self.chain is not None else list(self.branches or ())
+
     def layer_names(self):
         """Every tap inside the block, in the order a branch table lists them."""
         return [name for step in self.steps() for name in step.layer_names()]
@@ -366,6 +475,8 @@ class Block(Layer):
         return BasicConv2d(f"{self.name}.{branch}", *args, **kwargs)
 
     def output_shape(self, shape):
+        if self.chain is not None:
+            return self._branch_shape(self.chain, shape)
         shapes = [self._branch_shape(branch, shape) for branch in self.branches]
         return (*shapes[0][:3], sum(s[3] for s in shapes))
 
@@ -376,6 +487,10 @@ class Block(Layer):
         return shape
 
     def __call__(self, x, taps):
+        if self.chain is not None:
+            for step in self.chain:
+                x = step(x, taps)
+            return taps.record(self.name, x)
         shapes = [self._branch_shape(branch, x.shape) for branch in self.branches]
         out = self.ops.empty((*shapes[0][:3], sum(s[3] for s in shapes)))    # every branch's slice
         slices = channel_slices(out, [s[3] for s in shapes])
@@ -387,3 +502,62 @@ class Block(Layer):
             if done < len(branch):
                 branch[-1](y, taps, out=dst)
         return taps.record(self.name, out)
+
+    def record(self, x):
+        """The forward as the backward needs it: (output, [each branch's activations: its
+        input, then every step's output]), every step `direct`. It runs the branch table
+        itself, never the fused plan, whose pooled branch pools after its conv: the backward
+        differentiates the readable definition. The im2col matrices are not kept;
+        conv2d_vjp unfolds again."""
+        taps = Taps()
+        if self.chain is not None:
+            acts = [x]
+            for step in self.chain:
+                acts.append(step.direct(acts[-1], taps))
+            return acts[-1], [acts]
+        shapes = [self._branch_shape(branch, x.shape) for branch in self.branches]
+        out = self.ops.empty((*shapes[0][:3], sum(s[3] for s in shapes)))
+        activations = []
+        for branch, dst in zip(self.branches, channel_slices(out, [s[3] for s in shapes])):
+            acts = [x]
+            for step in branch[:-1]:
+                acts.append(step.direct(acts[-1], taps))
+            acts.append(branch[-1].direct(acts[-1], taps, out=dst))
+            activations.append(acts)
+        return out, activations
+
+    def direct(self, x, taps, out=None):
+        return taps.record(self.name, self.record(x)[0])
+
+    def vjp(self, x, y, dy, grads=None, cotangents=None, activations=None):
+        """dx: each branch's channels of dy back through its steps in reverse, the branches'
+        dx summed (they all read x). cotangents: {layer name inside the block: dL/d(its
+        output)}, added where that output is. activations: `record`'s, else the block
+        replays its forward from x (only the module's input was kept: checkpoint="blocks")."""
+        if activations is None:
+            y, activations = self.record(x)
+        cotangents = cotangents or {}
+        if self.chain is not None:
+            shares = [dy]
+        else:
+            shares = self.ops.concat_channels_vjp(dy, [acts[-1].shape[3] for acts in activations])
+        dx = None
+        for branch, acts, g in zip(self._tables(), activations, shares):
+            for j in range(len(branch) - 1, -1, -1):
+                step = branch[j]
+                g = _plus(g, cotangents.get(step.name), step.name) if step.name else g
+                if isinstance(step, Split):
+                    g = step.vjp(acts[j], acts[j + 1], g, grads, cotangents)
+                else:
+                    g = step.vjp(acts[j], acts[j + 1], g, grads)
+            dx = g if dx is None else dx + g
+        return dx
+
+
+def _plus(g, cotangent, name):
+    """g + the cotangent given at layer `name`'s output (None: g as it is)."""
+    if cotangent is None:
+        return g
+    if cotangent.shape != g.shape:
+        raise PyinceptError(f"the cotangent for {name} is {cotangent.shape}; {name}'s output is {tuple(g.shape)}")
+    return g + cotangent

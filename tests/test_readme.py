@@ -3,6 +3,8 @@
 import re
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).parent.parent
 
 
@@ -15,3 +17,6 @@ def test_readme_python_example_runs(monkeypatch, tmp_path):
     exec(compile(code, "README.md", "exec"), namespace)
     assert namespace["logits"].shape == (2, 1000)
     assert (tmp_path / "grid.png").exists()
+    assert namespace["y"].shape == (1, 299, 299, 8)
+    assert namespace["dx"].shape == (1, 299, 299, 3) and np.abs(namespace["dx"]).max() > 0
+    assert namespace["grads"]["Conv2d_1a_3x3.conv.weight"].shape == (3, 3, 3, 32)

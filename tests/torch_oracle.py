@@ -4,14 +4,14 @@ import numpy as np
 import torch
 
 
-def to_nchw(x):
+def to_nchw(x, dtype=np.float32):
     # Into a tensor torch made itself, so it has plain NCHW strides. With C=1 every stride
     # pattern is "contiguous", and a NumPy or `.permute().contiguous()` copy can carry
     # strides that also look channels-last; torch 2.14.1's CPU F.conv2d then took another
     # path and returned wrong numbers, even 1e26-sized garbage, for a 3x3 filter at stride
     # (1, 2) on a 2x1x4x3 input (found by Hypothesis, checked by hand against the sum).
-    x = np.asarray(x, dtype=np.float32)
-    t = torch.empty((x.shape[0], x.shape[3], x.shape[1], x.shape[2]), dtype=torch.float32)
+    x = np.asarray(x, dtype=dtype)
+    t = torch.empty((x.shape[0], x.shape[3], x.shape[1], x.shape[2]), dtype=torch.from_numpy(x[:0]).dtype)
     t.copy_(torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2))
     return t
 

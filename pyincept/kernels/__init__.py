@@ -19,17 +19,28 @@ from .cpu import (
     adaptive_avg_pool2d,
     avg_pool2d,
     bias_act,
+    adaptive_avg_pool2d_vjp,
+    avg_pool2d_vjp,
     concat_channels,
+    concat_channels_vjp,
     conv2d,
+    conv2d_vjp,
     conv2d_winograd,
     empty,
     global_avg_pool2d,
+    global_avg_pool2d_vjp,
     linear,
+    linear_vjp,
+    log_softmax,
+    log_softmax_vjp,
     map_batch,
     max_pool2d,
+    max_pool2d_vjp,
     pack_weights,
     relu,
+    relu_vjp,
     softmax,
+    softmax_vjp,
     to_device,
     to_host,
     winograd_tile,
@@ -45,16 +56,29 @@ CONTRACT = (
 )
 # ... and, where HAS_WINOGRAD is True, these.
 WINOGRAD_CONTRACT = ("conv2d_winograd", "winograd_tile", "winograd_weights")
+# The backward pass (`Network.vjp`): each forward's vector-Jacobian product, where the
+# backend has them (cpu and reference; `missing_backward` names what another lacks).
+BACKWARD_CONTRACT = (
+    "conv2d_vjp", "max_pool2d_vjp", "avg_pool2d_vjp", "global_avg_pool2d_vjp", "adaptive_avg_pool2d_vjp",
+    "concat_channels_vjp", "linear_vjp", "relu_vjp", "softmax_vjp", "log_softmax", "log_softmax_vjp",
+)
 DEVICES = ("cpu", "reference", "cuda")
 
 __all__ = [
+    "BACKWARD_CONTRACT",
     "CONTRACT",
     "DEVICES",
     "WINOGRAD_CONTRACT",
     "backend",
+    "missing_backward",
     "missing_from_contract",
-    *sorted(name for name in CONTRACT + WINOGRAD_CONTRACT if name not in ("DEVICE", "HAS_WINOGRAD")),
+    *sorted(name for name in CONTRACT + WINOGRAD_CONTRACT + BACKWARD_CONTRACT if name not in ("DEVICE", "HAS_WINOGRAD")),
 ]
+
+
+def missing_backward(module):
+    """The backward pass's kernels `module` lacks (empty where `Network.vjp` can run on it)."""
+    return [name for name in BACKWARD_CONTRACT if not hasattr(module, name)]
 
 
 def missing_from_contract(module):

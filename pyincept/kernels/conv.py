@@ -7,7 +7,7 @@ are `cpu.py`'s.
 import numpy as np
 
 from .geometry import conv_output_hw, pad4, pair
-from .gemm import gemm_into, pack_weights, padded_bias
+from .gemm import gemm, gemm_into, pack_weights, padded_bias
 from .runtime import (
     _SIDE_BY_SIDE_MIN, _as_f32, _bias_vector, _check_nhwc, _jit, _output, _output_window, _scratch,
     _side_by_side,
@@ -173,3 +173,79 @@ def _late_heads(late, y):
 # Unfolded patches of one tile must fit here: 4M floats = 16 MB, below glibc's 32 MB
 # mmap threshold, and reused across calls (one per thread), so no page is faulted in twice.
 _SCRATCH_FLOATS = 4 << 20
+
+
+# --- the backward pass: conv2d's vector-Jacobian product ----------------------------------
+
+
+@_jit
+def _fold(dcols, R, S, sh, sw, top, left, OH, OW, p0, dx):
+    """col2im, `_unfold`'s adjoint, for output pixels p0 .. p0+m-1 (m = len(dcols)): each
+    row's values go back to the input pixels their patch read, dx[n, ih, iw, c] +=
+    dcols[i, (r*S + s)*C + c], and those that read the padding are dropped. An input pixel
+    sums its patches' values in one fixed order (pixel, then tap), whatever the tiling."""
+    N, H, W, C = dx.shape
+    for i in range(dcols.shape[0]):
+        n, q = divmod(p0 + i, OH * OW)
+        oh, ow = divmod(q, OW)
+        ih0, iw0 = oh * sh - top, ow * sw - left
+        for r in range(R):
+            ih = ih0 + r
+            if 0 <= ih < H:
+                for s in range(S):
+                    iw = iw0 + s
+                    if 0 <= iw < W:
+                        base = (r * S + s) * C
+                        for c in range(C):
+                            dx[n, ih, iw, c] += dcols[i, base + c]
+
+
+def conv2d_vjp(dy, x, w, stride=1, padding=0, params=True):
+    """conv2d's vector-Jacobian product (its linear part; a ReLU's comes first, `relu_vjp`):
+    dy (N, OH, OW, K) -> dx (N, H, W, C), and with `params` dw (R, S, C, K) and db (K,), else
+    None. The twin is `reference.conv2d_vjp`, the math in its docstring.
+
+        dx = col2im(dy @ Wt)    a GEMM by the rule, (N*OH*OW, K) @ (K, R*S*C), then `_fold`
+        dw = im2col(x)t @ dy    a GEMM whose depth is the batch's output pixels
+        db = the sum of dy over N, OH, OW (in float64)
+
+    w: the HWIO filters, or their Panels (unpacked here). An image's dx comes from its own
+    rows only, in one fixed order, so it has the same bits alone or in any batch; dw and db
+    sum over the batch, a group of images (about _SCRATCH_FLOATS unfolded values) at a time.
+    """
+    x = _check_nhwc(x, "x")
+    w = w.unpack() if hasattr(w, "unpack") else _as_f32(w)
+    R, S, C, K = w.shape
+    sh, sw = pair(stride)
+    top, bottom, left, right = pad4(padding)
+    N, H, W, _ = x.shape
+    OH, OW = conv_output_hw(H, W, (R, S), (sh, sw), (top, bottom, left, right))
+    dy = np.ascontiguousarray(_as_f32(dy))
+    if dy.shape != (N, OH, OW, K):
+        raise ValueError(f"conv2d_vjp: dy is {dy.shape}, the conv's output is {(N, OH, OW, K)}")
+    D, pixels = R * S * C, OH * OW
+    pointwise = (R, S, sh, sw, top, bottom, left, right) == (1, 1, 1, 1, 0, 0, 0, 0)
+    wt = pack_weights(np.ascontiguousarray(w.reshape(D, K).T))       # (K, R*S*C): the transposed filters
+    g = dy.reshape(N * pixels, K)                                     # (N*OH*OW, K)
+    dx = np.zeros((N, H, W, C), np.float32)
+    dw = np.zeros((D, K), np.float32) if params else None
+    per_group = max(1, _SCRATCH_FLOATS // max(1, pixels * D))        # images per group
+    for n0 in range(0, N, per_group):
+        n1 = min(N, n0 + per_group)
+        rows = slice(n0 * pixels, n1 * pixels)
+        if pointwise:
+            dx[n0:n1] = gemm(g[rows], wt).reshape(n1 - n0, H, W, C)   # a 1x1's input is its im2col matrix
+        else:
+            dcols = _scratch("dcols", ((n1 - n0) * pixels, D))
+            _side_by_side(lambda j0, j1: gemm_into(g[rows], wt, dcols, 0, None, j0, j1), wt.data.shape[0], smallest=2)
+            _fold(dcols, R, S, sh, sw, top, left, OH, OW, 0, dx[n0:n1])
+        if params:
+            if pointwise:
+                cols = x[n0:n1].reshape(-1, C)
+            else:
+                cols = _scratch("cols", ((n1 - n0) * pixels, D))
+                _unfold(x[n0:n1], R, S, sh, sw, top, left, OH, OW, 0, cols)
+            dw += gemm(np.ascontiguousarray(cols.T), g[rows])          # (R*S*C, M) @ (M, K)
+    if not params:
+        return dx, None, None
+    return dx, dw.reshape(R, S, C, K), g.sum(axis=0, dtype=np.float64).astype(np.float32)

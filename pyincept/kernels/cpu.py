@@ -25,10 +25,16 @@ Layout is NHWC everywhere: x[n, h, w, c]. Convolution weights are HWIO: w[r, s, 
 What this is not: a general tensor library. Only float32, only what Inception needs.
 """
 
-from .conv import conv2d
+from .conv import conv2d, conv2d_vjp
 from .gemm import pack_weights
-from .dense import bias_act, concat_channels, linear, relu, softmax
+from .dense import bias_act, concat_channels, linear, linear_vjp, relu, softmax
 from .pool import adaptive_avg_pool2d, avg_pool2d, global_avg_pool2d, max_pool2d
+# The backward pass's memory-bound steps run on their NumPy twins for now (vectorised per
+# window or per tap); the products of the backward (conv2d_vjp, linear_vjp) are the GEMM's.
+from .reference import (
+    adaptive_avg_pool2d_vjp, avg_pool2d_vjp, concat_channels_vjp, global_avg_pool2d_vjp, log_softmax,
+    log_softmax_vjp, max_pool2d_vjp, relu_vjp, softmax_vjp,
+)
 from .runtime import ARENA, Arena, empty, get_num_threads, map_batch, set_num_threads, to_device, to_host
 from .winograd import conv2d_winograd, winograd_tile, winograd_weights
 
@@ -36,8 +42,9 @@ DEVICE = "cpu"
 HAS_WINOGRAD = True             # conv2d_winograd, winograd_tile, winograd_weights
 
 __all__ = [
-    "ARENA", "Arena", "DEVICE", "HAS_WINOGRAD", "adaptive_avg_pool2d", "avg_pool2d", "bias_act",
-    "concat_channels", "conv2d", "conv2d_winograd", "empty", "get_num_threads", "global_avg_pool2d",
-    "linear", "map_batch", "max_pool2d", "pack_weights", "relu", "set_num_threads", "softmax", "to_device", "to_host",
-    "winograd_tile", "winograd_weights",
+    "ARENA", "Arena", "DEVICE", "HAS_WINOGRAD", "adaptive_avg_pool2d", "adaptive_avg_pool2d_vjp", "avg_pool2d",
+    "avg_pool2d_vjp", "bias_act", "concat_channels", "concat_channels_vjp", "conv2d", "conv2d_vjp", "conv2d_winograd",
+    "empty", "get_num_threads", "global_avg_pool2d", "global_avg_pool2d_vjp", "linear", "linear_vjp", "log_softmax",
+    "log_softmax_vjp", "map_batch", "max_pool2d", "max_pool2d_vjp", "pack_weights", "relu", "relu_vjp",
+    "set_num_threads", "softmax", "softmax_vjp", "to_device", "to_host", "winograd_tile", "winograd_weights",
 ]

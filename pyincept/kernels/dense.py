@@ -106,6 +106,21 @@ def linear(x, w, bias=None):
     return out
 
 
+def linear_vjp(dy, x, w, params=True):
+    """linear's vector-Jacobian product: dy (N, O) -> dx = dy @ Wt (N, I), and with `params`
+    dw = xt @ dy (I, O) and db (O,) (else None), each product by the rule (kernels/gemm.py);
+    an image's dx is the same bits alone or in any batch. Twin: `reference.linear_vjp`."""
+    x = np.ascontiguousarray(_as_f32(x))
+    w = w.unpack() if hasattr(w, "unpack") else _as_f32(w)
+    dy = np.ascontiguousarray(_as_f32(dy))
+    if dy.shape != (x.shape[0], w.shape[1]) or x.shape[1] != w.shape[0]:
+        raise ValueError(f"linear_vjp: dy {dy.shape}, x {x.shape} and w {w.shape} do not chain")
+    dx = gemm(dy, np.ascontiguousarray(w.T))                          # (N, O) @ (O, I)
+    if not params:
+        return dx, None, None
+    return dx, gemm(np.ascontiguousarray(x.T), dy), dy.sum(axis=0, dtype=np.float64).astype(np.float32)
+
+
 @_jit
 def _relu(x, out):
     flat_in = x.reshape(-1)

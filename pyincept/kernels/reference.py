@@ -101,7 +101,45 @@ def conv2d(x, w, bias=None, stride=1, padding=0, relu=False, out=None, heads=())
         y = y + bias
     if relu:
         y = np.maximum(y, 0)
-    return _deliver(y.astype(np.float32), out)
+    return _deliver(y.astype(_float(x, w)), out)
+
+
+def col2im(cols, x_shape, kernel_size, stride=1, padding=0):
+    """im2col's adjoint: (N, OH, OW, R*S*C) -> (N, H, W, C). Each row's R x S x C values go
+    back to the patch they came from and are summed where patches overlap; values that
+    came from the padding are dropped. sum(im2col(x) * g) == sum(x * col2im(g)) for all x, g."""
+    R, S = pair(kernel_size)
+    sh, sw = pair(stride)
+    top, bottom, left, right = pad4(padding)
+    N, H, W, C = x_shape
+    OH, OW = cols.shape[1:3]
+    patches = cols.reshape(N, OH, OW, R, S, C)
+    xp = np.zeros((N, H + top + bottom, W + left + right, C), cols.dtype)
+    for r in range(R):
+        for s in range(S):
+            xp[:, r : r + sh * OH : sh, s : s + sw * OW : sw, :] += patches[:, :, :, r, s, :]
+    return xp[:, top : top + H, left : left + W]
+
+
+def conv2d_vjp(dy, x, w, stride=1, padding=0, params=True):
+    """The vector-Jacobian product of conv2d's linear part, y = im2col(x) @ W (+ b), given
+    dy = dL/dy (N, OH, OW, K) -> (dx (N, H, W, C), dw (R, S, C, K), db (K,)); dw and db are
+    None unless `params`. A ReLU after the conv is `relu_vjp`'s, first.
+
+        dx = col2im(dy @ Wt)      every patch gets back its share of each output's gradient
+        dw = im2col(x)t @ dy      each filter tap: its input values times the outputs' gradients
+        db = sum of dy over N, OH, OW
+    """
+    R, S, C, K = w.shape
+    dtype = np.result_type(dy, x, w)
+    g = dy.reshape(-1, K).astype(dtype)                              # (N*OH*OW, K)
+    dcols = g @ w.reshape(R * S * C, K).T.astype(dtype)              # (N*OH*OW, R*S*C)
+    dx = col2im(dcols.reshape(*dy.shape[:3], R * S * C), x.shape, (R, S), stride, padding)
+    if not params:
+        return dx, None, None
+    cols = im2col(x.astype(dtype), (R, S), stride, padding).reshape(-1, R * S * C)
+    dw = (cols.T @ g).reshape(R, S, C, K)                            # (R*S*C, K)
+    return dx, dw, g.sum(axis=0)
 
 
 # --- Winograd F(2x2, 3x3) and F(4x4, 3x3) ------------------------------------------------
@@ -314,12 +352,30 @@ def _conv2d_winograd_1d(x, u, bias, padding, relu, out, r, along_w):
 def bias_act(x, bias, relu=True, out=None):
     """The conv epilogue on its own: max(0, x + bias) per channel (relu=False: only the bias)."""
     y = x + bias
-    return _deliver((np.maximum(y, 0) if relu else y).astype(np.float32), out)
+    return _deliver((np.maximum(y, 0) if relu else y).astype(_float(x, bias)), out)
 
 
 def max_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, out=None):
     """Max over each window. Padding never wins: it counts as -infinity."""
     return _pool(x, kernel_size, stride, padding, ceil_mode, "max", True, out)
+
+
+def max_pool2d_vjp(dy, x, kernel_size, stride=None, padding=0, ceil_mode=False):
+    """dL/dx of max_pool2d: each window's gradient goes to its maximum; where the maximum is
+    tied, to the first in scan order (row by row), as torch does. Windows overlap when the
+    stride is below the kernel: a pixel that wins several collects all their gradients."""
+    R, S = pair(kernel_size)
+    sh, sw = pair(stride if stride is not None else kernel_size)
+    ph, pw = pair(padding)
+    N, H, W, C = x.shape
+    dx = np.zeros(x.shape, np.result_type(dy, x))
+    n, c = np.arange(N)[:, None], np.arange(C)[None, :]
+    for oh, ow, (h0, h1, w0, w1) in _pool_windows(H, W, dy.shape[1], dy.shape[2], R, S, sh, sw, ph, pw):
+        window = x[:, h0:h1, w0:w1, :].reshape(N, -1, C)                 # (N, window pixels, C), row by row
+        first = np.argmax(window, axis=1)                                # the first maximum (a NaN, if any)
+        dh, dw = np.divmod(first, w1 - w0)
+        np.add.at(dx, (n, h0 + dh, w0 + dw, c), dy[:, oh, ow, :])
+    return dx
 
 
 def avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True, out=None):
@@ -339,26 +395,54 @@ def _pool(x, kernel_size, stride, padding, ceil_mode, mode, count_include_pad, o
     N, H, W, C = x.shape
     OH = pool_output_size(H, R, sh, ph, ceil_mode)
     OW = pool_output_size(W, S, sw, pw, ceil_mode)
-    y = np.empty((N, OH, OW, C), np.float32)
+    y = np.empty((N, OH, OW, C), _float(x))
+    for oh, ow, (h0, h1, w0, w1), padded_area in _pool_windows(H, W, OH, OW, R, S, sh, sw, ph, pw, area=True):
+        window = x[:, h0:h1, w0:w1, :]                           # (N, <=R, <=S, C)
+        if mode == "max":
+            y[:, oh, ow, :] = window.max(axis=(1, 2))
+        else:
+            divisor = padded_area if count_include_pad else (h1 - h0) * (w1 - w0)
+            y[:, oh, ow, :] = window.sum(axis=(1, 2), dtype=np.float64) / divisor
+    return _deliver(y, out)
+
+
+def avg_pool2d_vjp(dy, x, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True):
+    """dL/dx of avg_pool2d: each window's gradient, divided by its divisor, spread evenly
+    over the real pixels it covers (padding takes its share and drops it)."""
+    R, S = pair(kernel_size)
+    sh, sw = pair(stride if stride is not None else kernel_size)
+    ph, pw = pair(padding)
+    N, H, W, C = x.shape
+    dx = np.zeros(x.shape, np.result_type(dy, x))
+    for oh, ow, (h0, h1, w0, w1), padded_area in _pool_windows(H, W, dy.shape[1], dy.shape[2], R, S, sh, sw, ph, pw,
+                                                               area=True):
+        divisor = padded_area if count_include_pad else (h1 - h0) * (w1 - w0)
+        dx[:, h0:h1, w0:w1, :] += dy[:, oh, ow, None, None, :] / divisor
+    return dx
+
+
+def _pool_windows(H, W, OH, OW, R, S, sh, sw, ph, pw, area=False):
+    """(oh, ow, (h0, h1, w0, w1)[, padded area]) for every output of a pool: its window in
+    input coordinates, clipped to the input; the padded area counts the padding inside the
+    padded frame (which ends at H + ph), never a ceil_mode overhang past it."""
     for oh in range(OH):
         for ow in range(OW):
-            # The window in input coordinates; the padded frame ends at H + ph.
             h0, w0 = oh * sh - ph, ow * sw - pw
             h1, w1 = min(h0 + R, H + ph), min(w0 + S, W + pw)
             padded_area = (h1 - h0) * (w1 - w0)
-            h0, w0, h1, w1 = max(h0, 0), max(w0, 0), min(h1, H), min(w1, W)
-            window = x[:, h0:h1, w0:w1, :]                       # (N, <=R, <=S, C)
-            if mode == "max":
-                y[:, oh, ow, :] = window.max(axis=(1, 2))
-            else:
-                divisor = padded_area if count_include_pad else (h1 - h0) * (w1 - w0)
-                y[:, oh, ow, :] = window.sum(axis=(1, 2), dtype=np.float64) / divisor
-    return _deliver(y, out)
+            window = (max(h0, 0), min(h1, H), max(w0, 0), min(w1, W))
+            yield (oh, ow, window, padded_area) if area else (oh, ow, window)
 
 
 def global_avg_pool2d(x):
     """Mean over all of H and W: (N, H, W, C) -> (N, 1, 1, C)."""
-    return x.mean(axis=(1, 2), keepdims=True, dtype=np.float64).astype(np.float32)
+    return x.mean(axis=(1, 2), keepdims=True, dtype=np.float64).astype(_float(x))
+
+
+def global_avg_pool2d_vjp(dy, x):
+    """dL/dx of the global mean: every pixel gets dy / (H*W)."""
+    N, H, W, C = x.shape
+    return np.broadcast_to(dy.reshape(N, 1, 1, C) / (H * W), x.shape).astype(np.result_type(dy, x))
 
 
 def adaptive_avg_pool2d(x, output_size):
@@ -366,11 +450,23 @@ def adaptive_avg_pool2d(x, output_size):
     (N, OH, OW, C). GoogLeNet's aux heads pool a 14x14 map to 4x4 this way."""
     OH, OW = pair(output_size)
     N, H, W, C = x.shape
-    y = np.empty((N, OH, OW, C), np.float32)
+    y = np.empty((N, OH, OW, C), _float(x))
     for i, (h0, h1) in enumerate(adaptive_windows(H, OH)):
         for j, (w0, w1) in enumerate(adaptive_windows(W, OW)):
             y[:, i, j, :] = x[:, h0:h1, w0:w1, :].mean(axis=(1, 2), dtype=np.float64)
     return y
+
+
+def adaptive_avg_pool2d_vjp(dy, x, output_size):
+    """dL/dx of adaptive_avg_pool2d: each window's gradient spread evenly over its pixels
+    (windows that overlap by a pixel both send theirs there)."""
+    OH, OW = pair(output_size)
+    N, H, W, C = x.shape
+    dx = np.zeros(x.shape, np.result_type(dy, x))
+    for i, (h0, h1) in enumerate(adaptive_windows(H, OH)):
+        for j, (w0, w1) in enumerate(adaptive_windows(W, OW)):
+            dx[:, h0:h1, w0:w1, :] += dy[:, i, j, None, None, :] / ((h1 - h0) * (w1 - w0))
+    return dx
 
 
 def concat_channels(arrays, out=None):
@@ -378,25 +474,68 @@ def concat_channels(arrays, out=None):
     return _deliver(np.concatenate(arrays, axis=3), out)
 
 
+def concat_channels_vjp(dy, widths):
+    """Concatenation's adjoint: dy's channel slices, one per input ([K_i])."""
+    bounds = np.cumsum([0, *widths])
+    return [dy[..., k0:k1] for k0, k1 in zip(bounds[:-1], bounds[1:])]
+
+
 def linear(x, w, bias=None):
     """Fully connected layer. x (N, I), w (I, O) -> (N, O)."""
     y = x @ w
-    return (y if bias is None else y + bias).astype(np.float32)
+    return (y if bias is None else y + bias).astype(_float(x, w))
+
+
+def linear_vjp(dy, x, w, params=True):
+    """dL/dx = dy @ Wt (N, I); with params, dL/dW = xt @ dy (I, O) and dL/db = sum of dy over N."""
+    dtype = np.result_type(dy, x, w)
+    dx = dy.astype(dtype) @ w.T.astype(dtype)
+    if not params:
+        return dx, None, None
+    return dx, x.T.astype(dtype) @ dy.astype(dtype), dy.sum(axis=0, dtype=dtype)
 
 
 def relu(x):
-    return np.maximum(x, 0).astype(np.float32)
+    return np.maximum(x, 0).astype(_float(x))
+
+
+def relu_vjp(dy, y):
+    """dL/dx of y = max(0, x), from the output: dy where y > 0, else 0 (also at exactly 0,
+    as torch's threshold_backward does)."""
+    return np.where(y > 0, dy, 0).astype(np.result_type(dy, y))
 
 
 def softmax(x):
     """Row-wise softmax over the last axis, shifted by the max so exp never overflows."""
     z = np.exp(x - x.max(axis=-1, keepdims=True))
-    return (z / z.sum(axis=-1, keepdims=True)).astype(np.float32)
+    return (z / z.sum(axis=-1, keepdims=True)).astype(_float(x))
+
+
+def softmax_vjp(dy, y):
+    """dL/dx of y = softmax(x), from the output: y * (dy - sum(dy * y)) per row."""
+    return y * (dy - (dy * y).sum(axis=-1, keepdims=True))
+
+
+def log_softmax(x):
+    """log(softmax(x)) per row, as x - max - log(sum(exp(x - max))): no overflow, no log(0)."""
+    z = x - x.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def log_softmax_vjp(dy, y):
+    """dL/dx of y = log_softmax(x), from the output: dy - softmax(x) * sum(dy) per row."""
+    return dy - np.exp(y) * dy.sum(axis=-1, keepdims=True)
 
 
 def batch_norm(x, gamma, beta, mean, var, eps=0.001):
     """Inference-time batch norm over channels (the last axis), unfolded: the math BN folding replaces."""
-    return ((x - mean) / np.sqrt(var + eps) * gamma + beta).astype(np.float32)
+    return ((x - mean) / np.sqrt(var + eps) * gamma + beta).astype(_float(x))
+
+
+def _float(*arrays):
+    """The float type a kernel computes and returns in: float32, or float64 when an operand
+    is float64 (the twins then run the whole network in float64, for gradient checks)."""
+    return np.result_type(*arrays, np.float32)
 
 
 def _deliver(y, out):

@@ -65,13 +65,12 @@ class InceptionAux(Block):
         self.fc1 = Linear(f"{name}.fc1", 2048, 1024, relu=True, input_chw=(128, 4, 4))
         self.fc2 = Linear(f"{name}.fc2", 1024, num_classes)
         self.pool = Pool(None, "adaptive_avg_pool2d", output_size=(4, 4))
-
-    def __call__(self, x, taps):
-        y = self.pool(x, taps)                                               # 4x4xC
-        y = self.conv(y, taps)                                               # 4x4x128
-        y = self.fc1(y, taps)                                                # 1024
-        y = self.fc2(y, taps)                                                # 1000
-        return taps.record(self.name, y)
+        self.chain = [
+            self.pool,                                                       # 4x4xC
+            self.conv,                                                       # 4x4x128
+            self.fc1,                                                        # 1024
+            self.fc2,                                                        # 1000
+        ]
 
 
 class GoogLeNet(Network):

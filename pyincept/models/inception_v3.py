@@ -146,14 +146,13 @@ class InceptionAux(Block):
         self.conv0 = self._conv("conv0", in_channels, 128, 1)
         self.conv1 = self._conv("conv1", 128, 768, 5)
         self.fc = Linear(f"{name}.fc", 768, num_classes)
-
-    def __call__(self, x, taps):
-        y = self.ops.avg_pool2d(x, 5, stride=3)                              # 5x5x768
-        y = self.conv0(y, taps)                                              # 5x5x128
-        y = self.conv1(y, taps)                                              # 1x1x768
-        y = self.ops.global_avg_pool2d(y)                                    # 1x1x768
-        y = self.fc(y, taps)                                                 # 1000
-        return taps.record(self.name, y)
+        self.chain = [
+            avg_pool(5, stride=3),                                           # 5x5x768
+            self.conv0,                                                      # 5x5x128
+            self.conv1,                                                      # 1x1x768
+            Pool(None, "global_avg_pool2d"),                                 # 1x1x768
+            self.fc,                                                         # 1000
+        ]
 
 
 # The names of TensorFlow's 2015-12-05 Inception graph (the one the seed's post opened, and

@@ -289,6 +289,121 @@ class Network:
                     head(x, taps)
         return {name: taps.outputs[name] for name in outputs}
 
+    # --- backward -----------------------------------------------------------------------
+
+    def vjp(self, x, cotangents, params=False, checkpoint="layers"):
+        """The gradient of sum(<output, cotangent>) over the given outputs, with respect to x
+        (NHWC like x), and with `params` also {checkpoint key: gradient, pyincept's layout}.
+
+        cotangents: {name: array shaped like that output}, any name `run` can tap (aliases
+        and `softmax` included). The forward runs as far as the last of them, keeping what
+        the backward reads; then the stage table is walked in reverse, each layer's `vjp`
+        turning the gradient at its output into one at its input, the aux heads' added to
+        the stage they read. Batch norm is frozen (eval mode) and dropout the identity, as
+        in inference. checkpoint: "layers" keeps every layer's input (not its im2col
+        matrix: conv2d_vjp unfolds again); "blocks" keeps only each module's input and
+        replays the module's forward in its backward (less memory, one more forward).
+        Returns dx, or (dx, grads) with params.
+        """
+        missing = kernels.missing_backward(self.ops)
+        if missing:
+            raise PyinceptError(f"the {self.device} backend has no backward pass (it lacks {', '.join(missing)})")
+        if checkpoint not in ("layers", "blocks"):
+            raise PyinceptError(f"checkpoint must be 'layers' or 'blocks', got {checkpoint!r}")
+        x = self._check_input(x)
+        cots = self._cotangents(cotangents, len(x))
+        with self._loading:
+            self._restore_host_weights()             # the backward reads the plain filters (kept from now on)
+        tops = {self.classifier if name == SOFTMAX else name.split(".")[0] for name in cots}
+        heads = tops & set(self.aux)
+        names = [s.name for s in self.stages]
+        last = max(names.index(self.aux[t][1] if t in heads else t) for t in tops)
+        ops = self.ops
+        xs, records = [ops.to_device(x)], {}
+        for stage in self.stages[: last + 1]:                  # forward, keeping each stage's input
+            if checkpoint == "layers" and isinstance(stage, Block):
+                y, records[stage.name] = stage.record(xs[-1])
+            else:
+                y = stage.direct(xs[-1], Taps())
+            xs.append(y)
+        grads = {} if params else None
+        g = np.zeros(xs[-1].shape, np.float32) if xs[-1].dtype == np.float32 else np.zeros_like(xs[-1])
+        for i in range(last, -1, -1):                          # backward, the same table in reverse
+            stage, y = self.stages[i], xs[i + 1]
+            g = self._add(g, cots, stage.name, y)
+            if stage.name == self.classifier and SOFTMAX in cots:
+                g = g + ops.softmax_vjp(cots[SOFTMAX], ops.softmax(y))
+            for name in sorted(heads):
+                head, source = self.aux[name]
+                if source == stage.name:
+                    g = g + self._head_vjp(head, y, cots, grads)
+            inner = {n: c for n, c in cots.items() if n.startswith(stage.name + ".")}
+            if isinstance(stage, Block):
+                g = stage.vjp(xs[i], y, g, grads, inner, records.pop(stage.name, None))
+            else:
+                g = stage.vjp(xs[i], y, g, grads)
+        dx = np.asarray(ops.to_host(g))
+        return (dx, grads) if params else dx
+
+    def grad(self, x, target, layer=None):
+        """The gradient of sum over images n of out[n, target[n]] with respect to x, where
+        out is `layer`'s output (the classifier's logits by default; any (N, K) output or
+        NHWC map, its channel summed over the map). target: one index, or one per image."""
+        layer = layer or self.classifier
+        x = self._check_input(x)
+        shape = self._output_shape(layer, x)
+        target = np.asarray(target)
+        if target.ndim > 1 or target.size not in (1, len(x)) or target.dtype.kind not in "iu":
+            raise PyinceptError(f"target must be one index or one per image ({len(x)}), got {target.tolist()}")
+        target = np.broadcast_to(target.ravel(), (len(x),))
+        if target.min() < 0 or target.max() >= shape[-1]:
+            raise PyinceptError(f"target {target.max() if target.max() >= shape[-1] else target.min()} is out of "
+                                f"range: {layer} has {shape[-1]} outputs")
+        cotangent = np.zeros(shape, np.float32)
+        cotangent[np.arange(len(x)), ..., target] = 1.0
+        return self.vjp(x, {layer: cotangent})
+
+    def _cotangents(self, cotangents, N):
+        """{layer name: float32 array}, aliases resolved; an unknown name, one line."""
+        if not isinstance(cotangents, dict) or not cotangents:
+            raise PyinceptError("cotangents must be a non-empty {layer name: array} dict")
+        known = set(self.layer_names()) | {SOFTMAX}
+        out = {}
+        for name, value in cotangents.items():
+            layer = self.resolve(name)
+            if layer not in known:
+                raise PyinceptError(f"unknown layer {name!r}; `pyincept layers` lists the names")
+            value = np.asarray(value, np.float32)
+            if layer in out:
+                out[layer] = out[layer] + value
+            else:
+                out[layer] = value
+            if value.ndim == 0 or value.shape[0] != N:
+                raise PyinceptError(f"the cotangent for {name} is {value.shape}: it needs one row per image ({N})")
+        return out
+
+    def _add(self, g, cots, name, y):
+        """g plus the cotangent given at `name`'s output y, after checking its shape."""
+        if name not in cots:
+            return g
+        if cots[name].shape != y.shape:
+            raise PyinceptError(f"the cotangent for {name} is {cots[name].shape}; {name}'s output is {tuple(y.shape)}")
+        return g + cots[name]
+
+    def _head_vjp(self, head, x, cots, grads):
+        """An aux head's gradient at the stage it reads, from cotangents at the head or inside it."""
+        y, activations = head.record(x)
+        g = self._add(np.zeros(y.shape, y.dtype), cots, head.name, y)
+        inner = {n: c for n, c in cots.items() if n.startswith(head.name + ".")}
+        return head.vjp(x, y, g, grads, inner, activations)
+
+    def _output_shape(self, layer, x):
+        """The shape of `layer`'s output for the batch x: the classifier's is known, any
+        other's comes from a forward pass of x's first image."""
+        if self.resolve(layer) == self.classifier:
+            return len(x), self.num_classes
+        return (len(x), *self.run(x[:1], [layer])[layer].shape[1:])
+
     def _check_input(self, x):
         if self.stages[0].weight is None:
             raise WeightsError("model has no weights loaded")
