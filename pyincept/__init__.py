@@ -27,6 +27,7 @@ Kernels (fast and reference) live in `pyincept.kernels`.
 """
 
 from .errors import CheckpointError, DownloadError, PyinceptError, WeightsError
+from .finetune import FineTuned, fine_tune
 from .io.convert import convert_checkpoint
 from .io.npz import load_weights, save_weights
 from .kernels.cpu import set_num_threads
@@ -55,6 +56,7 @@ __all__ = [
     "Head",
     "DownloadError",
     "FeatureStats",
+    "FineTuned",
     "GoogLeNet",
     "ImageError",
     "Inception3",
@@ -71,6 +73,7 @@ __all__ = [
     "detect_model",
     "fetch_weights",
     "find_images",
+    "fine_tune",
     "googlenet",
     "imagenet_labels",
     "inception_v3",

@@ -185,14 +185,21 @@ def _cmd_retrain(args):
     from .io.npz import sha256_file
 
     find_dataset(args.data_dir)                      # a bad folder fails before the network loads
+    if args.fine_tune and args.optimizer == "lbfgs":
+        raise PyinceptError("--fine-tune trains with sgd or adam, not lbfgs")
+    if args.fine_tune and args.augment:
+        raise PyinceptError("--augment is for retraining the head alone; --fine-tune reads each image's plain view")
     model = load_model(args.weights, model=args.model)
     weights_file = args.weights or os.environ.get("PYINCEPT_WEIGHTS")
     weights_id = weights_identity(model)
     if weights_id is None and weights_file:          # a weight file whose metadata names no source
         weights_id = "npz-sha256:" + sha256_file(weights_file)
+    if args.fine_tune:
+        return _fine_tune(args, model, weights_id, weights_file)
+    args.out = args.out or "head.npz"
     head, report = retrain(
-        args.data_dir, model, epochs=args.epochs, learning_rate=args.learning_rate, batch_size=args.batch_size,
-        optimizer=args.optimizer, l2=args.l2, validation_fraction=args.validation_fraction,
+        args.data_dir, model, epochs=args.epochs or 50, learning_rate=args.learning_rate, batch_size=args.batch_size,
+        optimizer=args.optimizer, l2=0.01 if args.l2 is None else args.l2, validation_fraction=args.validation_fraction,
         test_fraction=args.test_fraction, seed=args.seed, augment=args.augment, views=args.views,
         cache_dir=args.cache, weights_id=weights_id, weights_file=weights_file and os.path.basename(weights_file),
         progress=not args.quiet, log=lambda line: tqdm.write(line, file=sys.stdout))
@@ -209,6 +216,39 @@ def _cmd_retrain(args):
     augmented = f" + {split['augmented_train_features']} augmented views" if args.augment else ""
     print(f"{args.out}: {len(head.labels)} classes ({', '.join(head.labels)}), trained on {split['train']} image(s)"
           f"{augmented}; bottlenecks computed {report['bottlenecks_computed']}, cached {report['bottlenecks_cached']}")
+    return 0
+
+
+def _fine_tune(args, model, weights_id, weights_file):
+    """`retrain --fine-tune STAGE`: train STAGE onward and a new head; write a weight file."""
+    from tqdm import tqdm
+
+    from .finetune import fine_tune
+    from .retrain import format_confusion_matrix
+
+    out = args.out or "fine_tuned.npz"
+    tuned, report = fine_tune(
+        args.data_dir, model, args.fine_tune, epochs=args.epochs or 5, learning_rate=args.learning_rate,
+        batch_size=args.batch_size, optimizer=args.optimizer, l2=1e-4 if args.l2 is None else args.l2,
+        validation_fraction=args.validation_fraction, test_fraction=args.test_fraction, seed=args.seed,
+        cache_dir=args.cache, weights_id=weights_id, weights_file=weights_file and os.path.basename(weights_file),
+        progress=not args.quiet, log=lambda line: tqdm.write(line, file=sys.stdout))
+    for skipped in report["skipped"]:
+        print(f"pyincept: skipped {skipped['error']}", file=sys.stderr)
+    if report["test_accuracy"] is None:
+        print("test accuracy: no images held out for testing (--test-fraction 0)")
+    else:
+        print(f"test accuracy {report['test_accuracy']:.1%} on {report['split']['test']} image(s) "
+              f"(loss {report['test_loss']:.4f})")
+        print("confusion matrix (rows: true class, columns: predicted class):")
+        print(format_confusion_matrix(report["confusion_matrix"], tuned.labels))
+    try:
+        tuned.save(out)
+    except OSError as e:
+        raise PyinceptError(f"{out}: cannot write ({e.strerror or e})") from None
+    print(f"{out}: {model.spec.name} fine-tuned from {args.fine_tune} on {report['split']['train']} image(s), "
+          f"{len(tuned.labels)} classes ({', '.join(tuned.labels)}); the frozen part's outputs computed "
+          f"{report['inputs_computed']}, cached {report['inputs_cached']}; `pyincept classify --weights {out}` reads it")
     return 0
 
 
@@ -398,14 +438,15 @@ def build_parser():
 
     r = sub.add_parser("retrain", help="train a new top layer (softmax on the 2048-d bottleneck) on folders of images, one per class")
     r.add_argument("data_dir", metavar="DATA_DIR", help="one sub-folder of images per class; the folder names are the labels")
-    r.add_argument("--out", default="head.npz", metavar="FILE", help="head file to write (default head.npz)")
+    r.add_argument("--out", metavar="FILE", help="file to write (default head.npz; with --fine-tune, fine_tuned.npz)")
     r.add_argument("--weights", metavar="FILE", help="pyincept .npz (default: $PYINCEPT_WEIGHTS, else the fetched weights)")
     r.add_argument("--model", choices=names, help=model_help)
-    r.add_argument("--epochs", type=_positive, default=50, metavar="N", help="passes over the training set; L-BFGS: iterations (default 50)")
-    r.add_argument("--learning-rate", type=_positive_float, metavar="LR", help="step size (default 0.001; unused by lbfgs)")
+    r.add_argument("--epochs", type=_positive, default=None, metavar="N", help="passes over the training set; L-BFGS: iterations (default 50; with --fine-tune 5)")
+    r.add_argument("--learning-rate", type=_positive_float, metavar="LR", help="step size (default 0.001; with --fine-tune, adam 0.0001; unused by lbfgs)")
     r.add_argument("--batch-size", type=_positive, default=32, metavar="N", help="examples per sgd/adam step (default 32)")
     r.add_argument("--optimizer", choices=("sgd", "adam", "lbfgs"), default="sgd", help="sgd with momentum, adam, or scipy's L-BFGS-B (default sgd)")
-    r.add_argument("--l2", type=_non_negative_float, default=0.01, metavar="L", help="L2 penalty on the weights (default 0.01)")
+    r.add_argument("--l2", type=_non_negative_float, default=None, metavar="L", help="L2 penalty on the weights (default 0.01; with --fine-tune 1e-4, as weight decay)")
+    r.add_argument("--fine-tune", metavar="STAGE", help="also train this stage onward (e.g. Mixed_7c), by the backward pass; writes a weight file (--out, default fine_tuned.npz) that load_model and classify read")
     r.add_argument("--validation-fraction", type=_fraction, default=0.1, metavar="F", help="share of each class held out for validation (default 0.1)")
     r.add_argument("--test-fraction", type=_fraction, default=0.1, metavar="F", help="share of each class held out for the final test (default 0.1)")
     r.add_argument("--seed", type=_integer, default=0, metavar="S", help="seeds the split, the batch order and the augmentation (default 0)")

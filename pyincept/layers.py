@@ -216,10 +216,10 @@ class BasicConv2d(Layer):
 
     def direct(self, x, taps, out=None):
         """The conv by im2col whatever the algorithm: the backward differentiates the direct
-        convolution, whose float32 ReLU decisions are torch's. A Winograd forward's larger
-        rounding flips more of them near 0: on v3, 10x torch float32's input-gradient error
-        against float64, where im2col gives 1.8x (benchmarks/NOTES.md). A fused member, or a
-        Winograd layer, runs from its host filters."""
+        convolution, as accurate as torch's in float32. A Winograd forward's larger rounding
+        flips more ReLU decisions near 0: on v3 the input gradient of a logit came 10x as far
+        from float64 as torch float32's, where im2col came 1.8x (benchmarks/NOTES.md). A
+        fused member, or a Winograd layer, runs from its host filters."""
         weight = self.weight if self.weight is not None else self.host_filters()
         y = self.ops.conv2d(x, weight, self.bias, self.stride, self.padding, relu=True, out=out)
         return taps.record(self.name, y)

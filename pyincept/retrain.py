@@ -15,10 +15,10 @@ takes seconds where a forward pass takes a fifth of a second per image.
 
 The data folder holds one sub-folder per class; the folder names, sorted, are the labels.
 
-What it is not: fine-tuning. No gradient reaches the convolutions, so the head can only be
-as good as the ImageNet features are for the new classes. Augmentation (`augment=True`:
-random crops and horizontal flips) makes extra bottlenecks for the training images; it
-does not change the network.
+What it is not: fine-tuning (that is `fine_tune=`, finetune.py). No gradient reaches the
+convolutions, so the head can only be as good as the ImageNet features are for the new
+classes. Augmentation (`augment=True`: random crops and horizontal flips) makes extra
+bottlenecks for the training images; it does not change the network.
 
 Shape letters: N images, D bottleneck features, K classes.
 """
@@ -344,6 +344,21 @@ def find_dataset(data_dir):
     return labels, items
 
 
+def check_settings(optimizer, optimizers, learning_rate, l2, validation_fraction, test_fraction, **counts):
+    """A one-line PyinceptError for a training setting out of range; counts (epochs=...,
+    batch_size=...) must each be at least 1."""
+    if optimizer not in optimizers:
+        raise PyinceptError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(optimizers)}")
+    for name, value in counts.items():
+        if value < 1:
+            raise PyinceptError(f"{name.replace('_', ' ')} must be at least 1, got {value}")
+    if learning_rate is not None and not learning_rate > 0:
+        raise PyinceptError(f"learning rate must be above 0, got {learning_rate}")
+    if not l2 >= 0:
+        raise PyinceptError(f"L2 strength must be 0 or more, got {l2}")
+    check_fractions(validation_fraction, test_fraction)
+
+
 def check_fractions(validation_fraction, test_fraction):
     for name, fraction in (("validation", validation_fraction), ("test", test_fraction)):
         if not 0 <= fraction < 1:
@@ -470,21 +485,30 @@ def render_view(image, view):
     return ImageOps.mirror(image) if view["flip"] else image
 
 
-def compute_bottlenecks(paths, views_of, model, cache, weights_id, preprocessing, batch_size=8, progress=False):
+def compute_bottlenecks(paths, views_of, model, cache, weights_id, preprocessing, batch_size=8, progress=False,
+                        layer=None):
     """Bottlenecks of each image's views: from the cache, else by running the network.
+    layer: whose output they are (default the model's `feature_layer`, flattened to its D
+    values; another layer keeps its map's shape: fine-tuning caches the frozen part's output).
 
     views_of(image_sha256) -> the list of views wanted for that image (`CENTER`, or
     `augmented_views`). Each file is read once: its bytes are hashed for the cache key
     and, only if a view is missing, decoded.
 
-    Returns (results, skipped, counts): results[i] is a (views, D) float32 array, or None
+    Returns (results, skipped, counts): results[i] is a (views, D) float32 array (views and
+    the layer's shape for another layer), or None
     when paths[i] could not be read; skipped the [{"path", "error"}] of those; counts
     {"computed": forward passes made, "cached": bottlenecks found in the cache}.
     """
     from tqdm import tqdm
 
-    D = next(stage for stage in model.stages if stage.name == model.classifier).in_features
-    layer = model.feature_layer
+    if layer is None or layer == model.feature_layer:
+        layer = model.feature_layer
+        shape = (next(stage for stage in model.stages if stage.name == model.classifier).in_features,)
+    else:
+        size = preprocessing.get("crop_size", model.spec.input_size[0])
+        shape = model.run(np.zeros((1, size, size, 3), np.float32), [layer])[layer].shape[1:]
+    D = int(np.prod(shape))
     results, skipped, pending = [None] * len(paths), [], []     # pending: (image i, view j, key, pixels)
     counts = {"computed": 0, "cached": 0}
 
@@ -494,7 +518,7 @@ def compute_bottlenecks(paths, views_of, model, cache, weights_id, preprocessing
             features = model.run(x, [layer])[layer].reshape(len(x), D)
             for (i, j, key, _), vector in zip(pending, features):
                 cache.put(key, vector)
-                results[i][j] = vector
+                results[i][j] = vector.reshape(shape)
             counts["computed"] += len(pending)
             pending.clear()
 
@@ -513,10 +537,10 @@ def compute_bottlenecks(paths, views_of, model, cache, weights_id, preprocessing
                 skipped.append({"path": str(path), "error": str(e)})
                 bar.update(1)
                 continue
-            results[i] = np.zeros((len(views), D), np.float32)
+            results[i] = np.zeros((len(views), *shape), np.float32)
             for j, vector in enumerate(vectors):
                 if vector is not None:
-                    results[i][j] = vector
+                    results[i][j] = vector.reshape(shape)
             counts["cached"] += len(views) - len(missing)
             pending.extend((i, j, keys[j], pixels) for j, pixels in rendered)
             if len(pending) >= batch_size:
@@ -532,8 +556,11 @@ def compute_bottlenecks(paths, views_of, model, cache, weights_id, preprocessing
 def retrain(data_dir, model, *, epochs=50, learning_rate=None, batch_size=32, optimizer="sgd", l2=0.01,
             validation_fraction=0.1, test_fraction=0.1, seed=0, augment=False, views=AUGMENTED_VIEWS,
             cache_dir=None, weights_id=None, weights_file=None, preprocessing=None, extract_batch_size=8,
-            progress=False, log=None):
+            progress=False, log=None, fine_tune=None):
     """Train a new softmax layer on the bottlenecks of DATA_DIR's images. Returns (Head, report).
+
+    fine_tune: a stage's name ("Mixed_7c"): train that stage onward too, with the new head,
+    by the backward pass (`finetune.fine_tune`, which says how); returns (FineTuned, report).
 
     data_dir: one sub-folder per class. model: any registered network (kept as it is). The images
     are split per class into train / validation / test (`split_dataset`); the head is
@@ -551,16 +578,17 @@ def retrain(data_dir, model, *, epochs=50, learning_rate=None, batch_size=32, op
     computed and cached, history (per epoch), test accuracy and loss, the confusion matrix
     (rows: true class, columns: predicted), hyperparameters, weights.
     """
-    if optimizer not in OPTIMIZERS:
-        raise PyinceptError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
-    for name, value in (("epochs", epochs), ("batch size", batch_size), ("views", views)):
-        if value < 1:
-            raise PyinceptError(f"{name} must be at least 1, got {value}")
-    if learning_rate is not None and not learning_rate > 0:
-        raise PyinceptError(f"learning rate must be above 0, got {learning_rate}")
-    if not l2 >= 0:
-        raise PyinceptError(f"L2 strength must be 0 or more, got {l2}")
-    check_fractions(validation_fraction, test_fraction)
+    if fine_tune is not None:
+        from .finetune import fine_tune as tune
+
+        if augment:
+            raise PyinceptError("augmentation is for retraining the head alone; fine-tuning reads each image's plain view")
+        return tune(data_dir, model, fine_tune, epochs=epochs, learning_rate=learning_rate, batch_size=batch_size,
+                    optimizer=optimizer, l2=l2, validation_fraction=validation_fraction, test_fraction=test_fraction,
+                    seed=seed, cache_dir=cache_dir, weights_id=weights_id, weights_file=weights_file,
+                    preprocessing=preprocessing, extract_batch_size=extract_batch_size, progress=progress, log=log)
+    check_settings(optimizer, OPTIMIZERS, learning_rate, l2, validation_fraction, test_fraction,
+                   epochs=epochs, batch_size=batch_size, views=views)
     labels, items = find_dataset(data_dir)
     weights_id = weights_id or weights_identity(model)
     if weights_id is None:

@@ -8,12 +8,12 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from strategies import conv_geometry, pool_geometry, seeds
+from torch_oracle import to_nchw, to_nhwc
 
 from pyincept.kernels import cpu, gemm
 from pyincept.kernels import reference as ref
 from pyincept.layers import fold_batchnorm, fold_batchnorm_vjp
-from strategies import conv_geometry, pool_geometry, seeds
-from torch_oracle import to_nchw, to_nhwc
 
 SETTINGS = settings(max_examples=40, deadline=None)
 
@@ -380,8 +380,9 @@ V3_KEYS = ["fc.weight", "fc.bias", "Mixed_7c.branch3x3dbl_2.conv.weight", "Mixed
 
 @pytest.mark.parametrize("size", [(299, 299), (240, 320)], ids=lambda s: f"{s[0]}x{s[1]}")
 def test_inception_v3_gradients_are_as_good_as_torch_float32(tv_inception, converted, size):
-    import pyincept
     from photos import photo_batch
+
+    import pyincept
 
     x = photo_batch(size)[: 2 if size == (299, 299) else 1]
     model = pyincept.load_model(converted["zip"])
@@ -389,9 +390,10 @@ def test_inception_v3_gradients_are_as_good_as_torch_float32(tv_inception, conve
 
 
 def test_googlenet_gradients_are_as_good_as_torch_float32(tmp_path):
-    import pyincept
     from photos import photo_batch
     from test_googlenet import calibrated_googlenet
+
+    import pyincept
 
     net = calibrated_googlenet()
     torch.save(net.state_dict(), tmp_path / "googlenet.pth")
@@ -408,8 +410,9 @@ def test_googlenet_gradients_are_as_good_as_torch_float32(tmp_path):
 
 
 def test_fid_network_gradients_are_as_good_as_torch_float32(fid_net, fid_file):
-    import pyincept
     from photos import photo_batch
+
+    import pyincept
 
     x = photo_batch()[:2] * np.float32(0.45)
     model = pyincept.load_model(fid_file)
@@ -428,6 +431,7 @@ def small_v3():
 
 def test_an_images_input_gradient_has_the_same_bits_alone_in_any_batch_at_any_thread_count(small_v3):
     from photos import photo_batch
+
     from pyincept.kernels import runtime
 
     x = photo_batch((107, 93))[:3]

@@ -247,7 +247,7 @@ class Network:
         """Logits (N, num_classes) for an NHWC float32 batch (N, H, W, 3)."""
         return self.run(x, [self.classifier])[self.classifier]
 
-    def run(self, x, outputs=None):
+    def run(self, x, outputs=None, start=None):
         """Run the network as far as needed and return {name: NHWC array} for each name.
 
         Names are dotted torchvision names: a stage (`Mixed_6e`, `inception4a`, `fc`), a
@@ -255,9 +255,13 @@ class Network:
         (`AuxLogits`, `aux1.fc2`). Stops after the last stage needed. A batch runs in
         micro-batches spread over the device's threads (`kernels.map_batch`); the outputs
         are joined back along the batch axis.
+
+        start: a stage's name; x is then that stage's input (the output of the stage before
+        it, say a cached one), and the network runs from there (fine-tuning's forward).
         """
         asked = [self.classifier] if outputs is None else [outputs] if isinstance(outputs, str) else list(outputs)
-        x = self._check_input(x)
+        first = self._start(start)
+        x = self._check_input(x, first)
         known = set(self.layer_names()) | {SOFTMAX}
         layers = {name: self.resolve(name) for name in asked}                  # alias -> layer
         for name, layer in layers.items():
@@ -265,7 +269,7 @@ class Network:
                 raise PyinceptError(f"unknown layer {name!r}; `pyincept layers` lists the names")
         wanted = sorted({self.classifier if layer == SOFTMAX else layer for layer in layers.values()})
         self._load_heads({name.split(".")[0] for name in wanted})
-        parts = self.ops.map_batch(lambda batch: self._run(x[batch], wanted), len(x))
+        parts = self.ops.map_batch(lambda batch: self._run(x[batch], wanted, first), len(x))
         out = parts[0] if len(parts) == 1 else {n: np.concatenate([part[n] for part in parts]) for n in wanted}
         return {name: self._softmax(out[self.classifier]) if layer == SOFTMAX else out[layer]
                 for name, layer in layers.items()}
@@ -273,15 +277,15 @@ class Network:
     def _softmax(self, logits):
         return np.asarray(self.ops.to_host(self.ops.softmax(self.ops.to_device(logits))))
 
-    def _run(self, x, outputs):
-        """`run` for one micro-batch, on the thread that calls it."""
+    def _run(self, x, outputs, first=0):
+        """`run` for one micro-batch, on the thread that calls it, from stage `first` on."""
         taps = Taps(outputs, to_host=self.ops.to_host)
         x = self.ops.to_device(x)
         stage_names = [s.name for s in self.stages]
         wanted_heads = {n.split(".")[0] for n in outputs} & set(self.aux)
         last = max(stage_names.index(self.aux[top][1] if top in self.aux else top)
                    for top in (n.split(".")[0] for n in outputs))
-        for stage in self.stages[: last + 1]:
+        for stage in self.stages[first : last + 1]:
             x = stage(x, taps)
             for name in wanted_heads:
                 head, source = self.aux[name]
@@ -291,7 +295,7 @@ class Network:
 
     # --- backward -----------------------------------------------------------------------
 
-    def vjp(self, x, cotangents, params=False, checkpoint="layers"):
+    def vjp(self, x, cotangents, params=False, checkpoint="layers", start=None):
         """The gradient of sum(<output, cotangent>) over the given outputs, with respect to x
         (NHWC like x), and with `params` also {checkpoint key: gradient, pyincept's layout}.
 
@@ -303,14 +307,16 @@ class Network:
         in inference. checkpoint: "layers" keeps every layer's input (not its im2col
         matrix: conv2d_vjp unfolds again); "blocks" keeps only each module's input and
         replays the module's forward in its backward (less memory, one more forward).
-        Returns dx, or (dx, grads) with params.
+        start: as in `run` (x is that stage's input; dx is then the gradient there, and
+        grads cover the stages from it on). Returns dx, or (dx, grads) with params.
         """
         missing = kernels.missing_backward(self.ops)
         if missing:
             raise PyinceptError(f"the {self.device} backend has no backward pass (it lacks {', '.join(missing)})")
         if checkpoint not in ("layers", "blocks"):
             raise PyinceptError(f"checkpoint must be 'layers' or 'blocks', got {checkpoint!r}")
-        x = self._check_input(x)
+        first = self._start(start)
+        x = self._check_input(x, first)
         cots = self._cotangents(cotangents, len(x))
         with self._loading:
             self._restore_host_weights()             # the backward reads the plain filters (kept from now on)
@@ -318,9 +324,11 @@ class Network:
         heads = tops & set(self.aux)
         names = [s.name for s in self.stages]
         last = max(names.index(self.aux[t][1] if t in heads else t) for t in tops)
+        if last < first:
+            raise PyinceptError(f"every cotangent is before {start}, where the network starts")
         ops = self.ops
         xs, records = [ops.to_device(x)], {}
-        for stage in self.stages[: last + 1]:                  # forward, keeping each stage's input
+        for stage in self.stages[first : last + 1]:            # forward, keeping each stage's input
             if checkpoint == "layers" and isinstance(stage, Block):
                 y, records[stage.name] = stage.record(xs[-1])
             else:
@@ -328,8 +336,8 @@ class Network:
             xs.append(y)
         grads = {} if params else None
         g = np.zeros(xs[-1].shape, np.float32) if xs[-1].dtype == np.float32 else np.zeros_like(xs[-1])
-        for i in range(last, -1, -1):                          # backward, the same table in reverse
-            stage, y = self.stages[i], xs[i + 1]
+        for i in range(last, first - 1, -1):                   # backward, the same table in reverse
+            stage, x_i, y = self.stages[i], xs[i - first], xs[i - first + 1]
             g = self._add(g, cots, stage.name, y)
             if stage.name == self.classifier and SOFTMAX in cots:
                 g = g + ops.softmax_vjp(cots[SOFTMAX], ops.softmax(y))
@@ -339,19 +347,20 @@ class Network:
                     g = g + self._head_vjp(head, y, cots, grads)
             inner = {n: c for n, c in cots.items() if n.startswith(stage.name + ".")}
             if isinstance(stage, Block):
-                g = stage.vjp(xs[i], y, g, grads, inner, records.pop(stage.name, None))
+                g = stage.vjp(x_i, y, g, grads, inner, records.pop(stage.name, None))
             else:
-                g = stage.vjp(xs[i], y, g, grads)
+                g = stage.vjp(x_i, y, g, grads)
         dx = np.asarray(ops.to_host(g))
         return (dx, grads) if params else dx
 
-    def grad(self, x, target, layer=None):
+    def grad(self, x, target, layer=None, start=None):
         """The gradient of sum over images n of out[n, target[n]] with respect to x, where
         out is `layer`'s output (the classifier's logits by default; any (N, K) output or
-        NHWC map, its channel summed over the map). target: one index, or one per image."""
+        NHWC map, its channel summed over the map). target: one index, or one per image.
+        start: as in `run`."""
         layer = layer or self.classifier
-        x = self._check_input(x)
-        shape = self._output_shape(layer, x)
+        x = self._check_input(x, self._start(start))
+        shape = self._output_shape(layer, x, start)
         target = np.asarray(target)
         if target.ndim > 1 or target.size not in (1, len(x)) or target.dtype.kind not in "iu":
             raise PyinceptError(f"target must be one index or one per image ({len(x)}), got {target.tolist()}")
@@ -361,7 +370,7 @@ class Network:
                                 f"range: {layer} has {shape[-1]} outputs")
         cotangent = np.zeros(shape, np.float32)
         cotangent[np.arange(len(x)), ..., target] = 1.0
-        return self.vjp(x, {layer: cotangent})
+        return self.vjp(x, {layer: cotangent}, start=start)
 
     def _cotangents(self, cotangents, N):
         """{layer name: float32 array}, aliases resolved; an unknown name, one line."""
@@ -397,17 +406,30 @@ class Network:
         inner = {n: c for n, c in cots.items() if n.startswith(head.name + ".")}
         return head.vjp(x, y, g, grads, inner, activations)
 
-    def _output_shape(self, layer, x):
+    def _output_shape(self, layer, x, start=None):
         """The shape of `layer`'s output for the batch x: the classifier's is known, any
         other's comes from a forward pass of x's first image."""
         if self.resolve(layer) == self.classifier:
             return len(x), self.num_classes
-        return (len(x), *self.run(x[:1], [layer])[layer].shape[1:])
+        return (len(x), *self.run(x[:1], [layer], start=start)[layer].shape[1:])
 
-    def _check_input(self, x):
+    def _start(self, start):
+        """The index of stage `start` (None: the first)."""
+        if start is None:
+            return 0
+        names = [stage.name for stage in self.stages]
+        if start not in names:
+            raise PyinceptError(f"start must be one of {self.title}'s stages ({', '.join(names)}), got {start!r}")
+        return names.index(start)
+
+    def _check_input(self, x, first=0):
         if self.stages[0].weight is None:
             raise WeightsError("model has no weights loaded")
         x = np.asarray(x)
+        if first:                                     # a stage's input: any batch of its maps
+            if x.ndim < 2:
+                raise PyinceptError(f"{self.stages[first].name}'s input must have a batch axis, got shape {x.shape}")
+            return np.ascontiguousarray(x, dtype=np.float32)
         if x.ndim != 4 or x.shape[3] != 3:
             raise PyinceptError(f"input must be NHWC (N, H, W, 3), got shape {x.shape}")
         H, W = self.min_size

@@ -74,8 +74,11 @@ def _build(spec, params, meta, source, device, fuse, algorithm):
     and their memory goes back to the OS."""
     from ..kernels.runtime import release_freed_memory
 
-    model = spec.network(num_classes=spec.num_classes, fuse=fuse, algorithm=algorithm).to(device)
+    num_classes = int(meta.get("num_classes", spec.num_classes))          # a fine-tuned file's own classes
+    model = spec.network(num_classes=num_classes, fuse=fuse, algorithm=algorithm).to(device)
     model.load_parameters(params, source=source, meta=meta, reload=_reader(source), consume=True)
+    if meta.get("labels"):
+        model.labels = tuple(str(label) for label in meta["labels"])
     params.clear()
     release_freed_memory()
     return model
