@@ -1,6 +1,7 @@
 """pyincept against PyTorch and ONNX Runtime, on the same weights and the same machine.
 
     python -m benchmarks [--model NAME] [--quick] [--no-scale] [--out FILE]      (from the repository root)
+    python -m benchmarks --backward [--rounds 2] [--out FILE]    the backward pass (benchmarks/backward.py)
 
 One run measures one model of the registry (`--model`, default inception_v3; googlenet at
 224x224 too), each measurement in a fresh process started one at a time
@@ -135,6 +136,10 @@ def main(argv=None):
     from pyincept.models.registry import get_spec, models
 
     argv = sys.argv[1:] if argv is None else list(argv)
+    if "--backward" in argv:                        # the backward pass's suite: benchmarks/backward.py
+        from benchmarks import backward
+
+        return backward.main([a for a in argv if a != "--backward"])
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n".join(__doc__.splitlines()[2:]))

@@ -55,7 +55,7 @@ def test_ten_steps_follow_torchs_loss_curve(tv_inception, converted, optimizer, 
     model = pyincept.load_model(converted["zip"])
     x = photo_batch()
     x = np.concatenate([x, x[:, :, ::-1]])                              # 10 images: the photos and their mirrors
-    inputs = model.run(x, ["Mixed_7b"])["Mixed_7b"]                     # the frozen part's output, (10, 8, 8, 1280)
+    inputs = model.run(x, ["Mixed_7b"])["Mixed_7b"]                     # the frozen part's output, (10, 8, 8, 2048)
     targets = np.array([0, 1, 1, 0, 1] * 2)
     params = {k: np.asarray(v, np.float32) for k, v in model.reload().items()}
     head = (np.random.default_rng(3).standard_normal((2048, 2)) * HEAD_INIT_STD).astype(np.float32)
