@@ -148,8 +148,12 @@ def run(args):
 
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="pyincept-backward-"))
     if not (workdir / engines.TORCH_WEIGHTS).exists():
+        # In a process of its own: Linux keeps a process's high-water RSS across exec, so a
+        # parent grown by torch would hand its peak to every worker it starts.
         print(f"[backward] weights in {workdir}", file=sys.stderr, flush=True)
-        engines.prepare(workdir, args.seed)
+        subprocess.run([sys.executable, "-c", "import sys; from benchmarks import engines; "
+                        "engines.prepare(sys.argv[1], int(sys.argv[2]))", str(workdir), str(args.seed)],
+                       cwd=ROOT, check=True, capture_output=True)
     env = dict(os.environ)
     n = str(args.threads)
     env.update({"PYINCEPT_NUM_THREADS": n, "OPENBLAS_NUM_THREADS": n, "OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n})

@@ -1,5 +1,8 @@
 """`pyincept activations` and `pyincept layers`: the study commands, run as a user runs them."""
 
+import subprocess
+import sys
+
 import numpy as np
 import torch
 from PIL import Image
@@ -75,4 +78,9 @@ def test_compile_fills_numbas_cache_with_every_kernel_a_model_runs(tmp_path):
     Image.fromarray(np.full((300, 260, 3), 90, np.uint8)).save(image)
     classified = run_cli("classify", image, image, image, "--model", "googlenet", "--weights", "random", "--quiet", env=env)
     assert classified.returncode == 0, classified.stderr
+    assert {p.name for p in (tmp_path / "cache").rglob("*") if p.suffix in (".nbi", ".nbc")} == cached
+    backward = subprocess.run([sys.executable, "-c", "import numpy as np, pyincept; "
+                               "pyincept.googlenet().grad(np.zeros((2, 64, 80, 3), np.float32), [1, 2])"],
+                              env=env, capture_output=True, text=True)
+    assert backward.returncode == 0, backward.stderr
     assert {p.name for p in (tmp_path / "cache").rglob("*") if p.suffix in (".nbi", ".nbc")} == cached

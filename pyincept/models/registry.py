@@ -161,5 +161,6 @@ def compile_kernels(names=None, log=None):
             model.set_algorithm(algorithm)
             for batch in (1, 2):                  # a lone image splits its layers; a batch runs side by side
                 model.run(np.zeros((batch, H, W, 3), np.float32), [SOFTMAX])        # logits, then classify's softmax
+        model.grad(np.zeros((1, *spec.min_size, 3), np.float32), 0)               # the backward's kernels (col2im)
         if log:
             log(name)
