@@ -5,8 +5,8 @@ reach further down (Yosinski et al. 2014, "How transferable are features in deep
 networks?"): the stages from `start` on (say Inception v3's Mixed_7c, then its pool) are
 trained with a new K-class head, by the network's own backward pass (`Network.vjp`).
 
-    model, report = pyincept.fine_tune("photos/", model, "Mixed_7c", epochs=5)
-    model.save("tuned.npz")               # a pyincept weight file: load_model and classify read it
+    tuned, report = pyincept.fine_tune("photos/", model, "Mixed_7c", epochs=5)
+    tuned.save("tuned.npz")               # a pyincept weight file: load_model and classify read it
 
 Everything before `start` stays frozen, so its output, the input of `start`, is computed
 once per image and cached as bottlenecks are, and each step runs only the trainable part.
@@ -138,7 +138,7 @@ def scores(net, start, inputs, targets, num_classes, batch_size=32):
 
 class FineTuned:
     """The result: the full parameter set (frozen, trained and the new head), its labels and
-    metadata. `save` writes a pyincept weight file; `model` is the network for inference."""
+    metadata. `save` writes a pyincept weight file, which `load_model` builds for inference."""
 
     def __init__(self, name, params, labels, meta):
         self.name, self.params, self.labels, self.meta = name, params, tuple(labels), meta
