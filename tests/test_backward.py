@@ -516,3 +516,29 @@ def test_a_backend_without_the_backward_kernels_says_so_in_one_line(small_v3, mo
     monkeypatch.setattr(small_v3, "ops", types.SimpleNamespace(DEVICE="cuda"))
     with pytest.raises(PyinceptError, match=r"^the cuda backend has no backward pass \(it lacks conv2d_vjp, "):
         small_v3.grad(np.zeros((1, 80, 80, 3), np.float32), 0)
+
+
+@SETTINGS
+@given(pool_geometry(), seeds, st.sampled_from(["normal", "ties", "nan"]))
+def test_cpu_pool_vjps_are_their_twins_bit_for_bit(geometry, seed, values):
+    N, H, W, C, kernel, stride, pad, ceil_mode, count_include_pad = geometry
+    x = randn(seed, N, H, W, C).astype(np.float32)
+    if values == "ties":
+        x = np.round(x)
+    elif values == "nan":
+        x[np.random.default_rng(seed + 1).random(x.shape) < 0.2] = np.nan
+    dy = randn(seed + 2, *ref.max_pool2d(x, kernel, stride, pad, ceil_mode).shape).astype(np.float32)
+    assert np.array_equal(cpu.max_pool2d_vjp(dy, x, kernel, stride, pad, ceil_mode),
+                          ref.max_pool2d_vjp(dy, x, kernel, stride, pad, ceil_mode))
+    assert np.array_equal(cpu.avg_pool2d_vjp(dy, x, kernel, stride, pad, ceil_mode, count_include_pad),
+                          ref.avg_pool2d_vjp(dy, x, kernel, stride, pad, ceil_mode, count_include_pad))
+
+
+def test_max_pool_vjp_sends_a_windows_gradient_to_its_last_nan_as_torch_does():
+    x = np.array([[1.0, np.nan, 3.0], [np.nan, 5.0, 0.0], [2.0, 2.0, np.nan]]).reshape(1, 3, 3, 1)
+    tx = tensor(x)
+    F.max_pool2d(tx, 2, 1).backward(torch.ones(1, 1, 2, 2, dtype=torch.float64))
+    expected = to_nhwc(tx.grad)
+    assert np.array_equal(ref.max_pool2d_vjp(np.ones((1, 2, 2, 1)), x, 2, 1), expected)
+    assert np.array_equal(cpu.max_pool2d_vjp(np.ones((1, 2, 2, 1), np.float32), x.astype(np.float32), 2, 1),
+                          expected.astype(np.float32))

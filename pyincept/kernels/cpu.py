@@ -28,12 +28,12 @@ What this is not: a general tensor library. Only float32, only what Inception ne
 from .conv import conv2d, conv2d_vjp
 from .gemm import pack_weights
 from .dense import bias_act, concat_channels, linear, linear_vjp, relu, softmax
-from .pool import adaptive_avg_pool2d, avg_pool2d, global_avg_pool2d, max_pool2d
-# The backward pass's memory-bound steps run on their NumPy twins for now (vectorised per
-# window or per tap); the products of the backward (conv2d_vjp, linear_vjp) are the GEMM's.
+from .pool import adaptive_avg_pool2d, avg_pool2d, avg_pool2d_vjp, global_avg_pool2d, max_pool2d, max_pool2d_vjp
+# The backward's other light steps run on their NumPy twins, vectorised (the global and
+# adaptive pools, ReLU, concatenation, softmax); its products are the GEMM's.
 from .reference import (
-    adaptive_avg_pool2d_vjp, avg_pool2d_vjp, concat_channels_vjp, global_avg_pool2d_vjp, log_softmax,
-    log_softmax_vjp, max_pool2d_vjp, relu_vjp, softmax_vjp,
+    adaptive_avg_pool2d_vjp, concat_channels_vjp, global_avg_pool2d_vjp, log_softmax, log_softmax_vjp, relu_vjp,
+    softmax_vjp,
 )
 from .runtime import ARENA, Arena, empty, get_num_threads, map_batch, set_num_threads, to_device, to_host
 from .winograd import conv2d_winograd, winograd_tile, winograd_weights

@@ -164,3 +164,82 @@ def adaptive_avg_pool2d(x, output_size):
     out = np.empty((x.shape[0], OH, OW, x.shape[3]), np.float32)
     _adaptive_avg_pool(x, rows, cols, out)
     return out
+
+
+# --- the backward pass: the pools' vector-Jacobian products ----------------------------------
+
+
+@_jit
+def _max_pool_vjp(x, dy, R, S, sh, sw, ph, pw, dx):
+    """dx[winner of each window] += dy, windows in (oh, ow) order. The winner is torch's:
+    the first maximum in scan order (row by row), or the last NaN where the window has one."""
+    N, H, W, C = x.shape
+    _, OH, OW, _ = dy.shape
+    for n in range(N):
+        for oh in range(OH):
+            h0 = oh * sh - ph
+            a0, a1 = max(h0, 0), min(h0 + R, H + ph, H)
+            for ow in range(OW):
+                w0 = ow * sw - pw
+                b0, b1 = max(w0, 0), min(w0 + S, W + pw, W)
+                for c in range(C):
+                    bh, bw = a0, b0
+                    best = x[n, a0, b0, c]
+                    for ih in range(a0, a1):
+                        for iw in range(b0, b1):
+                            v = x[n, ih, iw, c]
+                            if v > best or v != v:
+                                best, bh, bw = v, ih, iw
+                    dx[n, bh, bw, c] += dy[n, oh, ow, c]
+
+
+@_jit
+def _avg_pool_vjp(dy, R, S, sh, sw, ph, pw, count_include_pad, dx):
+    """dx[window] += dy / divisor, windows in (oh, ow) order, in float32 (as the twin)."""
+    N, H, W, C = dx.shape
+    _, OH, OW, _ = dy.shape
+    for n in range(N):
+        for oh in range(OH):
+            h0 = oh * sh - ph
+            h1 = min(h0 + R, H + ph)
+            a0, a1 = max(h0, 0), min(h1, H)
+            for ow in range(OW):
+                w0 = ow * sw - pw
+                w1 = min(w0 + S, W + pw)
+                b0, b1 = max(w0, 0), min(w1, W)
+                divisor = np.float32((h1 - h0) * (w1 - w0) if count_include_pad else (a1 - a0) * (b1 - b0))
+                for ih in range(a0, a1):
+                    for iw in range(b0, b1):
+                        for c in range(C):
+                            dx[n, ih, iw, c] += dy[n, oh, ow, c] / divisor
+
+
+def _pool_vjp_arguments(dy, x, kernel_size, stride, padding, ceil_mode):
+    x = np.ascontiguousarray(_check_nhwc(x, "x", contiguous=False))
+    R, S = pair(kernel_size)
+    sh, sw = pair(stride if stride is not None else kernel_size)
+    ph, pw = pair(padding)
+    N, H, W, C = x.shape
+    shape = (N, pool_output_size(H, R, sh, ph, ceil_mode), pool_output_size(W, S, sw, pw, ceil_mode), C)
+    dy = np.ascontiguousarray(dy, dtype=np.float32)
+    if dy.shape != shape:
+        raise ValueError(f"pool vjp: dy is {dy.shape}, the pool's output is {shape}")
+    return x, dy, (R, S, sh, sw, ph, pw)
+
+
+def max_pool2d_vjp(dy, x, kernel_size, stride=None, padding=0, ceil_mode=False):
+    """max_pool2d's vjp: dy (N, OH, OW, C) -> dx (N, H, W, C); each window's gradient to its
+    winner (`_max_pool_vjp`). The same bits as the twin, `reference.max_pool2d_vjp`."""
+    x, dy, geometry = _pool_vjp_arguments(dy, x, kernel_size, stride, padding, ceil_mode)
+    dx = np.zeros(x.shape, np.float32)
+    _max_pool_vjp(x, dy, *geometry, dx)
+    return dx
+
+
+def avg_pool2d_vjp(dy, x, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True):
+    """avg_pool2d's vjp: each window's gradient over its divisor, spread on its real pixels.
+    The same bits as the twin, `reference.avg_pool2d_vjp`."""
+    x, dy, geometry = _pool_vjp_arguments(dy, x, kernel_size, stride, padding, ceil_mode)
+    dx = np.zeros(x.shape, np.float32)
+    _avg_pool_vjp(dy, *geometry, bool(count_include_pad), dx)
+    return dx

@@ -362,8 +362,9 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, out=None
 
 def max_pool2d_vjp(dy, x, kernel_size, stride=None, padding=0, ceil_mode=False):
     """dL/dx of max_pool2d: each window's gradient goes to its maximum; where the maximum is
-    tied, to the first in scan order (row by row), as torch does. Windows overlap when the
-    stride is below the kernel: a pixel that wins several collects all their gradients."""
+    tied, to the first in scan order (row by row), and where the window holds a NaN, to its
+    last NaN, as torch does. Windows overlap when the stride is below the kernel: a pixel
+    that wins several collects all their gradients."""
     R, S = pair(kernel_size)
     sh, sw = pair(stride if stride is not None else kernel_size)
     ph, pw = pair(padding)
@@ -372,8 +373,11 @@ def max_pool2d_vjp(dy, x, kernel_size, stride=None, padding=0, ceil_mode=False):
     n, c = np.arange(N)[:, None], np.arange(C)[None, :]
     for oh, ow, (h0, h1, w0, w1) in _pool_windows(H, W, dy.shape[1], dy.shape[2], R, S, sh, sw, ph, pw):
         window = x[:, h0:h1, w0:w1, :].reshape(N, -1, C)                 # (N, window pixels, C), row by row
-        first = np.argmax(window, axis=1)                                # the first maximum (a NaN, if any)
-        dh, dw = np.divmod(first, w1 - w0)
+        winner = np.argmax(window, axis=1)                               # the first maximum
+        nan = np.isnan(window)
+        if nan.any():                                                    # torch: each NaN takes over
+            winner = np.where(nan.any(axis=1), nan.shape[1] - 1 - np.argmax(nan[:, ::-1], axis=1), winner)
+        dh, dw = np.divmod(winner, w1 - w0)
         np.add.at(dx, (n, h0 + dh, w0 + dw, c), dy[:, oh, ow, :])
     return dx
 
