@@ -223,13 +223,7 @@ def run(args):
                          ours["rss_peak"] / forward["rss_peak"] <= TARGETS["rss_vs_forward"]))
     lines += ["", "## Targets (issue 25)", "", "Informational: the exit status never depends on these.", ""]
     lines += [f"- **{'PASS' if ok else 'FAIL'}** {what}: {value:.2f}x" for what, value, ok in verdicts]
-    if errors:
-        lines += ["", "## Errors", ""] + [f"- {e}" for e in errors]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
-    return 1 if errors else 0
+    return report.finish(lines, errors, args.out)
 
 
 def main(argv=None):

@@ -251,13 +251,7 @@ def run(args):
         for name in ("pyincept", "pytorch-fid (scipy sqrtm)"):
             lines.append(f"| {name} | {fid[name]['seconds']:.3f} | {fid[name]['fid']:.6f} |")
         lines += ["", f"BLAS: {', '.join(fid['blas'])}. Target (issue 15): under 1 s."]
-    if errors:
-        lines += ["", "## Errors", ""] + [f"- {e}" for e in errors]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
-    return 1 if errors else 0
+    return report.finish(lines, errors, args.out)
 
 
 def main(argv=None):

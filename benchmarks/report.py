@@ -21,6 +21,7 @@ import importlib.util
 import os
 import platform
 import statistics
+from pathlib import Path
 
 VERSIONED = ["numpy", "numba", "llvmlite", "torch", "torchvision", "onnxruntime", "onnx", "pyincept"]
 
@@ -640,3 +641,16 @@ def targets_section(res):
     lines = [f"- **{status}** ({kind}) {text}" for status, kind, text in targets(res)]
     return ["## Targets", "",
             "Informational: the exit status never depends on these.", "", *lines, ""]
+
+
+def finish(lines, errors, out=None):
+    """A separate suite's end (metrics.py, backward.py): its errors listed, the Markdown to
+    stdout and to `out`; exit status 1 when a measurement failed."""
+    if errors:
+        lines += ["", "## Errors", ""] + [f"- {e}" for e in errors]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if out:
+        Path(out).write_text(text)
+    return 1 if errors else 0
+

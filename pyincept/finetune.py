@@ -35,6 +35,7 @@ from .retrain import (
     compute_bottlenecks,
     default_cache_dir,
     find_dataset,
+    log_softmax,
     split_dataset,
     weights_identity,
 )
@@ -55,9 +56,7 @@ def trainable_keys(model, start):
 
 def cross_entropy(logits, targets):
     """(mean softmax cross-entropy, its gradient with respect to the logits), in float64."""
-    logits = np.asarray(logits, np.float64)
-    z = logits - logits.max(axis=1, keepdims=True)
-    log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    log_p = log_softmax(np.asarray(logits, np.float64))
     rows = np.arange(len(logits))
     delta = np.exp(log_p)
     delta[rows, targets] -= 1.0
